@@ -1,0 +1,37 @@
+# rung: the two commands a fresh machine needs are `make run` and `make test`; both install first.
+#
+# TORCH_SPEC pins torch's CPU build from this machine kind's local disk. On a GPU machine let pip choose a CUDA
+# build instead, e.g. `make install TORCH_SPEC='torch>=2.13,<2.15'`.
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+ARGS        ?=
+BIN         := $(VENV)/bin
+STAMP       := $(VENV)/.rung-installed
+
+# One torch thread per process and DeepSpeed's CPU accelerator unless the caller chose otherwise.
+export OMP_NUM_THREADS ?= 1
+export DS_BUILD_OPS ?= 0
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch stays in the same resolve as deepspeed, or deepspeed pulls a CUDA torch of its own.
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[test]'
+	touch $(STAMP)
+
+run: install
+	$(BIN)/rung train tiny $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest tests -q
+
+bench: install
+	$(BIN)/python bench/train_throughput.py --out bench/out
+
+clean:
+	rm -rf $(VENV) runs .cache bench/out

@@ -1,0 +1,189 @@
+"""The run config schema: model shape, parametrization, data and training, validated field by field.
+
+Field comments are the documentation; `__post_init__` checks each component on its own, `RunConfig` checks the
+constraints between components (e.g. the tokenizer must fit the model's vocabulary).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rung.errors import ConfigError
+
+Parametrization = Literal["sp", "mup", "depth-mup", "completep"]
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclass(kw_only=True, slots=True)
+class MoEConfig:
+    n_experts: int = 4
+    top_k: int = 2
+    # Slots per expert = ceil(capacity_factor * tokens * top_k / n_experts); overflow is dropped. None = dropless.
+    capacity_factor: float | None = 1.25
+    shared_expert: bool = False  # an always-on SwiGLU beside the routed experts, ungated
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    z_loss_coef: float = 0.001  # router z-loss weight
+
+    def __post_init__(self) -> None:
+        if self.n_experts < 1:
+            raise ConfigError("n_experts", f"must be >= 1, got {self.n_experts}")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ConfigError("top_k", f"must be between 1 and n_experts ({self.n_experts}), got {self.top_k}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ConfigError("capacity_factor", f"must be > 0 (or null for dropless), got {self.capacity_factor}")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 128  # width
+    n_layers: int = 2  # depth
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    head_dim: int | None = None  # None = d_model // n_heads
+    ffn_mult: float = 8 / 3  # SwiGLU hidden = ffn_mult * d_model, rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 16
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_seq_len: int = 512
+    moe: MoEConfig | None = None  # None = dense
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_multiple_of", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            raise ConfigError("d_model", f"{self.d_model} is not divisible by n_heads ({self.n_heads})")
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2):
+            raise ConfigError("head_dim", f"must be an even number >= 2 (rotary embeddings), got {self.head_dim}")
+        if self.n_kv_heads is not None and (self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise ConfigError("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads ({self.n_heads})")
+        if self.resolved_head_dim % 2:
+            raise ConfigError("head_dim", f"d_model / n_heads = {self.resolved_head_dim} must be even (rotary)")
+        if self.ffn_mult <= 0:
+            raise ConfigError("ffn_mult", f"must be > 0, got {self.ffn_mult}")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        raw = int(self.ffn_mult * self.d_model + 0.5)
+        return -(-raw // self.ffn_multiple_of) * self.ffn_multiple_of
+
+
+@dataclass(kw_only=True, slots=True)
+class ParamConfig:
+    """How hyperparameters scale with the model's shape relative to a base (proxy) shape."""
+
+    name: Parametrization = "mup"
+    base_width: int | None = None  # None = the model's own width (m = 1)
+    base_depth: int | None = None  # None = the model's own depth (m_L = 1)
+    base_head_dim: int | None = None  # attention scale equals SP's at this head dim; None = the model's head dim
+    init_std: float = 0.02  # σ at the base shape
+    embedding_mult: float = 1.0  # input multiplier on the embedding output (Cerebras uses 10)
+    output_mult: float = 1.0  # α_out: logits are multiplied by output_mult / m
+    zero_readout: bool = False  # zero-init the readout (and router), as μP coord checks recommend
+
+    def __post_init__(self) -> None:
+        for name in ("base_width", "base_depth", "base_head_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(name, f"must be >= 1, got {value}")
+        if self.init_std <= 0:
+            raise ConfigError("init_std", f"must be > 0, got {self.init_std}")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    # Text files, globs, or .jsonl files with a "text" field. Empty = the built-in corpus: the Python standard
+    # library source of the running interpreter.
+    sources: list[str] = field(default_factory=list)
+    tokenizer: str | None = None  # a Hugging Face tokenizer folder; None = train a byte-level BPE on the corpus
+    vocab_size: int = 4096  # size of the BPE trained when `tokenizer` is None
+    max_bytes: int | None = 8_000_000  # read at most this much text (the built-in corpus is ~30 MB)
+    cache_dir: str = ".cache/rung/data"
+    shard_tokens: int = 1 << 24  # tokens per shard file
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 260:
+            raise ConfigError("vocab_size", f"must be >= 260 (256 bytes + specials), got {self.vocab_size}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ConfigError("max_bytes", f"must be >= 1 or null, got {self.max_bytes}")
+        if self.shard_tokens < 1:
+            raise ConfigError("shard_tokens", f"must be >= 1, got {self.shard_tokens}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 200
+    seq_len: int = 128
+    global_batch: int = 16  # sequences per optimizer step, whatever the number of workers
+    micro_batch: int = 8  # sequences per worker per forward pass
+    lr: float = 3e-3  # η at the base shape; every group's LR is a multiple of it
+    weight_decay: float = 0.0  # λ at the base shape
+    adam_eps: float = 1e-8  # ε at the base shape
+    betas: tuple[float, float] = (0.9, 0.95)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    min_lr_ratio: float = 0.1  # the schedule ends at this fraction of each group's LR
+    grad_clip: float = 1.0  # 0 = off
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    dtype: DType = "float32"
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError("global_batch", f"{self.global_batch} is not a multiple of micro_batch ({self.micro_batch})")
+        if self.lr <= 0:
+            raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.steps and self.steps > 1:
+            raise ConfigError("warmup_steps", f"must be in [0, steps), got {self.warmup_steps}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ConfigError("adam_eps", f"must be > 0, got {self.adam_eps}")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run directory is out_dir/name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    param: ParamConfig = field(default_factory=ParamConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        width_aware = self.param.name != "sp"
+        if width_aware and self.param.base_width is not None and self.param.base_width > self.model.d_model:
+            raise ConfigError("param.base_width", f"{self.param.base_width} is larger than model.d_model "
+                              f"({self.model.d_model}); the base shape is the small proxy the model scales up from")
+        if width_aware and self.param.base_depth is not None and self.param.base_depth > self.model.n_layers:
+            raise ConfigError("param.base_depth", f"{self.param.base_depth} is larger than model.n_layers "
+                              f"({self.model.n_layers}); the base shape is the small proxy the model scales up from")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError("train.seq_len", f"{self.train.seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if self.data.tokenizer is None and self.data.vocab_size > self.model.vocab_size:
+            raise ConfigError("model.vocab_size", f"{self.model.vocab_size} is smaller than the tokenizer's "
+                              f"vocabulary (data.vocab_size = {self.data.vocab_size})")

@@ -1,0 +1,1 @@
+"""Data: corpora → tokenizer → memory-mapped token shards → deterministic sequence batches."""

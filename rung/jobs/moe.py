@@ -1,0 +1,103 @@
+"""Mixture-of-Experts feed-forward: top-k softmax routing, capacity dropping or dropless, optional shared expert.
+
+Routing follows Mixtral: softmax over all experts, keep the top k, renormalise their gates to sum to one. Capacity
+is ceil(capacity_factor · tokens · k / E) slots per expert, filled slot-major first-come-first-served: every token's
+first choice is placed before any token's second choice, so overflow drops the least-preferred assignments first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rung.jobs.config import MoEConfig
+from rung.jobs.layers import SwiGLU
+from rung.jobs.roles import Role, tag
+
+
+@dataclass(slots=True)
+class Routing:
+    probs: torch.Tensor  # [tokens, E] softmax over all experts
+    experts: torch.Tensor  # [tokens, k] chosen expert ids, best first
+    gates: torch.Tensor  # [tokens, k] renormalised top-k weights (zero where dropped)
+    kept: torch.Tensor  # [tokens, k] bool: the assignment found a slot
+
+
+@dataclass(slots=True)
+class RouterStats:
+    """What one MoE layer reports per step: its losses (unweighted) and how the load fell."""
+
+    aux_loss: torch.Tensor  # Switch load-balancing loss; 1.0 when perfectly balanced
+    z_loss: torch.Tensor
+    dropped_fraction: torch.Tensor  # share of token-expert assignments that found no slot
+    expert_load: torch.Tensor  # [E] share of assignments routed to each expert
+
+
+def expert_capacity(num_tokens: int, top_k: int, n_experts: int, capacity_factor: float | None) -> int | None:
+    if capacity_factor is None:
+        return None
+    return math.ceil(capacity_factor * num_tokens * top_k / n_experts)
+
+
+def route(logits: torch.Tensor, top_k: int, capacity: int | None) -> Routing:
+    """Pick each token's top-k experts and drop assignments beyond `capacity` (None: keep all)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    top_probs, experts = probs.topk(top_k, dim=-1)
+    gates = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    if capacity is None:
+        kept = torch.ones_like(experts, dtype=torch.bool)
+    else:
+        slot_major = experts.t().reshape(-1)  # all first choices, then all second choices, ...
+        one_hot = F.one_hot(slot_major, probs.shape[-1])
+        position = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # rank of this assignment within its expert
+        kept = (position < capacity).view(top_k, -1).t()
+    return Routing(probs=probs, experts=experts, gates=gates * kept, kept=kept)
+
+
+def load_balance_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's E · Σ_i f_i · P_i, with f_i the share of assignments to expert i and P_i its mean
+    router probability. It is 1 for a perfectly balanced assignment and grows to E when one expert takes all."""
+    n_experts = probs.shape[-1]
+    load = torch.bincount(experts.reshape(-1), minlength=n_experts).float() / experts.numel()
+    return n_experts * (load * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, d_model: int, hidden: int, cfg: MoEConfig, router_mult: float):
+        super().__init__()
+        self.cfg = cfg
+        self.router_mult = router_mult
+        self.router = tag(nn.Linear(d_model, cfg.n_experts, bias=False), Role.ROUTER)
+        self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(cfg.n_experts))
+        self.shared_expert = SwiGLU(d_model, hidden) if cfg.shared_expert else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        logits = self.router(tokens) * self.router_mult
+        capacity = expert_capacity(tokens.shape[0], self.cfg.top_k, self.cfg.n_experts, self.cfg.capacity_factor)
+        routing = route(logits, self.cfg.top_k, capacity)
+        out = torch.zeros_like(tokens)
+        for index, expert in enumerate(self.experts):
+            token_ids, slot = torch.nonzero((routing.experts == index) & routing.kept, as_tuple=True)
+            if token_ids.numel():
+                weight = routing.gates[token_ids, slot].unsqueeze(-1).to(tokens.dtype)
+                out.index_add_(0, token_ids, expert(tokens[token_ids]) * weight)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        stats = RouterStats(
+            aux_loss=load_balance_loss(routing.probs, routing.experts),
+            z_loss=router_z_loss(logits),
+            dropped_fraction=1.0 - routing.kept.float().mean(),
+            expert_load=torch.bincount(routing.experts.reshape(-1), minlength=self.cfg.n_experts).float()
+            / routing.experts.numel(),
+        )
+        return out.view(shape), stats

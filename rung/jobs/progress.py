@@ -1,0 +1,26 @@
+"""Periodic progress lines with rate and ETA, for every long-running rung job."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(int(seconds + 0.5), 0)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class Progress:
+    """Reports `done/total`, a rate in `unit`/s and the ETA; `update` prints at most every `every` items."""
+
+    def __init__(self, label: str, total: int, unit: str, log: Callable[[str], None] = print):
+        self.label, self.total, self.unit, self.log = label, total, unit, log
+        self.started = time.perf_counter()
+
+    def line(self, done: int, amount: float, extra: str = "") -> str:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        eta = elapsed / max(done, 1) * (self.total - done)
+        return (f"{self.label} {done}/{self.total} {extra}{amount / elapsed:,.0f} {self.unit}/s "
+                f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")

@@ -1,0 +1,1 @@
+"""The inference engine and OpenAI-compatible server (not built yet: see the engine and serving issues)."""

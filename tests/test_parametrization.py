@@ -1,0 +1,135 @@
+"""The scaling rules, checked against the reference table (hparam-transfer.md) at two widths and two depths.
+
+Expected values are written out from the table here, independently of rung.jobs.parametrization.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rung.jobs.build import build_model
+from rung.jobs.config import DataConfig, ModelConfig, MoEConfig, ParamConfig, RunConfig, TrainConfig
+from rung.jobs.parametrization import Parametrization
+from rung.jobs.roles import Role
+from rung.jobs.schedule import lr_factor
+
+SIGMA, LR, WD, EPS = 0.02, 1e-2, 0.1, 1e-8
+BASE_WIDTH, BASE_DEPTH, HEAD_DIM = 64, 2, 16
+
+
+def config(name: str, width: int, depth: int, moe: bool = False) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig(vocab_size=512, d_model=width, n_layers=depth, n_heads=width // HEAD_DIM,
+                          moe=MoEConfig(n_experts=4, top_k=2) if moe else None),
+        param=ParamConfig(name=name, base_width=BASE_WIDTH, base_depth=BASE_DEPTH, init_std=SIGMA),
+        data=DataConfig(vocab_size=512),
+        train=TrainConfig(lr=LR, weight_decay=WD, adam_eps=EPS),
+    )
+
+
+def expected(name: str, m: float, m_l: float) -> dict:
+    """The table, by hand: per role (init std, lr ×, wd ×, eps ×) and the forward multipliers."""
+    width = name != "sp"
+    alpha = {"depth-mup": 0.5, "completep": 1.0}.get(name)
+    m = m if width else 1.0
+    depth = (lambda e: m_l ** e) if alpha is not None else (lambda e: 1.0)
+    a = alpha or 0.0
+    roles = {
+        "embedding": (SIGMA, 1, 1, 1),
+        "hidden": (SIGMA / math.sqrt(m), depth(a - 1) / m, m, depth(-a) / m),
+        "block_norm": (None, depth(a - 1), 1, 1),
+        "final_norm": (None, 1, 1, 1),
+        "readout": (SIGMA, 1, 1, 1),
+        "router": (SIGMA, 1, 1, 1),
+    }
+    forward = {"residual": depth(-a), "output": 1 / m, "router": 1 / m,
+               "attention": (math.sqrt(HEAD_DIM) / HEAD_DIM) if width else 1 / math.sqrt(HEAD_DIM)}
+    return {"roles": roles, "forward": forward}
+
+
+@pytest.mark.parametrize("name", ["sp", "mup", "depth-mup", "completep"])
+@pytest.mark.parametrize("width, depth", [(128, 4), (256, 8)])
+def test_rules_match_the_reference_table(name, width, depth):
+    cfg = config(name, width, depth, moe=True)
+    model, param = build_model(cfg)
+    want = expected(name, width / BASE_WIDTH, depth / BASE_DEPTH)
+    mult = param.multipliers
+    for key, value in want["forward"].items():
+        assert getattr(mult, key) == pytest.approx(value), key
+    groups = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS)}
+    assert set(groups) == set(want["roles"])
+    for role, (std, lr_mult, wd_mult, eps_mult) in want["roles"].items():
+        group = groups[role]
+        assert group["lr"] == pytest.approx(LR * lr_mult), role
+        assert group["weight_decay"] == pytest.approx(WD * wd_mult), role
+        assert group["eps"] == pytest.approx(EPS * eps_mult), role
+        values = torch.cat([p.detach().flatten() for p in group["params"]])
+        if std is None:
+            assert torch.all(values == 1), role
+        else:  # the weights actually drawn, not just the rule
+            assert values.std().item() == pytest.approx(std, rel=0.05), role
+
+
+def test_sp_equals_mup_at_the_base_shape():
+    sp_model, sp = build_model(config("sp", BASE_WIDTH, BASE_DEPTH))
+    mup_model, mup = build_model(config("mup", BASE_WIDTH, BASE_DEPTH))
+    for (name, a), (_, b) in zip(sp_model.named_parameters(), mup_model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert sp.multipliers == mup.multipliers
+    strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]  # noqa: E731
+    assert strip(sp.param_groups(sp_model, LR, WD, EPS)) == strip(mup.param_groups(mup_model, LR, WD, EPS))
+    tokens = torch.randint(0, 512, (2, 16))
+    assert torch.equal(sp_model(tokens).logits, mup_model(tokens).logits)
+
+
+def test_completep_at_base_depth_equals_mup():
+    cp_model, cp = build_model(config("completep", 128, BASE_DEPTH))
+    mup_model, mup = build_model(config("mup", 128, BASE_DEPTH))
+    assert cp.multipliers == mup.multipliers
+    tokens = torch.randint(0, 512, (2, 16))
+    assert torch.equal(cp_model(tokens).logits, mup_model(tokens).logits)
+
+
+def test_untagged_parameter_is_refused():
+    cfg = config("mup", 128, 2)
+    model, param = build_model(cfg)
+    model.extra = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="extra.weight has no role"):
+        param.param_groups(model, LR, WD, EPS)
+
+
+def test_zero_readout():
+    cfg = config("mup", 128, 2)
+    cfg.param.zero_readout = True
+    model, _ = build_model(cfg)
+    assert torch.count_nonzero(model.lm_head.weight) == 0
+    assert Parametrization(cfg.param, cfg.model).rule(Role.READOUT).init_std == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules_scale_every_group_relatively(schedule):
+    cfg = config("mup", 256, 4)
+    cfg.train.schedule, cfg.train.steps, cfg.train.warmup_steps = schedule, 100, 10
+    model, param = build_model(cfg)
+    optimizer = torch.optim.AdamW(param.param_groups(model, LR, WD, EPS))
+    base = [g["lr"] for g in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.train))
+    factors = []
+    for step in range(100):
+        factor = lr_factor(step, cfg.train)
+        factors.append(factor)
+        for group, lr in zip(optimizer.param_groups, base):
+            assert group["lr"] == pytest.approx(lr * factor)
+        optimizer.step()
+        scheduler.step()
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)  # linear warmup
+    if schedule == "constant":
+        assert factors[-1] == 1.0
+    else:
+        assert factors[-1] == pytest.approx(cfg.train.min_lr_ratio, abs=0.02)
+    if schedule == "wsd":  # stable at the peak until the last decay_fraction of training
+        assert factors[79] == 1.0 and factors[81] < 1.0
