@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: install
-	$(BIN)/rung train tiny $(ARGS)
+	$(BIN)/rung train tiny --resume $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest tests -q

@@ -40,8 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = data_commands.add_parser("prepare", help="train/load the tokenizer and write token shards (cached)")
     _add_config(prepare, optional=True)
 
-    train = commands.add_parser("train", help="train a model on one process with DeepSpeed")
+    train = commands.add_parser("train", help="train a model with DeepSpeed (several workers through Ray)")
     _add_config(train)
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest verified checkpoint in the run directory")
+    train.add_argument("--workers", type=int, help="data-parallel workers (sets train.workers)")
+    train.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else an embedded local Ray)")
 
     count = commands.add_parser("count", help="print parameter and FLOP counts for a config (JSON)")
     _add_config(count)
@@ -73,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from rung.jobs.loading import load_run_config
 
-    cfg = load_run_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "workers", None) is not None:
+        overrides.append(f"train.workers={args.workers}")
+    cfg = load_run_config(args.config, overrides)
     if args.command == "data":
         from rung.jobs.train import prepare_data
 
@@ -82,8 +89,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from rung.jobs.train import train
 
-        history = train(cfg)
-        print(f"train: done, loss {history[0].loss:.4f} -> {history[-1].loss:.4f}, run dir {cfg.out_dir}/{cfg.name}")
+        rows = train(cfg, resume=args.resume, address=args.address)
+        print(f"train: done, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f} after {rows[-1]['step']} steps, "
+              f"run dir {cfg.out_dir}/{cfg.name}")
     elif args.command == "count":
         from rung.jobs.counting import count
 

@@ -143,9 +143,16 @@ class TrainConfig:
     dtype: DType = "float32"
     seed: int = 0
     log_every: int = 10
+    workers: int = 1  # data-parallel worker processes (Ray Train workers when > 1 or on a cluster)
+    use_gpu: bool = False  # one GPU per worker
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 3  # newest checkpoints kept
+    max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails (-1 = forever)
+    metrics_port: int | None = None  # Prometheus exposition of rank r on metrics_port + r; None = off
+    peak_flops: float | None = None  # per worker, for MFU; None = known GPU table, or a measured CPU matmul rate
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every"):
+        for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.global_batch % self.micro_batch:
@@ -158,7 +165,7 @@ class TrainConfig:
             raise ConfigError("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("grad_clip", "weight_decay"):
+        for name in ("grad_clip", "weight_decay", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.adam_eps <= 0:

@@ -94,7 +94,7 @@ def run_coordcheck(base: RunConfig, params: list[str], axis: str, sizes: list[in
     loader = SequenceLoader(data, base.train.seq_len, base.train.micro_batch, base.train.seed)
     sizes = sorted(sizes)
     curves: dict[str, dict[str, list[list[float]]]] = {}
-    progress = Progress("coordcheck", len(params) * len(sizes) * seeds, "models", log)
+    progress = Progress("coordcheck", len(params) * len(sizes) * seeds, "models")
     done = 0
     for param in params:
         curves[param] = {kind: [] for kind in MODULES}

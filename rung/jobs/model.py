@@ -7,7 +7,7 @@ they can, which keeps export a renaming rather than a translation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,7 @@ from rung.jobs.parametrization import Multipliers
 from rung.jobs.roles import Role, tag
 
 
-@dataclass(slots=True)
-class ModelOutput:
+class ModelOutput(NamedTuple):  # a NamedTuple so DeepSpeed ZeRO-3 hooks can find the tensors inside
     logits: torch.Tensor  # [batch, seq, vocab]
     router_loss: torch.Tensor  # weighted MoE auxiliary + z losses summed over layers (0 for dense models)
     router_stats: list[RouterStats]  # one per MoE layer

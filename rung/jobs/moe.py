@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +28,7 @@ class Routing:
     kept: torch.Tensor  # [tokens, k] bool: the assignment found a slot
 
 
-@dataclass(slots=True)
-class RouterStats:
+class RouterStats(NamedTuple):  # a NamedTuple so DeepSpeed ZeRO-3 hooks can find the tensors inside
     """What one MoE layer reports per step: its losses (unweighted) and how the load fell."""
 
     aux_loss: torch.Tensor  # Switch load-balancing loss; 1.0 when perfectly balanced

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 
 def format_duration(seconds: float) -> str:
@@ -13,14 +12,16 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Reports `done/total`, a rate in `unit`/s and the ETA; `update` prints at most every `every` items."""
+    """Formats `done/total`, a rate in `unit`/s and the ETA. `start` is where a resumed job picked up: the ETA
+    extrapolates from the work done since then."""
 
-    def __init__(self, label: str, total: int, unit: str, log: Callable[[str], None] = print):
-        self.label, self.total, self.unit, self.log = label, total, unit, log
+    def __init__(self, label: str, total: int, unit: str, start: int = 0):
+        self.label, self.total, self.unit, self.start = label, total, unit, start
         self.started = time.perf_counter()
 
     def line(self, done: int, amount: float, extra: str = "") -> str:
+        """`amount` of `unit` processed since start, for the rate."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        eta = elapsed / max(done, 1) * (self.total - done)
+        eta = elapsed / max(done - self.start, 1) * (self.total - done)
         return (f"{self.label} {done}/{self.total} {extra}{amount / elapsed:,.0f} {self.unit}/s "
                 f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")

@@ -1,24 +1,28 @@
-"""Single-process training on a DeepSpeed engine: data, model, parametrization groups, schedule, loop.
+"""The training loop every worker runs: data, DeepSpeed engine, parametrization groups, checkpoints, metrics.
 
-The Ray multi-worker launcher (rung.platform) reuses `build_engine` and `train_step`; this module knows nothing
-about how many processes exist beyond the rank and world size it is given.
+`run_worker` is the same function whether it runs in the `rung` process (one worker) or in Ray Train workers
+(rung.platform.launcher); it only needs its rank, the world size and a process group.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from rung.config import to_dict
 from rung.errors import ConfigError, RungError
 from rung.jobs.build import build_model
+from rung.jobs.checkpointing import load_checkpoint, save_checkpoint
 from rung.jobs.config import RunConfig
 from rung.jobs.counting import count
 from rung.jobs.data.loader import SequenceLoader
@@ -26,7 +30,9 @@ from rung.jobs.data.shards import PreparedData, prepare
 from rung.jobs.model import language_model_loss
 from rung.jobs.progress import Progress
 from rung.jobs.schedule import lr_factor
+from rung.jobs.train_metrics import TrainMetrics
 from rung.platform import runtime
+from rung.platform.checkpoint import CheckpointStore
 
 
 class TrainingDiverged(RungError):
@@ -35,12 +41,14 @@ class TrainingDiverged(RungError):
 
 @dataclass(slots=True)
 class StepMetrics:
-    step: int
-    loss: float  # cross-entropy, averaged over the step's micro-batches
+    step: int  # 1-based: optimizer steps completed
+    loss: float  # cross-entropy of the whole global batch (averaged over workers and micro-batches)
     router_loss: float
+    moe_dropped_fraction: float
+    moe_load_imbalance: float  # busiest expert's load / mean load, averaged over MoE layers (1 = balanced)
     grad_norm: float
-    lr: float  # the base (embedding-group) LR after the schedule
-    tokens: int
+    lr: float  # the embedding group's LR after the schedule (= base LR × schedule factor)
+    tokens: int  # tokens in this step across all workers
     seconds: float
 
 
@@ -62,12 +70,18 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     }
 
 
+def check_launchable(cfg: RunConfig, world_size: int) -> None:
+    """Reject what no worker group can run, before any worker starts."""
+    if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
+        raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
+    deepspeed_config(cfg, world_size)
+
+
 def build_engine(cfg: RunConfig, world_size: int = 1):
     """The DeepSpeed engine for `cfg`, with one AdamW group per parametrization role and a relative schedule."""
     import deepspeed
 
-    if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
-        raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
+    check_launchable(cfg, world_size)
     model, param = build_model(cfg)
     groups = param.param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_eps)
     optimizer = torch.optim.AdamW(groups, betas=cfg.train.betas)
@@ -78,28 +92,38 @@ def build_engine(cfg: RunConfig, world_size: int = 1):
 
 
 def train_step(engine, loader: SequenceLoader, step: int, rank: int, world_size: int) -> StepMetrics:
-    """One optimizer step: every micro-batch forward/backward, then DeepSpeed steps at the accumulation boundary."""
+    """Optimizer step `step` (0-based): every micro-batch forward/backward; DeepSpeed steps at the boundary."""
     started = time.perf_counter()
     inputs, targets = loader.batch(step, rank, world_size)
     micro = engine.train_micro_batch_size_per_gpu()
-    ce_sum = router_sum = 0.0
     num_micro = inputs.shape[0] // micro
+    ce_sum = router_sum = dropped = imbalance = 0.0
     for index in range(num_micro):
         rows = slice(index * micro, (index + 1) * micro)
         output = engine(inputs[rows].to(engine.device))
         loss, ce = language_model_loss(output, targets[rows].to(engine.device))
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"non-finite loss at step {step}: {loss.item()}")
+            raise TrainingDiverged(f"non-finite loss at step {step + 1}: {loss.item()}")
         engine.backward(loss)
         engine.step()
         ce_sum += ce.item()
         router_sum += output.router_loss.item()
-    grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed did not compute one (ZeRO-0, no clipping)
+        if output.router_stats:
+            dropped += float(np.mean([s.dropped_fraction.item() for s in output.router_stats]))
+            imbalance += float(np.mean([(s.expert_load.max() * s.expert_load.numel()).item()
+                                        for s in output.router_stats]))
+    # Report the global batch's loss, not this rank's share of it: one small all-reduce per step.
+    losses = torch.tensor([ce_sum, router_sum, dropped, imbalance], dtype=torch.float64) / num_micro
+    dist.all_reduce(losses)
+    ce, router, dropped, imbalance = (losses / world_size).tolist()
+    grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed did not compute one (ZeRO-0 fp32)
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     if math.isinf(grad_norm):
-        raise TrainingDiverged(f"infinite gradient norm at step {step}")
-    return StepMetrics(step=step, loss=ce_sum / num_micro, router_loss=router_sum / num_micro, grad_norm=grad_norm,
-                       lr=engine.get_lr()[0], tokens=inputs.numel() * world_size, seconds=time.perf_counter() - started)
+        raise TrainingDiverged(f"infinite gradient norm at step {step + 1}")
+    return StepMetrics(step=step + 1, loss=ce, router_loss=router, moe_dropped_fraction=dropped,
+                       moe_load_imbalance=imbalance or 1.0,
+                       grad_norm=grad_norm, lr=engine.get_lr()[0], tokens=inputs.numel() * world_size,
+                       seconds=time.perf_counter() - started)
 
 
 def prepare_data(cfg: RunConfig, log=print) -> PreparedData:
@@ -111,29 +135,129 @@ def prepare_data(cfg: RunConfig, log=print) -> PreparedData:
     return data
 
 
-def train(cfg: RunConfig, log=print) -> list[StepMetrics]:
-    """Train on one process, logging loss, tokens/s and LR; writes config.yaml and metrics.jsonl to the run dir."""
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def _resume_point(store: CheckpointStore, rank: int) -> Path | None:
+    """Rank 0 picks the newest verified checkpoint (hashing once) and tells the others its step."""
+    found = store.latest() if rank == 0 else None
+    chosen = torch.tensor([found[0] if found else -1])
+    dist.broadcast(chosen, src=0)
+    return store.root / store.name(int(chosen.item())) if chosen.item() >= 0 else None
+
+
+def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=print) -> list[StepMetrics]:
+    """Train (or continue) the run on this worker; the process group must exist. Returns this worker's steps."""
+    run_dir = run_dir_of(cfg)
+    say = log if rank == 0 else (lambda _line: None)
+    data = prepare_data(cfg, say)
+    loader = SequenceLoader(data, cfg.train.seq_len, cfg.train.global_batch, cfg.train.seed)
+    engine = build_engine(cfg, world_size)
+    store = CheckpointStore(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    start, tokens = 0, 0
+    if resume and (path := _resume_point(store, rank)) is not None:
+        start, tokens = load_checkpoint(engine, path, cfg)
+        say(f"train: resumed from {path} at step {start}")
+    if rank == 0:
+        _keep_metrics_until(run_dir, start)
+    metrics = TrainMetrics(rank)
+    if cfg.train.metrics_port is not None:
+        metrics.serve(cfg.train.metrics_port + rank, runtime.listen_host())
+    size = count(cfg.model, cfg.train.seq_len)
+    peak = cfg.train.peak_flops or runtime.peak_flops(cfg.train.dtype)
+    say(f"train: {cfg.name}: {size.total_params:,} params ({size.active_params:,} active), {cfg.param.name}, "
+        f"{cfg.train.dtype}, ZeRO-{cfg.train.zero_stage}, {world_size} worker(s), steps {start}->{cfg.train.steps} "
+        f"× {cfg.train.global_batch * cfg.train.seq_len:,} tokens")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
+    (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    progress = Progress("step", cfg.train.steps, "tok", start=start)
+    trained = 0
+    history: list[StepMetrics] = []
+    every = cfg.train.checkpoint_every
+    with (run_dir / "metrics.jsonl").open("a") if rank == 0 else open(os.devnull, "w") as jsonl:
+        for step in range(start, cfg.train.steps):
+            row = train_step(engine, loader, step, rank, world_size)
+            history.append(row)
+            tokens += row.tokens
+            trained += row.tokens
+            mfu = size.flops_per_token * row.tokens / world_size / row.seconds / peak
+            metrics.record(row, world_size, mfu)
+            jsonl.write(json.dumps(asdict(row)) + "\n")
+            jsonl.flush()
+            if row.step % cfg.train.log_every == 0 or row.step == cfg.train.steps:
+                say(progress.line(row.step, trained, f"loss {row.loss:.4f} lr {row.lr:.2e} mfu {mfu:.1%} "))
+            if (every and row.step % every == 0) or row.step == cfg.train.steps:
+                saved_at = time.perf_counter()
+                path = save_checkpoint(engine, store, cfg, row.step, tokens)
+                metrics.checkpoint_seconds.set(time.perf_counter() - saved_at)
+                if path is not None:
+                    say(f"train: checkpoint {path} ({time.perf_counter() - saved_at:.2f} s)")
+    return history
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's per-step rows (the last write of each step wins, as after a restart)."""
+    path = run_dir / "metrics.jsonl"
+    rows = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        rows[row["step"]] = row
+    return [rows[step] for step in sorted(rows)]
+
+
+def _keep_metrics_until(run_dir: Path, step: int) -> None:
+    """After a resume at `step`, drop the rows a failed attempt wrote past it, so each step appears once."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        kept = [json.dumps(row) for row in read_metrics(run_dir) if row["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RungError(f"the run directory {run_dir} is not writable: {err.strerror or err}") from None
+    if not resume and CheckpointStore(run_dir / "checkpoints").committed():
+        raise ConfigError("name", f"{run_dir} already holds checkpoints of an earlier run: pass --resume to "
+                          "continue it, or choose another name / out_dir")
+
+
+def _ray_worker(payload: dict, rank: int, world_size: int) -> None:
+    from rung.config import from_dict
+
+    # Always resume: a first launch was checked to have no checkpoints, a restart must continue from its last.
+    run_worker(from_dict(RunConfig, payload), rank, world_size, resume=True)
+
+
+def train(cfg: RunConfig, resume: bool = False, address: str | None = None, log=print) -> list[dict]:
+    """Train `cfg` on `train.workers` workers and return the run's per-step metric rows.
+
+    One worker and no cluster address: in this process, no Ray needed. Otherwise a Ray Train worker group on the
+    embedded local cluster or the cluster at `address` / RAY_ADDRESS, restarted from the last checkpoint on
+    failure up to `train.max_failures` times."""
     runtime.configure_process()
     torch.manual_seed(cfg.train.seed)
-    run_dir = Path(cfg.out_dir) / cfg.name
-    data = prepare_data(cfg, log)
-    loader = SequenceLoader(data, cfg.train.seq_len, cfg.train.global_batch, cfg.train.seed)
-    runtime.init_single_process()
-    engine = build_engine(cfg)
-    size = count(cfg.model, cfg.train.seq_len)
-    log(f"train: {cfg.name}: {size.total_params:,} params ({size.active_params:,} active), "
-        f"{cfg.param.name}, {cfg.train.dtype}, ZeRO-{cfg.train.zero_stage}, {cfg.train.steps} steps "
-        f"× {cfg.train.global_batch * cfg.train.seq_len:,} tokens")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    progress = Progress("step", cfg.train.steps, "tok", log)
-    history, tokens = [], 0
-    with (run_dir / "metrics.jsonl").open("w") as metrics_file:
-        for step in range(cfg.train.steps):
-            metrics = train_step(engine, loader, step, rank=0, world_size=1)
-            history.append(metrics)
-            tokens += metrics.tokens
-            metrics_file.write(json.dumps(asdict(metrics)) + "\n")
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                log(progress.line(step + 1, tokens, f"loss {metrics.loss:.4f} lr {metrics.lr:.2e} "))
-    return history
+    check_launchable(cfg, cfg.train.workers)
+    run_dir = run_dir_of(cfg)
+    _check_run_dir(run_dir, resume)
+    if cfg.train.workers == 1 and address is None and not os.environ.get("RAY_ADDRESS"):
+        runtime.init_process_group(rank=0, world_size=1, local_rank=0, init_method=runtime.file_rendezvous())
+        run_worker(cfg, rank=0, world_size=1, resume=resume, log=log)
+        return read_metrics(run_dir)
+    from rung.platform import cluster, launcher
+
+    handle = cluster.connect(address)
+    cluster.check_capacity(handle, cfg.train.workers, cfg.train.use_gpu)
+    log(f"train: launching {cfg.train.workers} workers on "
+        f"{'an embedded local Ray' if handle.embedded else handle.address} ({handle.cpus:g} CPUs, {handle.gpus:g} GPUs)")
+    launcher.launch(_ray_worker, to_dict(cfg), workers=cfg.train.workers, use_gpu=cfg.train.use_gpu,
+                    storage=run_dir / "ray", single_machine=handle.embedded, max_failures=cfg.train.max_failures)
+    return read_metrics(run_dir)

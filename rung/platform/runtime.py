@@ -8,11 +8,16 @@ NCCL and the cluster's defaults, so jobs change by configuration only.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
+import time
 import uuid
 
 import torch
+
+# Dense bf16 tensor-core peaks (TF32 is half) of the GPUs rung is run on, for MFU.
+_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 def configure_process(threads: int | None = None) -> None:
@@ -21,25 +26,67 @@ def configure_process(threads: int | None = None) -> None:
     torch.set_num_threads(threads or int(os.environ["OMP_NUM_THREADS"]))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 
-def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+def single_machine() -> bool:
+    """True unless rung was pointed at a cluster: then listeners must stay on loopback."""
+    return os.environ.get("RUNG_CLUSTER", "") != "1"
 
 
-def init_single_process() -> None:
-    """A one-process group for DeepSpeed, rendezvousing through a fresh file (no TCP listener at all)."""
+def listen_host() -> str:
+    return "127.0.0.1" if single_machine() else "0.0.0.0"
+
+
+def file_rendezvous(directory: str | None = None) -> str:
+    """A fresh file:// rendezvous: no TCP listener, and never a stale file from an earlier group."""
+    path = os.path.join(directory or tempfile.gettempdir(), f"rung-rendezvous-{uuid.uuid4().hex}")
+    return f"file://{path}"
+
+
+def tcp_rendezvous() -> str:
+    """tcp://IP:PORT on this node, for groups that span machines (rank 0 calls it and shares the result)."""
+    host = socket.gethostbyname(socket.gethostname())
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    return f"tcp://{host}:{port}"
+
+
+def init_process_group(rank: int, world_size: int, local_rank: int, init_method: str) -> None:
+    """The torch/DeepSpeed process group: gloo on CPU (over loopback on one machine), NCCL on GPUs."""
     import deepspeed
 
     _skip_deepspeed_shm_build()
     if torch.distributed.is_initialized():
         return
-    rendezvous = os.path.join(tempfile.gettempdir(), f"rung-rendezvous-{uuid.uuid4().hex}")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    elif single_machine():
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # DeepSpeed's engine reads these even when the process group already exists.
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False, init_method=f"file://{rendezvous}", rank=0, world_size=1)
+                               auto_mpi_discovery=False, init_method=init_method, rank=rank, world_size=world_size)
+
+
+def peak_flops(dtype: str) -> float:
+    """Per-device peak FLOP/s for MFU: the datasheet for known GPUs; on CPUs a measured fp32 matmul rate."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, bf16 in _GPU_PEAK_BF16.items():
+            if key in name:
+                return bf16 if dtype == "bfloat16" else bf16 / 2
+    return _measured_matmul_flops()
+
+
+def _measured_matmul_flops(size: int = 512, seconds: float = 0.2) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm up
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - started)
 
 
 def _skip_deepspeed_shm_build() -> None:
@@ -48,5 +95,4 @@ def _skip_deepspeed_shm_build() -> None:
     clash), so the module is fetched from sys.modules."""
     import deepspeed.comm  # noqa: F401  (loads deepspeed.comm.torch)
 
-    module = sys.modules["deepspeed.comm.torch"]
-    module.build_shm_op = lambda: None
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None

@@ -1,0 +1,109 @@
+"""Checkpoint directories: staged under a temporary name, committed atomically, verified before use.
+
+Layout under the store's root:
+
+    step_00000010/            a committed checkpoint
+        manifest.json         {file: sha256} for every other file; written last, so its presence means complete
+        ...                   whatever the writer put there (rung: model/optimizer safetensors, state, RNG)
+    .staging-step_00000010/   being written; never read, removed on the next save
+
+`commit` renames the staging directory into place, so a crash leaves either the old set of checkpoints or the new
+one. `latest` walks checkpoints newest first and skips, with a warning, any whose files are missing or whose
+checksums do not match. This module knows nothing of torch: it moves and hashes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointStore:
+    def __init__(self, root: str | Path, keep: int = 3):
+        self.root = Path(root)
+        self.keep = keep
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step_{step:08d}"
+
+    def staging_path(self, step: int) -> Path:
+        return self.root / f".staging-{self.name(step)}"
+
+    def staging(self, step: int) -> Path:
+        """A fresh, empty directory to write checkpoint `step` into (removing any leftover of an earlier try)."""
+        path = self.staging_path(step)
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def commit(self, staging: Path, step: int) -> Path:
+        """Hash every file, write the manifest last, rename into place, then prune to the newest `keep`."""
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(staging)): _sha256(p) for p in files}
+        _write_durably(staging / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=2))
+        final = self.root / self.name(step)
+        if final.exists():  # a re-run of the same step after a restart: replace it whole
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        self._prune()
+        return final
+
+    def committed(self) -> list[tuple[int, Path]]:
+        """Committed checkpoints (those with a manifest), oldest first; contents not verified."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir()
+                 if (m := _NAME.match(p.name)) and (p / MANIFEST).is_file()]
+        return sorted(found)
+
+    def latest(self) -> tuple[int, Path] | None:
+        """The newest checkpoint whose files all match their checksums; damaged ones are skipped with a warning."""
+        for step, path in reversed(self.committed()):
+            problem = verify(path)
+            if problem is None:
+                return step, path
+            warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+        return None
+
+    def _prune(self) -> None:
+        for _, path in self.committed()[: -self.keep] if self.keep > 0 else []:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def verify(path: Path) -> str | None:
+    """None if every file listed in the manifest is present with the right checksum, else what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"unreadable manifest ({err})"
+    for name, digest in manifest.items():
+        file = path / name
+        if not file.is_file():
+            return f"missing file {name}"
+        if _sha256(file) != digest:
+            return f"checksum mismatch in {name}"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with path.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
