@@ -18,6 +18,8 @@ export DS_BUILD_OPS ?= 0
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	# promtool (Debian's prometheus package) lints rung's metric expositions in the tests.
+	command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch stays in the same resolve as deepspeed, or deepspeed pulls a CUDA torch of its own.

@@ -1,0 +1,162 @@
+"""Multi-worker training on a real local Ray cluster with real DeepSpeed engines, checkpoints and failures.
+
+Each `rung train` runs in its own process, which starts an embedded Ray and shuts it down when it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from rung.platform.checkpoint import CheckpointStore, verify
+from tests.conftest import REPO, assert_clean_failure, run_rung
+
+SHORT = ("train.steps=20", "train.warmup_steps=5")
+
+
+def args_for(out: Path, data_cache: Path, name: str, overrides, workers: int, extra=()) -> list[str]:
+    sets = [f"out_dir={out}", f"name={name}", f"data.cache_dir={data_cache}", *overrides]
+    return ["train", "tiny", "--workers", str(workers), *extra, *[a for s in sets for a in ("--set", s)]]
+
+
+def train(out: Path, data_cache: Path, name: str, *overrides: str, workers: int = 1, extra=()) -> list[dict]:
+    from rung.jobs.train import read_metrics
+
+    result = run_rung(*args_for(out, data_cache, name, overrides, workers, extra))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return read_metrics(out / name)
+
+
+def assert_same_curve(a: list[dict], b: list[dict], rel: float) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= rel * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
+
+
+def test_two_workers_zero2_match_one_worker(tmp_path, data_cache):
+    one = train(tmp_path, data_cache, "one", *SHORT, "train.zero_stage=2")
+    two = train(tmp_path, data_cache, "two", *SHORT, "train.zero_stage=2", workers=2)
+    assert len(two) == 20
+    assert_same_curve(one, two, rel=1e-4)
+
+
+@pytest.mark.parametrize("stage, dtype", [(1, "float32"), (3, "bfloat16")])
+def test_other_zero_stages_and_bf16_train_on_two_workers(tmp_path, data_cache, stage, dtype):
+    rows = train(tmp_path, data_cache, "run", *SHORT, f"train.zero_stage={stage}", f"train.dtype={dtype}", workers=2)
+    assert len(rows) == 20 and rows[-1]["loss"] < rows[0]["loss"] - 1.0
+
+
+@pytest.mark.parametrize("stage, dtype", [(0, "float32"), (2, "float32"), (3, "float32"), (2, "bfloat16")])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, stage, dtype):
+    common = (*SHORT, "train.checkpoint_every=10", f"train.zero_stage={stage}", f"train.dtype={dtype}")
+    full = train(tmp_path, data_cache, "full", *common)
+    # "Stopped after its step-10 checkpoint": a run directory holding only that checkpoint.
+    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
+    os.rename(tmp_path / "full" / "checkpoints" / "step_00000010", tmp_path / "cut" / "checkpoints" / "step_00000010")
+    resumed = train(tmp_path, data_cache, "cut", *common, extra=("--resume",))
+    assert [r["step"] for r in resumed] == list(range(11, 21))
+    tolerance = 1e-6 if dtype == "float32" else 1e-3
+    for a, b in zip(full[10:], resumed):
+        assert abs(a["loss"] - b["loss"]) <= tolerance, (a["step"], a["loss"], b["loss"])
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+
+
+def test_corrupted_newest_checkpoint_is_skipped(tmp_path, data_cache):
+    common = (*SHORT, "train.checkpoint_every=10")
+    train(tmp_path, data_cache, "run", *common)
+    store = CheckpointStore(tmp_path / "run" / "checkpoints")
+    newest = store.root / store.name(20) / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-100:-90] = bytes(b ^ 0xFF for b in data[-100:-90])  # flip bytes inside the weights
+    newest.write_bytes(bytes(data))
+    assert "checksum mismatch" in verify(newest.parent)
+    result = run_rung(*args_for(tmp_path, data_cache, "run", common, 1, ("--resume",)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping checkpoint" in result.stderr and "checksum mismatch" in result.stderr
+    assert "resumed from" in result.stdout and "step_00000010 at step 10" in result.stdout
+
+
+def test_resume_refuses_another_model_shape_and_keeps_the_checkpoint(tmp_path, data_cache):
+    train(tmp_path, data_cache, "run", "train.steps=10", "train.warmup_steps=2")
+    result = run_rung(*args_for(tmp_path, data_cache, "run", ("train.steps=10", "train.warmup_steps=2",
+                                                              "model.d_model=128"), 1, ("--resume",)))
+    assert_clean_failure(result, "different model shape", "d_model")
+    store = CheckpointStore(tmp_path / "run" / "checkpoints")
+    assert [s for s, _ in store.committed()] == [10] and verify(store.committed()[0][1]) is None
+    result = run_rung(*args_for(tmp_path, data_cache, "run", ("train.steps=10", "train.warmup_steps=2"), 1))
+    assert_clean_failure(result, "--resume")  # a fresh start would silently mix two runs
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_killed_worker_restarts_from_checkpoint_and_metrics_pass_promtool(tmp_path, data_cache):
+    common = ("train.steps=80", "train.warmup_steps=5", "train.checkpoint_every=10")
+    baseline = train(tmp_path, data_cache, "baseline", *common)
+    port = free_port()
+    argv = args_for(tmp_path, data_cache, "faulty", (*common, "train.max_failures=1", f"train.metrics_port={port}"), 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "rung.cli", *argv], cwd=REPO, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "faulty"
+    try:
+        exposition = None
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            if exposition is None:
+                try:
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+                    if "rung_train_loss{" in text:
+                        exposition = text
+                except OSError:
+                    pass
+            if (run_dir / "checkpoints" / "step_00000010" / "manifest.json").is_file() and exposition:
+                break
+            time.sleep(0.05)
+        assert exposition is not None, "no metrics were served while training"
+        victim = int((run_dir / "workers" / "rank1.pid").read_text())
+        os.kill(victim, signal.SIGKILL)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-4000:]
+    assert "resumed from" in output
+    from rung.jobs.train import read_metrics
+
+    assert_same_curve(baseline, read_metrics(run_dir), rel=1e-4)
+    for name in ("rung_train_loss", "rung_train_tokens_per_second", "rung_train_mfu_ratio", "rung_train_tokens_total",
+                 "rung_train_grad_norm", "rung_train_learning_rate", "rung_train_step_duration_seconds"):
+        assert f"\n{name}{{" in exposition, name
+    lint = subprocess.run(["promtool", "check", "metrics"], input=exposition, text=True, capture_output=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_unreachable_address_fails_fast(tmp_path, data_cache):
+    started = time.monotonic()
+    result = run_rung(*args_for(tmp_path, data_cache, "x", SHORT, 2, ("--address", f"127.0.0.1:{free_port()}")))
+    assert_clean_failure(result, "cannot reach the Ray cluster")
+    assert time.monotonic() - started < 60  # seconds, not a hang
+
+
+def test_more_workers_than_the_cluster_has(tmp_path, data_cache):
+    result = run_rung(*args_for(tmp_path, data_cache, "x", ("train.global_batch=512",), 64))
+    assert_clean_failure(result, "train.workers", "64 workers")
+
+
+def test_unwritable_run_directory(tmp_path, data_cache):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_rung(*args_for(blocker, data_cache, "x", SHORT, 1))
+    assert_clean_failure(result, "not writable", str(blocker))
