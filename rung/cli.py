@@ -47,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, help="data-parallel workers (sets train.workers)")
     train.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else an embedded local Ray)")
 
+    submit = commands.add_parser("submit", help="submit a command as a job to a Ray cluster (Jobs API)")
+    submit.add_argument("--address", help="the dashboard's Jobs API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+    submit.add_argument("--working-dir", help="a directory uploaded as the job's working directory")
+    submit.add_argument("--submission-id", help="the job's id (default: generated)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment for the job")
+    submit.add_argument("--no-wait", action="store_true", help="return after submitting instead of following logs")
+    submit.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- then the job's command, e.g. -- rung train tiny")
+
+    jobs = commands.add_parser("jobs", help="status, logs, stop or list jobs on a Ray cluster")
+    jobs.add_argument("action", choices=["status", "logs", "stop", "list"])
+    jobs.add_argument("job_id", nargs="?", help="the submission id (not needed for list)")
+    jobs.add_argument("--address", help="the dashboard's Jobs API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+
     count = commands.add_parser("count", help="print parameter and FLOP counts for a config (JSON)")
     _add_config(count)
 
@@ -75,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("submit", "jobs"):
+        return _jobs_command(args)
     from rung.jobs.loading import load_run_config
 
     overrides = list(args.overrides)
@@ -102,6 +117,34 @@ def _dispatch(args: argparse.Namespace) -> int:
         params = [p for p in args.params.split(",") if p]
         axis, sizes = ("depth", args.depths) if args.depths else ("width", args.widths or [32, 64, 128, 256, 512])
         run_coordcheck(cfg, params, axis, sizes, steps=args.steps, seeds=args.seeds, lr=args.lr, out_dir=args.out)
+    return 0
+
+
+def _jobs_command(args: argparse.Namespace) -> int:
+    from rung.platform import jobs_api
+
+    if args.command == "submit":
+        command = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
+        env = dict(item.partition("=")[::2] for item in args.env)
+        client, job_id = jobs_api.submit(command, args.address, args.working_dir, env, args.submission_id)
+        print(f"submitted job {job_id}", flush=True)
+        if args.no_wait:
+            return 0
+        final = jobs_api.follow(client, job_id, lambda text: print(text, end="", flush=True))
+        print(f"job {job_id} {final}")
+        return 0 if final == "SUCCEEDED" else 1
+    if args.action == "list":
+        for job in jobs_api.list_jobs(args.address):
+            print(f"{job.submission_id}\t{job.status}\t{job.entrypoint}")
+        return 0
+    if not args.job_id:
+        raise RungError(f"rung jobs {args.action} needs a job id")
+    if args.action == "status":
+        print(jobs_api.status(args.address, args.job_id))
+    elif args.action == "logs":
+        print(jobs_api.logs(args.address, args.job_id), end="")
+    else:
+        print("stopped" if jobs_api.stop(args.address, args.job_id) else "already finished")
     return 0
 
 
