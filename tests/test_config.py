@@ -37,6 +37,9 @@ def test_overrides_are_typed_and_nested(tmp_path):
     (["train.steps=ten"], "train.steps"),
     (["train.global_batch=12"], "train.global_batch"),
     (["model.vocab_size=1000"], "model.vocab_size"),
+    (["train.workers=2", "train.expert_parallel=2"], "train.expert_parallel"),  # tiny is dense
+    (["model.moe.n_experts=3", "model.moe.top_k=1", "train.workers=2", "train.expert_parallel=2"],
+     "train.expert_parallel"),
 ])
 def test_invalid_fields_are_named(overrides, field):
     with pytest.raises(ConfigError) as err:

@@ -5,6 +5,7 @@ Each `rung train` runs in its own process, which starts an embedded Ray and shut
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,15 +23,16 @@ from tests.conftest import REPO, assert_clean_failure, run_rung
 SHORT = ("train.steps=20", "train.warmup_steps=5")
 
 
-def args_for(out: Path, data_cache: Path, name: str, overrides, workers: int, extra=()) -> list[str]:
+def args_for(out: Path, data_cache: Path, name: str, overrides, workers: int, extra=(), preset="tiny") -> list[str]:
     sets = [f"out_dir={out}", f"name={name}", f"data.cache_dir={data_cache}", *overrides]
-    return ["train", "tiny", "--workers", str(workers), *extra, *[a for s in sets for a in ("--set", s)]]
+    return ["train", preset, "--workers", str(workers), *extra, *[a for s in sets for a in ("--set", s)]]
 
 
-def train(out: Path, data_cache: Path, name: str, *overrides: str, workers: int = 1, extra=()) -> list[dict]:
+def train(out: Path, data_cache: Path, name: str, *overrides: str, workers: int = 1, extra=(),
+          preset: str = "tiny") -> list[dict]:
     from rung.jobs.train import read_metrics
 
-    result = run_rung(*args_for(out, data_cache, name, overrides, workers, extra))
+    result = run_rung(*args_for(out, data_cache, name, overrides, workers, extra, preset))
     assert result.returncode == 0, result.stderr[-4000:]
     return read_metrics(out / name)
 
@@ -125,7 +127,7 @@ def test_killed_worker_restarts_from_checkpoint_and_metrics_pass_promtool(tmp_pa
                 break
             time.sleep(0.05)
         assert exposition is not None, "no metrics were served while training"
-        victim = int((run_dir / "workers" / "rank1.pid").read_text())
+        victim = json.loads((run_dir / "workers" / "rank1.json").read_text())["pid"]
         os.kill(victim, signal.SIGKILL)
         output, _ = process.communicate(timeout=300)
     finally:
@@ -141,6 +143,23 @@ def test_killed_worker_restarts_from_checkpoint_and_metrics_pass_promtool(tmp_pa
         assert f"\n{name}{{" in exposition, name
     lint = subprocess.run(["promtool", "check", "metrics"], input=exposition, text=True, capture_output=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+def test_expert_parallel_moe_matches_replicated_experts(tmp_path, data_cache):
+    from safetensors.torch import load_file
+
+    common = (*SHORT, "train.zero_stage=2", "train.checkpoint_every=20")
+    dp = train(tmp_path, data_cache, "dp", *common, workers=2, preset="tiny-moe")
+    ep = train(tmp_path, data_cache, "ep", *common, "train.expert_parallel=2", workers=2, preset="tiny-moe")
+    assert [json.loads((tmp_path / "ep" / "workers" / f"rank{r}.json").read_text())["experts"] for r in (0, 1)] \
+        == [[0, 1], [2, 3]]  # each rank holds half of every layer's experts
+    assert_same_curve(dp, ep, rel=1e-4)
+    assert all(row["moe_load_imbalance"] >= 1.0 and 0.0 <= row["moe_dropped_fraction"] < 1.0 for row in ep)
+    weights = [load_file(str(tmp_path / name / "checkpoints" / "step_00000020" / "model.safetensors"))
+               for name in ("dp", "ep")]
+    assert weights[0].keys() == weights[1].keys()  # the checkpoint holds every expert, whoever trained it
+    for key in weights[0]:
+        assert (weights[0][key] - weights[1][key]).abs().max() < 1e-3, key
 
 
 def test_unreachable_address_fails_fast(tmp_path, data_cache):

@@ -94,7 +94,7 @@ def test_moe_layer_uses_only_the_routed_experts():
         moe.router.weight[2] = 1.0
         x = torch.rand(1, 5, 64) + 0.1
         out, stats = moe(x)
-        assert torch.allclose(out, moe.experts[2](x), atol=1e-6)
+        assert torch.allclose(out, moe.experts["2"](x), atol=1e-6)
     assert stats.expert_load.tolist() == [0.0, 0.0, 1.0, 0.0]
     assert stats.dropped_fraction.item() == 0.0
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from rung.jobs.config import RunConfig
+from rung.jobs.expert_parallel import ExpertPlacement
 from rung.jobs.model import Transformer
 from rung.jobs.parametrization import Parametrization
 
 
-def build_model(config: RunConfig, seed: int | None = None) -> tuple[Transformer, Parametrization]:
+def build_model(config: RunConfig, seed: int | None = None,
+                placement: ExpertPlacement | None = None) -> tuple[Transformer, Parametrization]:
+    """`placement`: this rank's share of the experts under expert parallelism (None: all of them)."""
     param = Parametrization(config.param, config.model)
-    model = Transformer(config.model, param.multipliers)
+    model = Transformer(config.model, param.multipliers, placement)
     param.init_weights(model, config.train.seed if seed is None else seed)
     return model, param

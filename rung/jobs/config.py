@@ -145,6 +145,7 @@ class TrainConfig:
     log_every: int = 10
     workers: int = 1  # data-parallel worker processes (Ray Train workers when > 1 or on a cluster)
     use_gpu: bool = False  # one GPU per worker
+    expert_parallel: int = 1  # MoE: workers per expert-parallel group, each holding n_experts / expert_parallel
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 3  # newest checkpoints kept
     max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails (-1 = forever)
@@ -152,7 +153,8 @@ class TrainConfig:
     peak_flops: float | None = None  # per worker, for MFU; None = known GPU table, or a measured CPU matmul rate
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers"):
+        for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers",
+                     "expert_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.global_batch % self.micro_batch:
@@ -189,6 +191,14 @@ class RunConfig:
         if width_aware and self.param.base_depth is not None and self.param.base_depth > self.model.n_layers:
             raise ConfigError("param.base_depth", f"{self.param.base_depth} is larger than model.n_layers "
                               f"({self.model.n_layers}); the base shape is the small proxy the model scales up from")
+        ep = self.train.expert_parallel
+        if ep > 1 and self.model.moe is None:
+            raise ConfigError("train.expert_parallel", "expert parallelism needs an MoE model (model.moe)")
+        if ep > 1 and self.model.moe.n_experts % ep:
+            raise ConfigError("train.expert_parallel", f"{ep} does not divide model.moe.n_experts "
+                              f"({self.model.moe.n_experts})")
+        if self.train.workers % ep:
+            raise ConfigError("train.expert_parallel", f"{ep} does not divide train.workers ({self.train.workers})")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError("train.seq_len", f"{self.train.seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})")
         if self.data.tokenizer is None and self.data.vocab_size > self.model.vocab_size:

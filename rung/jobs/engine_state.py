@@ -21,6 +21,8 @@ from deepspeed.utils import (
     safe_set_full_optimizer_state,
 )
 
+from rung.jobs.expert_parallel import gather_expert_tensors
+
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -82,6 +84,9 @@ def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
         for key in MOMENTS:
             moments[f"{key}/{name}"] = (state[key].detach().float().cpu().clone() if key in state
                                         else torch.zeros_like(weights[name]))
+    placement = getattr(engine.module, "expert_placement", None)
+    if placement is not None and placement.ep_size > 1:  # other ranks' experts complete the picture
+        weights, moments = gather_expert_tensors(weights, placement), gather_expert_tensors(moments, placement)
     return weights, moments
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rung.jobs.config import ModelConfig
+from rung.jobs.expert_parallel import ExpertPlacement
 from rung.jobs.layers import Attention, RMSNorm, SwiGLU, rope_tables
 from rung.jobs.moe import MoEFeedForward, RouterStats
 from rung.jobs.parametrization import Multipliers
@@ -52,14 +53,14 @@ class Readout(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, mult: Multipliers):
+    def __init__(self, cfg: ModelConfig, mult: Multipliers, placement: ExpertPlacement | None = None):
         super().__init__()
         self.residual = mult.residual
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, Role.BLOCK_NORM)
         self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim,
                                    mult.attention)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, Role.BLOCK_NORM)
-        self.mlp = (MoEFeedForward(cfg.d_model, cfg.ffn_hidden, cfg.moe, mult.router) if cfg.moe
+        self.mlp = (MoEFeedForward(cfg.d_model, cfg.ffn_hidden, cfg.moe, mult.router, placement) if cfg.moe
                     else SwiGLU(cfg.d_model, cfg.ffn_hidden))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
@@ -70,11 +71,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mult: Multipliers):
+    def __init__(self, cfg: ModelConfig, mult: Multipliers, placement: ExpertPlacement | None = None):
         super().__init__()
         self.cfg = cfg
+        self.expert_placement = placement
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model, mult.embedding)
-        self.layers = nn.ModuleList(Block(cfg, mult) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, mult, placement) for _ in range(cfg.n_layers))
         self.residual_out = nn.Identity()  # the final residual stream, named so coordinate checks can hook it
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, Role.FINAL_NORM)
         self.lm_head = Readout(cfg.vocab_size, cfg.d_model, mult.output, cfg.tie_embeddings)

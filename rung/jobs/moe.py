@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rung.jobs.config import MoEConfig
+from rung.jobs.expert_parallel import ExpertPlacement, exchange, exchange_counts
 from rung.jobs.layers import SwiGLU
 from rung.jobs.roles import Role, tag
 
@@ -71,12 +72,17 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class MoEFeedForward(nn.Module):
-    def __init__(self, d_model: int, hidden: int, cfg: MoEConfig, router_mult: float):
+    """Routed experts (grouped by expert, never a per-token loop), optionally spread over an EP group."""
+
+    def __init__(self, d_model: int, hidden: int, cfg: MoEConfig, router_mult: float,
+                 placement: ExpertPlacement | None = None):
         super().__init__()
         self.cfg = cfg
         self.router_mult = router_mult
+        self.placement = placement
         self.router = tag(nn.Linear(d_model, cfg.n_experts, bias=False), Role.ROUTER)
-        self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(cfg.n_experts))
+        local = placement.local_ids if placement else range(cfg.n_experts)
+        self.experts = nn.ModuleDict({str(index): SwiGLU(d_model, hidden) for index in local})
         self.shared_expert = SwiGLU(d_model, hidden) if cfg.shared_expert else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
@@ -85,19 +91,41 @@ class MoEFeedForward(nn.Module):
         logits = self.router(tokens) * self.router_mult
         capacity = expert_capacity(tokens.shape[0], self.cfg.top_k, self.cfg.n_experts, self.cfg.capacity_factor)
         routing = route(logits, self.cfg.top_k, capacity)
-        out = torch.zeros_like(tokens)
-        for index, expert in enumerate(self.experts):
-            token_ids, slot = torch.nonzero((routing.experts == index) & routing.kept, as_tuple=True)
-            if token_ids.numel():
-                weight = routing.gates[token_ids, slot].unsqueeze(-1).to(tokens.dtype)
-                out.index_add_(0, token_ids, expert(tokens[token_ids]) * weight)
+        token_ids, slot = torch.nonzero(routing.kept, as_tuple=True)
+        expert_ids = routing.experts[token_ids, slot]
+        gates = routing.gates[token_ids, slot].unsqueeze(-1).to(tokens.dtype)
+        if self.placement is None or self.placement.ep_size == 1:
+            outputs = self._run_grouped(tokens[token_ids], expert_ids)
+        else:
+            outputs = self._run_expert_parallel(tokens[token_ids], expert_ids)
+        out = torch.zeros_like(tokens).index_add(0, token_ids, outputs * gates)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
-        stats = RouterStats(
-            aux_loss=load_balance_loss(routing.probs, routing.experts),
-            z_loss=router_z_loss(logits),
-            dropped_fraction=1.0 - routing.kept.float().mean(),
-            expert_load=torch.bincount(routing.experts.reshape(-1), minlength=self.cfg.n_experts).float()
-            / routing.experts.numel(),
-        )
+        load = torch.bincount(routing.experts.reshape(-1), minlength=self.cfg.n_experts).float() / routing.experts.numel()
+        stats = RouterStats(aux_loss=load_balance_loss(routing.probs, routing.experts), z_loss=router_z_loss(logits),
+                            dropped_fraction=1.0 - routing.kept.float().mean(), expert_load=load)
         return out.view(shape), stats
+
+    def _run_grouped(self, inputs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Each local expert on its tokens as one batch; outputs returned in the inputs' order. Every expert runs,
+        on an empty batch if need be, so every rank builds the same autograd graph (ZeRO's reduction hooks
+        expect it)."""
+        first = int(next(iter(self.experts)))
+        order = torch.argsort(expert_ids, stable=True)
+        counts = torch.bincount(expert_ids - first, minlength=len(self.experts)).tolist()
+        chunks = inputs[order].split(counts)
+        grouped = torch.cat([expert(chunk) for expert, chunk in zip(self.experts.values(), chunks)])
+        return grouped[torch.argsort(order)]
+
+    def _run_expert_parallel(self, inputs: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Send each assignment to the rank owning its expert, compute there, and bring the result back."""
+        placement = self.placement
+        order = torch.argsort(expert_ids, stable=True)  # sorted by expert = grouped by destination rank
+        send = torch.bincount(expert_ids // placement.num_local, minlength=placement.ep_size)
+        recv = exchange_counts(send, placement.group)
+        send = send.tolist()
+        received = exchange(inputs[order], send, recv, placement.group)
+        received_ids = exchange(expert_ids[order], send, recv, placement.group)
+        results = self._run_grouped(received, received_ids)
+        returned = exchange(results, recv, send, placement.group)
+        return returned[torch.argsort(order)]

@@ -24,6 +24,7 @@ every residual branch, so it keeps η.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +103,10 @@ class Parametrization:
 
     @torch.no_grad()
     def init_weights(self, model: nn.Module, seed: int) -> None:
-        """Initialise every parameter by its role, deterministically from `seed` (same seed, same weights)."""
-        generator = torch.Generator().manual_seed(seed)
+        """Initialise every parameter by its role from `seed` and its name alone, so a model that holds only
+        some of the parameters (an expert-parallel shard) draws exactly the values the whole model would."""
         for name, param in model.named_parameters():
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             std = self.rule(role_of(name, param)).init_std
             if std is None:
                 param.fill_(1.0)

@@ -27,6 +27,7 @@ from rung.jobs.config import RunConfig
 from rung.jobs.counting import count
 from rung.jobs.data.loader import SequenceLoader
 from rung.jobs.data.shards import PreparedData, prepare
+from rung.jobs.expert_parallel import mark_expert_parameters, setup_expert_parallel
 from rung.jobs.model import language_model_loss
 from rung.jobs.progress import Progress
 from rung.jobs.schedule import lr_factor
@@ -74,16 +75,24 @@ def check_launchable(cfg: RunConfig, world_size: int) -> None:
     """Reject what no worker group can run, before any worker starts."""
     if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
         raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
+    if world_size % cfg.train.expert_parallel:
+        raise ConfigError("train.expert_parallel", f"{cfg.train.expert_parallel} does not divide {world_size} workers")
     deepspeed_config(cfg, world_size)
 
 
 def build_engine(cfg: RunConfig, world_size: int = 1):
     """The DeepSpeed engine for `cfg`, with one AdamW group per parametrization role and a relative schedule."""
     import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     check_launchable(cfg, world_size)
-    model, param = build_model(cfg)
+    ep = cfg.train.expert_parallel
+    placement = setup_expert_parallel(ep, cfg.model.moe.n_experts) if ep > 1 else None
+    model, param = build_model(cfg, placement=placement)
     groups = param.param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_eps)
+    if placement is not None:
+        mark_expert_parameters(model, placement)
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = torch.optim.AdamW(groups, betas=cfg.train.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg.train))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -173,7 +182,9 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-    (run_dir / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    placement = engine.module.expert_placement
+    worker = {"pid": os.getpid(), "experts": list(placement.local_ids) if placement else None}
+    (run_dir / "workers" / f"rank{rank}.json").write_text(json.dumps(worker))  # who runs where, for operators
     progress = Progress("step", cfg.train.steps, "tok", start=start)
     trained = 0
     history: list[StepMetrics] = []
