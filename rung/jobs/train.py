@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -14,7 +15,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -97,6 +97,10 @@ def build_engine(cfg: RunConfig, world_size: int = 1):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg.train))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world_size))
+    if world_size == 1 and cfg.train.zero_stage == 0:
+        # One worker has nothing to all-reduce, yet DeepSpeed would still flatten, "reduce" and copy back every
+        # gradient each step (ZeRO 1-3 need that path to fill their partitions, ZeRO-0 does not).
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -106,25 +110,26 @@ def train_step(engine, loader: SequenceLoader, step: int, rank: int, world_size:
     inputs, targets = loader.batch(step, rank, world_size)
     micro = engine.train_micro_batch_size_per_gpu()
     num_micro = inputs.shape[0] // micro
-    ce_sum = router_sum = dropped = imbalance = 0.0
+    sums = torch.zeros(4, dtype=torch.float64)  # cross-entropy, router loss, dropped share, load imbalance
     for index in range(num_micro):
         rows = slice(index * micro, (index + 1) * micro)
         output = engine(inputs[rows].to(engine.device))
         loss, ce = language_model_loss(output, targets[rows].to(engine.device))
-        if not torch.isfinite(loss):
+        if not torch.isfinite(loss):  # before backward: a non-finite loss never reaches the optimizer
             raise TrainingDiverged(f"non-finite loss at step {step + 1}: {loss.item()}")
         engine.backward(loss)
         engine.step()
-        ce_sum += ce.item()
-        router_sum += output.router_loss.item()
-        if output.router_stats:
-            dropped += float(np.mean([s.dropped_fraction.item() for s in output.router_stats]))
-            imbalance += float(np.mean([(s.expert_load.max() * s.expert_load.numel()).item()
-                                        for s in output.router_stats]))
-    # Report the global batch's loss, not this rank's share of it: one small all-reduce per step.
-    losses = torch.tensor([ce_sum, router_sum, dropped, imbalance], dtype=torch.float64) / num_micro
-    dist.all_reduce(losses)
-    ce, router, dropped, imbalance = (losses / world_size).tolist()
+        with torch.no_grad():
+            sums[0] += ce.detach().double().cpu()
+            sums[1] += output.router_loss.detach().double().cpu()
+            if output.router_stats:
+                sums[2] += torch.stack([s.dropped_fraction for s in output.router_stats]).double().mean().cpu()
+                sums[3] += torch.stack([s.expert_load.max() * s.expert_load.numel()
+                                        for s in output.router_stats]).double().mean().cpu()
+    # Report the global batch's figures, not this rank's share: one small all-reduce per step.
+    if world_size > 1:
+        dist.all_reduce(sums)
+    ce, router, dropped, imbalance = (sums / (num_micro * world_size)).tolist()
     grad_norm = engine.get_global_grad_norm()  # None where DeepSpeed did not compute one (ZeRO-0 fp32)
     grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     if math.isinf(grad_norm):
@@ -241,6 +246,17 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
                           "continue it, or choose another name / out_dir")
 
 
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Paths resolved against this process's directory: Ray workers run elsewhere."""
+    cfg = copy.deepcopy(cfg)
+    cfg.out_dir = os.path.abspath(cfg.out_dir)
+    cfg.data.cache_dir = os.path.abspath(cfg.data.cache_dir)
+    cfg.data.sources = [os.path.abspath(source) for source in cfg.data.sources]
+    if cfg.data.tokenizer is not None:
+        cfg.data.tokenizer = os.path.abspath(cfg.data.tokenizer)
+    return cfg
+
+
 def _ray_worker(payload: dict, rank: int, world_size: int) -> None:
     from rung.config import from_dict
 
@@ -257,8 +273,10 @@ def train(cfg: RunConfig, resume: bool = False, address: str | None = None, log=
     runtime.configure_process()
     torch.manual_seed(cfg.train.seed)
     check_launchable(cfg, cfg.train.workers)
+    cfg = with_absolute_paths(cfg)
     run_dir = run_dir_of(cfg)
     _check_run_dir(run_dir, resume)
+    prepare_data(cfg, log)  # here, once: bad corpora fail before any worker starts, and workers find the cache
     if cfg.train.workers == 1 and address is None and not os.environ.get("RAY_ADDRESS"):
         runtime.init_process_group(rank=0, world_size=1, local_rank=0, init_method=runtime.file_rendezvous())
         run_worker(cfg, rank=0, world_size=1, resume=resume, log=log)

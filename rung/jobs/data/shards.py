@@ -62,6 +62,8 @@ def prepare(cfg: DataConfig, log=print) -> PreparedData:
     staging.mkdir()
     try:
         manifest = _build(cfg, files, staging, log)
+        if (final / MANIFEST).is_file():  # another process finished the same data first: use theirs
+            return PreparedData(final, json.loads((final / MANIFEST).read_text()))
         shutil.rmtree(final, ignore_errors=True)  # a leftover without a manifest is incomplete by definition
         staging.rename(final)
     finally:
