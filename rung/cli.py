@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", nargs="?", help="the submission id (not needed for list)")
     jobs.add_argument("--address", help="the dashboard's Jobs API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
 
+    export = commands.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
+    export.add_argument("source", help="a run directory (its newest verified checkpoint) or a checkpoint directory")
+    export.add_argument("--out", required=True, help="the folder to write (refused if it exists and is not empty)")
+    export.add_argument("--format", choices=["llama", "granite"], default="llama",
+                        help="llama: Llama/Mixtral with multipliers folded (default); granite: native multipliers")
+    export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.add_argument("--allow-dropless", action="store_true",
+                        help="export an MoE trained with capacity-factor dropping as the dropless model")
+    export.add_argument("--max-shard-size", type=int, default=5 << 30, metavar="BYTES",
+                        help="split weights into shards of at most this size (default 5 GiB)")
+
     count = commands.add_parser("count", help="print parameter and FLOP counts for a config (JSON)")
     _add_config(count)
 
@@ -90,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("submit", "jobs"):
         return _jobs_command(args)
+    if args.command == "export":
+        from rung.jobs.export import export
+
+        out = export(args.source, args.out, fmt=args.format, dtype=args.dtype, overwrite=args.overwrite,
+                     allow_dropless=args.allow_dropless, max_shard_bytes=args.max_shard_size)
+        print(f"export: wrote {out}")
+        return 0
     from rung.jobs.loading import load_run_config
 
     overrides = list(args.overrides)

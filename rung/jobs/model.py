@@ -105,3 +105,13 @@ def language_model_loss(output: ModelOutput, targets: torch.Tensor) -> tuple[tor
     """(loss to optimise, cross-entropy alone): next-token cross-entropy in fp32 plus the router losses."""
     ce = F.cross_entropy(output.logits.float().flatten(0, 1), targets.flatten())
     return ce + output.router_loss, ce
+
+
+@torch.no_grad()
+def greedy_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The reference decoder: argmax of a full forward pass per new token (no cache). prompt: [batch, seq]."""
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        next_token = model(tokens).logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens[:, prompt.shape[1]:]

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -26,7 +27,7 @@ from rung.jobs.checkpointing import load_checkpoint, save_checkpoint
 from rung.jobs.config import RunConfig
 from rung.jobs.counting import count
 from rung.jobs.data.loader import SequenceLoader
-from rung.jobs.data.shards import PreparedData, prepare
+from rung.jobs.data.shards import TOKENIZER_FILE, PreparedData, prepare
 from rung.jobs.expert_parallel import mark_expert_parameters, setup_expert_parallel
 from rung.jobs.model import language_model_loss
 from rung.jobs.progress import Progress
@@ -186,6 +187,7 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        shutil.copyfile(data.path / TOKENIZER_FILE, run_dir / TOKENIZER_FILE)  # export ships it with the model
     (run_dir / "workers").mkdir(parents=True, exist_ok=True)
     placement = engine.module.expert_placement
     worker = {"pid": os.getpid(), "experts": list(placement.local_ids) if placement else None}

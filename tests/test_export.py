@@ -1,0 +1,177 @@
+"""Export: rung checkpoints load in transformers as Llama/Mixtral/Granite models and compute the same function."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rung.jobs.build import build_model
+from rung.jobs.config import DataConfig, RunConfig
+from rung.jobs.export import export, find_checkpoint
+from rung.jobs.model import greedy_decode
+from tests.conftest import assert_clean_failure, run_rung
+
+# Non-base shapes: width 64 over base 32 (m = 2), depth 2 over base 1 (m_L = 2), an embedding multiplier, and
+# untied readout — every multiplier differs from one.
+SHAPE = ("model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=2", "param.base_width=32",
+         "param.base_depth=1", "param.embedding_mult=2.5", "param.output_mult=1.5", "train.steps=3",
+         "train.warmup_steps=1", "train.lr=0.01")
+FAMILIES = {
+    "dense": (),
+    "moe": ("model.moe.n_experts=4", "model.moe.top_k=2", "model.moe.capacity_factor=null"),
+    "moe-shared": ("model.moe.n_experts=4", "model.moe.top_k=1", "model.moe.capacity_factor=null",
+                   "model.moe.shared_expert=true", "model.tie_embeddings=true"),
+}
+
+
+def train_run(root: Path, data_cache: Path, name: str, *overrides: str, workers: int = 1) -> Path:
+    sets = [f"out_dir={root}", f"name={name}", f"data.cache_dir={data_cache}", *overrides]
+    result = run_rung("train", "tiny", "--workers", str(workers), *[a for s in sets for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_cache) -> dict:
+    root = tmp_path_factory.mktemp("runs")
+    return {(family, param): train_run(root, data_cache, f"{family}-{param}", *SHAPE, *FAMILIES[family],
+                                       f"param.name={param}")
+            for family in FAMILIES for param in ("sp", "mup", "completep")}
+
+
+def rung_model(run_dir: Path):
+    ck = find_checkpoint(run_dir)
+    model, _ = build_model(RunConfig(model=ck.model, param=ck.param, data=DataConfig(vocab_size=ck.model.vocab_size)))
+    missing, unexpected = model.load_state_dict(load_file(str(ck.path / "model.safetensors")), strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing)  # tied models have no lm_head
+    return model.eval()
+
+
+def load_hf(folder: Path):
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+CASES = [(f, p, fmt) for f in FAMILIES for p in ("sp", "mup", "completep") for fmt in ("llama", "granite")
+         if not (f == "moe-shared" and fmt == "llama")]
+
+
+@pytest.mark.parametrize("family, param, fmt", CASES)
+def test_exported_model_computes_the_same_function(runs, tmp_path, family, param, fmt):
+    folder = export(runs[(family, param)], tmp_path / "hf", fmt=fmt)
+    hf, ours = load_hf(folder), rung_model(runs[(family, param)])
+    expected = {("dense", "llama"): "LlamaForCausalLM", ("moe", "llama"): "MixtralForCausalLM",
+                ("dense", "granite"): "GraniteForCausalLM", ("moe", "granite"): "GraniteMoeForCausalLM",
+                ("moe-shared", "granite"): "GraniteMoeSharedForCausalLM"}[(family, fmt)]
+    assert type(hf).__name__ == expected
+    tokens = torch.randint(0, 2048, (3, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens).logits).abs().max().item() <= 1e-4
+    prompt = tokens[:1, :12]
+    generated = hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[:, 12:]
+    assert torch.equal(generated, greedy_decode(ours, prompt, 32))
+
+
+def test_bfloat16_export(runs, tmp_path):
+    folder = export(runs[("moe", "completep")], tmp_path / "hf", dtype="bfloat16")
+    hf, ours = load_hf(folder), rung_model(runs[("moe", "completep")])
+    assert hf.dtype == torch.bfloat16
+    tokens = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        difference = (hf(tokens).logits.float() - ours(tokens).logits).abs().max().item()
+    assert difference <= 0.1  # bf16 tolerance: weights rounded to 8 mantissa bits, logits of order 1-10
+
+
+def test_tokenizer_round_trips_and_has_a_chat_template(runs, tmp_path):
+    folder = export(runs[("dense", "mup")], tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = "def greet(name):\n    return f'héllo {name} ✓'\n"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    chat = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert chat == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]
+    card = (folder / "README.md").read_text()
+    assert "parametrization: `mup`" in card and "training tokens" in card
+
+
+def test_sharded_weights_load_and_nothing_is_unpickled(runs, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    folder = export(runs[("moe", "mup")], tmp_path / "hf", max_shard_bytes=200_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert not [p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
+    hf, ours = load_hf(folder), rung_model(runs[("moe", "mup")])
+    tokens = torch.randint(0, 2048, (2, 16))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens).logits).abs().max().item() <= 1e-4
+
+
+def test_zero2_two_workers_and_zero3_checkpoints_export_the_same_weights(tmp_path, data_cache):
+    # A tiny LR keeps every run's weights within 1e-7 of the (name-seeded, identical) init: the comparison then
+    # tests how shards are consolidated, not how Adam amplifies rounding differences between ZeRO stages.
+    common = (*SHAPE, "train.steps=4", "train.lr=1e-8")
+    runs = {"single": train_run(tmp_path, data_cache, "single", *common),
+            "zero2x2": train_run(tmp_path, data_cache, "zero2x2", *common, "train.zero_stage=2", workers=2),
+            "zero3": train_run(tmp_path, data_cache, "zero3", *common, "train.zero_stage=3")}
+    weights = {name: load_file(str(export(run, tmp_path / f"hf-{name}") / "model.safetensors"))
+               for name, run in runs.items()}
+    for name in ("zero2x2", "zero3"):
+        assert weights[name].keys() == weights["single"].keys()
+        for key, tensor in weights["single"].items():
+            assert torch.allclose(weights[name][key], tensor, atol=1e-6, rtol=0), (name, key)
+
+
+def test_bad_sources_and_outputs(runs, tmp_path):
+    source = runs[("dense", "sp")]
+    assert_clean_failure(run_rung("export", str(tmp_path), "--out", str(tmp_path / "a")), "neither a rung checkpoint")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    assert_clean_failure(run_rung("export", str(source), "--out", str(occupied)), "--overwrite")
+    assert (occupied / "keep.txt").read_text() == "mine"
+    shared = runs[("moe-shared", "sp")]
+    assert_clean_failure(run_rung("export", str(shared), "--out", str(tmp_path / "b")), "shared expert", "granite")
+    checkpoint = find_checkpoint(source).path
+    damaged = tmp_path / "damaged" / "checkpoints" / checkpoint.name
+    damaged.parent.mkdir(parents=True)
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "optimizer.safetensors").unlink()
+    assert_clean_failure(run_rung("export", str(damaged), "--out", str(tmp_path / "c")), "missing file")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert not list(tmp_path.glob(".*tmp*"))  # no half-written folder anywhere
+
+
+def test_capacity_dropping_is_refused_unless_allowed(tmp_path, data_cache):
+    run = train_run(tmp_path, data_cache, "capacity", "train.steps=2", "train.warmup_steps=1",
+                    "model.moe.n_experts=4", "model.moe.capacity_factor=1.25")
+    assert_clean_failure(run_rung("export", str(run), "--out", str(tmp_path / "hf")), "capacity_factor")
+    result = run_rung("export", str(run), "--out", str(tmp_path / "hf"), "--allow-dropless")
+    assert result.returncode == 0, result.stderr
+    load_hf(tmp_path / "hf")
+
+
+def test_vllm_loads_the_export_and_matches_transformers(runs, tmp_path):
+    vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (it needs a GPU machine: pip install vllm)")
+    folder = export(runs[("moe", "mup")], tmp_path / "hf")
+    prompt = torch.randint(0, 2048, (1, 12), generator=torch.Generator().manual_seed(3))
+    expected = load_hf(folder).generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 12:]
+    engine = vllm.LLM(model=str(folder), dtype="float32", enforce_eager=True)
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32, ignore_eos=True)
+    output = engine.generate([{"prompt_token_ids": prompt[0].tolist()}], params)[0].outputs[0].token_ids
+    assert list(output) == expected.tolist()
