@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,6 +85,26 @@ def test_corrupted_newest_checkpoint_is_skipped(tmp_path, data_cache):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping checkpoint" in result.stderr and "checksum mismatch" in result.stderr
     assert "resumed from" in result.stdout and "step_00000010 at step 10" in result.stdout
+
+
+def test_checkpoints_mirrored_to_a_uri_resume_on_a_machine_without_them(tmp_path, data_cache):
+    """An object-store URI through pyarrow.fs; file:// exercises the same code path as s3:// or gs:// here."""
+    remote = tmp_path / "bucket"
+    common = (*SHORT, "train.checkpoint_every=10", f"train.checkpoint_uri=file://{remote}")
+    full = train(tmp_path, data_cache, "run", *common)
+    assert sorted(p.name for p in remote.iterdir()) == ["step_00000010", "step_00000020"]
+    assert all((remote / name / "manifest.json").is_file() for name in ("step_00000010", "step_00000020"))
+    # A fresh machine: no run directory at all, and the newest upload was interrupted (no manifest).
+    shutil.rmtree(tmp_path / "run")
+    shutil.rmtree(remote / "step_00000020")
+    (remote / "step_00000030").mkdir()
+    (remote / "step_00000030" / "model.safetensors").write_bytes(b"partial")
+    resumed = train(tmp_path, data_cache, "run", *common, extra=("--resume",))
+    assert [r["step"] for r in resumed] == list(range(11, 21))
+    for a, b in zip(full[10:], resumed):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6
+    result = run_rung(*args_for(tmp_path, data_cache, "other", (*SHORT, "train.checkpoint_uri=file:///proc/x"), 1))
+    assert_clean_failure(result, "file:///proc/x")
 
 
 def test_resume_refuses_another_model_shape_and_keeps_the_checkpoint(tmp_path, data_cache):
@@ -172,6 +193,8 @@ def test_unreachable_address_fails_fast(tmp_path, data_cache):
 def test_more_workers_than_the_cluster_has(tmp_path, data_cache):
     result = run_rung(*args_for(tmp_path, data_cache, "x", ("train.global_batch=512",), 64))
     assert_clean_failure(result, "train.workers", "64 workers")
+    result = run_rung(*args_for(tmp_path, data_cache, "y", ("train.use_gpu=true",), 2))
+    assert_clean_failure(result, "train.use_gpu", "need 2 GPUs")
 
 
 def test_unwritable_run_directory(tmp_path, data_cache):

@@ -19,7 +19,7 @@ from rung.config import to_dict
 from rung.errors import ConfigError
 from rung.jobs.config import RunConfig
 from rung.jobs.engine_state import gather_state, restore_state
-from rung.platform.checkpoint import CheckpointStore
+from rung.platform.checkpoint import CheckpointStore, RemoteMirror
 
 STATE = "state.json"
 WEIGHTS = "model.safetensors"
@@ -37,7 +37,8 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(engine, store: CheckpointStore, cfg: RunConfig, step: int, tokens: int) -> Path | None:
+def save_checkpoint(engine, store: CheckpointStore, cfg: RunConfig, step: int, tokens: int,
+                    mirror: RemoteMirror | None = None) -> Path | None:
     """Collective: every rank calls it. Returns the committed directory on rank 0, None elsewhere."""
     rank = dist.get_rank()
     weights, moments = gather_state(engine)
@@ -56,6 +57,8 @@ def save_checkpoint(engine, store: CheckpointStore, cfg: RunConfig, step: int, t
                  "model": to_dict(cfg.model), "param": to_dict(cfg.param)}
         (staging / STATE).write_text(json.dumps(state, indent=2))
         final = store.commit(staging, step)
+        if mirror is not None:
+            mirror.upload(final)
     dist.barrier()
     return final
 

@@ -34,7 +34,7 @@ from rung.jobs.progress import Progress
 from rung.jobs.schedule import lr_factor
 from rung.jobs.train_metrics import TrainMetrics
 from rung.platform import runtime
-from rung.platform.checkpoint import CheckpointStore
+from rung.platform.checkpoint import MANIFEST, CheckpointStore, RemoteMirror
 
 
 class TrainingDiverged(RungError):
@@ -154,12 +154,22 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) / cfg.name
 
 
-def _resume_point(store: CheckpointStore, rank: int) -> Path | None:
-    """Rank 0 picks the newest verified checkpoint (hashing once) and tells the others its step."""
-    found = store.latest() if rank == 0 else None
-    chosen = torch.tensor([found[0] if found else -1])
+def _resume_point(store: CheckpointStore, mirror: RemoteMirror | None, rank: int) -> Path | None:
+    """Rank 0 picks the newest verified checkpoint, local or mirrored (hashing once), and tells the others its
+    step; a rank whose machine lacks that checkpoint fetches it from the mirror."""
+    chosen = torch.tensor([-1])
+    if rank == 0:
+        local = store.latest()
+        remote = mirror.latest() if mirror is not None else None
+        chosen[0] = max(local[0] if local else -1, remote if remote is not None else -1)
     dist.broadcast(chosen, src=0)
-    return store.root / store.name(int(chosen.item())) if chosen.item() >= 0 else None
+    step = int(chosen.item())
+    if step < 0:
+        return None
+    path = store.root / store.name(step)
+    if not (path / MANIFEST).is_file() and mirror is not None:
+        mirror.download(step, store.root)
+    return path
 
 
 def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=print) -> list[StepMetrics]:
@@ -170,8 +180,9 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
     loader = SequenceLoader(data, cfg.train.seq_len, cfg.train.global_batch, cfg.train.seed)
     engine = build_engine(cfg, world_size)
     store = CheckpointStore(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    mirror = RemoteMirror(cfg.train.checkpoint_uri, cfg.train.keep_checkpoints) if cfg.train.checkpoint_uri else None
     start, tokens = 0, 0
-    if resume and (path := _resume_point(store, rank)) is not None:
+    if resume and (path := _resume_point(store, mirror, rank)) is not None:
         start, tokens = load_checkpoint(engine, path, cfg)
         say(f"train: resumed from {path} at step {start}")
     if rank == 0:
@@ -210,7 +221,7 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
                 say(progress.line(row.step, trained, f"loss {row.loss:.4f} lr {row.lr:.2e} mfu {mfu:.1%} "))
             if (every and row.step % every == 0) or row.step == cfg.train.steps:
                 saved_at = time.perf_counter()
-                path = save_checkpoint(engine, store, cfg, row.step, tokens)
+                path = save_checkpoint(engine, store, cfg, row.step, tokens, mirror)
                 metrics.checkpoint_seconds.set(time.perf_counter() - saved_at)
                 if path is not None:
                     say(f"train: checkpoint {path} ({time.perf_counter() - saved_at:.2f} s)")
@@ -235,7 +246,7 @@ def _keep_metrics_until(run_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
+def _check_storage(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
@@ -243,9 +254,12 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
         probe.unlink()
     except OSError as err:
         raise RungError(f"the run directory {run_dir} is not writable: {err.strerror or err}") from None
-    if not resume and CheckpointStore(run_dir / "checkpoints").committed():
-        raise ConfigError("name", f"{run_dir} already holds checkpoints of an earlier run: pass --resume to "
-                          "continue it, or choose another name / out_dir")
+    mirror = RemoteMirror(cfg.train.checkpoint_uri) if cfg.train.checkpoint_uri else None
+    if mirror is not None:
+        mirror.check_writable()
+    if not resume and (CheckpointStore(run_dir / "checkpoints").committed() or (mirror and mirror.committed())):
+        raise ConfigError("name", f"{run_dir} (or train.checkpoint_uri) already holds checkpoints of an earlier "
+                          "run: pass --resume to continue it, or choose another name / out_dir")
 
 
 def with_absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -277,7 +291,7 @@ def train(cfg: RunConfig, resume: bool = False, address: str | None = None, log=
     check_launchable(cfg, cfg.train.workers)
     cfg = with_absolute_paths(cfg)
     run_dir = run_dir_of(cfg)
-    _check_run_dir(run_dir, resume)
+    _check_storage(cfg, run_dir, resume)
     prepare_data(cfg, log)  # here, once: bad corpora fail before any worker starts, and workers find the cache
     if cfg.train.workers == 1 and address is None and not os.environ.get("RAY_ADDRESS"):
         runtime.init_process_group(rank=0, world_size=1, local_rank=0, init_method=runtime.file_rendezvous())

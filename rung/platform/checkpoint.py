@@ -9,7 +9,8 @@ Layout under the store's root:
 
 `commit` renames the staging directory into place, so a crash leaves either the old set of checkpoints or the new
 one. `latest` walks checkpoints newest first and skips, with a warning, any whose files are missing or whose
-checksums do not match. This module knows nothing of torch: it moves and hashes files.
+checksums do not match. `RemoteMirror` keeps a copy of committed checkpoints at an object-store URI. This module
+knows nothing of torch: it moves and hashes files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+
+from rung.errors import RungError
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -107,3 +110,100 @@ def _write_durably(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+class RemoteMirror:
+    """Committed checkpoints copied to an object store or any filesystem pyarrow can reach by URI (s3://, gs://,
+    hdfs://, file://), for clusters without a shared filesystem and for runs that outlive their machines.
+
+    Object stores have no atomic rename, so completeness is marked the same way as locally, by order: every file is
+    uploaded first and the manifest last; a checkpoint without a manifest is an interrupted upload and is ignored."""
+
+    def __init__(self, uri: str, keep: int = 3):
+        import pyarrow.fs as pafs
+
+        self.uri, self.keep = uri, keep
+        try:
+            self.fs, self.root = pafs.FileSystem.from_uri(uri)
+            self.fs.create_dir(self.root, recursive=True)
+        except (OSError, ValueError) as err:
+            raise RungError(f"cannot use checkpoint storage {uri}: {err}") from None
+
+    def check_writable(self) -> None:
+        probe = f"{self.root}/.write-test-{os.getpid()}"
+        try:
+            with self.fs.open_output_stream(probe) as handle:
+                handle.write(b"")
+            self.fs.delete_file(probe)
+        except OSError as err:
+            raise RungError(f"checkpoint storage {self.uri} is not writable: {err}") from None
+
+    def upload(self, local: Path) -> None:
+        target = f"{self.root}/{local.name}"
+        self.fs.create_dir(target, recursive=True)
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MANIFEST) + [local / MANIFEST]
+        for path in files:
+            with path.open("rb") as source, self.fs.open_output_stream(f"{target}/{path.relative_to(local)}") as sink:
+                shutil.copyfileobj(source, sink, 1 << 20)
+        for _, name in self.committed()[: -self.keep] if self.keep > 0 else []:
+            self.fs.delete_dir(f"{self.root}/{name}")
+
+    def committed(self) -> list[tuple[int, str]]:
+        import pyarrow.fs as pafs
+
+        found = []
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True)):
+            match = _NAME.match(info.base_name)
+            if match and info.type == pafs.FileType.Directory and \
+                    self.fs.get_file_info(f"{info.path}/{MANIFEST}").type == pafs.FileType.File:
+                found.append((int(match.group(1)), info.base_name))
+        return sorted(found)
+
+    def latest(self) -> int | None:
+        """The newest uploaded checkpoint whose files match their checksums; damaged ones are skipped."""
+        for step, name in reversed(self.committed()):
+            problem = self._verify(name)
+            if problem is None:
+                return step
+            warnings.warn(f"skipping checkpoint {self.uri}/{name}: {problem}", stacklevel=2)
+        return None
+
+    def download(self, step: int, into: Path) -> Path:
+        """Copy checkpoint `step` into the local store directory `into` (a no-op if it is already there)."""
+        name = CheckpointStore.name(step)
+        final = into / name
+        if (final / MANIFEST).is_file():
+            return final
+        staging = into / f".download-{name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        manifest = json.loads(self._read(f"{name}/{MANIFEST}"))
+        for file in [*manifest["files"], MANIFEST]:
+            with self.fs.open_input_stream(f"{self.root}/{name}/{file}") as source, (staging / file).open("wb") as sink:
+                shutil.copyfileobj(source, sink, 1 << 20)
+        try:
+            os.replace(staging, final)
+        except OSError:  # another process on this machine finished the same download first
+            shutil.rmtree(staging, ignore_errors=True)
+        return final
+
+    def _read(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.root}/{relative}") as handle:
+            return handle.read()
+
+    def _verify(self, name: str) -> str | None:
+        try:
+            manifest = json.loads(self._read(f"{name}/{MANIFEST}"))["files"]
+        except (OSError, ValueError, KeyError) as err:
+            return f"unreadable manifest ({err})"
+        for file, digest in manifest.items():
+            try:
+                actual = hashlib.sha256()
+                with self.fs.open_input_stream(f"{self.root}/{name}/{file}") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        actual.update(block)
+            except OSError:
+                return f"missing file {file}"
+            if actual.hexdigest() != digest:
+                return f"checksum mismatch in {file}"
+        return None
