@@ -80,7 +80,7 @@ def test_sp_equals_mup_at_the_base_shape():
     for (name, a), (_, b) in zip(sp_model.named_parameters(), mup_model.named_parameters()):
         assert torch.equal(a, b), name
     assert sp.multipliers == mup.multipliers
-    strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]  # noqa: E731
+    strip = lambda groups: [{k: v for k, v in g.items() if k != "params"} for g in groups]
     assert strip(sp.param_groups(sp_model, LR, WD, EPS)) == strip(mup.param_groups(mup_model, LR, WD, EPS))
     tokens = torch.randint(0, 512, (2, 16))
     assert torch.equal(sp_model(tokens).logits, mup_model(tokens).logits)

@@ -129,8 +129,7 @@ def _granite_weights(w: dict[str, torch.Tensor], cfg: ModelConfig, mult: Multipl
 
 
 def _hf_config(cfg: ModelConfig, mult: Multipliers, fmt: str, tied: bool, eos_id: int, dtype: str):
-    from transformers import (GraniteConfig, GraniteMoeConfig, GraniteMoeSharedConfig, LlamaConfig,
-                              MixtralConfig)
+    from transformers import GraniteConfig, GraniteMoeConfig, GraniteMoeSharedConfig, LlamaConfig, MixtralConfig
 
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,

@@ -11,9 +11,8 @@ import shlex
 import time
 from collections.abc import Callable
 
-import rung.platform.cluster  # noqa: F401  (Ray's environment before ray is imported)
 from rung.errors import RungError
-from rung.platform.cluster import check_reachable
+from rung.platform.cluster import check_reachable  # first: sets Ray's environment before ray is imported
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

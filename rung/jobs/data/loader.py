@@ -8,8 +8,6 @@ resumed run continues exactly where it stopped, and no two ranks ever see the sa
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 
@@ -29,10 +27,15 @@ class SequenceLoader:
             raise ConfigError("train.global_batch", f"the corpus holds only {self.num_sequences} sequences of "
                               f"{seq_len + 1} tokens, fewer than one global batch ({global_batch})")
         self._shard_starts = np.concatenate([[0], np.cumsum(windows)])
+        self._orders: dict[int, np.ndarray] = {}
 
-    @lru_cache(maxsize=4)
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
+        """The epoch's permutation; only the newest two are kept (a batch spans at most one boundary)."""
+        if epoch not in self._orders:
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
+            for old in sorted(self._orders)[:-2]:
+                del self._orders[old]
+        return self._orders[epoch]
 
     def sequence_ids(self, step: int, rank: int, world_size: int) -> np.ndarray:
         """Global indices of the windows rank `rank` trains on at `step`."""
