@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rung.errors import RungError
 
@@ -45,7 +46,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest verified checkpoint in the run directory")
     train.add_argument("--workers", type=int, help="data-parallel workers (sets train.workers)")
+    train.add_argument("--hparams-from", metavar="SUMMARY",
+                       help="a sweep's summary.json: take its best values at the proxy shape, and the proxy shape as "
+                            "the base shape")
     train.add_argument("--address", help="a Ray cluster to run on (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    sweep = commands.add_parser("sweep", help="sweep hyperparameters over shapes as parallel Ray tasks")
+    _add_config(sweep)
+    sweep.add_argument("--grid", action="append", required=True, metavar="NAME=VALUES",
+                       help="lr=2^-12:2^-4:x2, lr=2^-10:2^-6:x2^0.5 or init_std=0.01,0.02 (repeatable: a product)")
+    sweep.add_argument("--widths", type=_int_list, help="widths, e.g. 64,128,256 (default: the config's)")
+    sweep.add_argument("--depths", type=_int_list, help="depths, e.g. 2,4,8 (default: the config's)")
+    sweep.add_argument("--experts", type=_int_list, help="MoE expert counts, e.g. 2,4,8")
+    sweep.add_argument("--params", default="mup", help="comma-separated parametrizations (default: mup)")
+    sweep.add_argument("--seeds", type=int, default=1, help="seeds per point (default: 1)")
+    sweep.add_argument("--out", required=True, help="output directory")
+    sweep.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    ladder = commands.add_parser("ladder", help="train a ladder of sizes and token budgets, fit scaling laws")
+    _add_config(ladder)
+    ladder.add_argument("--widths", type=_int_list, required=True, help="widths, e.g. 32,64,128")
+    ladder.add_argument("--depths", type=_int_list, help="depths (default: the config's)")
+    ladder.add_argument("--experts", type=_int_list, help="MoE expert counts, e.g. 2,4,8")
+    ladder.add_argument("--tokens", required=True, help="token budgets, e.g. 1e5,2e5,4e5")
+    ladder.add_argument("--hparams-from", metavar="SUMMARY", help="a sweep's summary.json to transfer from")
+    ladder.add_argument("--out", required=True, help="output directory")
+    ladder.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    plan = commands.add_parser("plan", help="the compute-optimal model shape and tokens for a FLOP budget")
+    _add_config(plan, optional=True)
+    plan.add_argument("--budget", type=float, required=True, help="training FLOPs, e.g. 1e18")
+    plan.add_argument("--fit", required=True, help="a ladder's fit.json")
 
     submit = commands.add_parser("submit", help="submit a command as a job to a Ray cluster (Jobs API)")
     submit.add_argument("--address", help="the dashboard's Jobs API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
@@ -120,10 +151,47 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         data = prepare_data(cfg)
         print(f"data: {data.num_tokens:,} tokens, vocabulary {data.vocab_size}, in {data.path}")
+    elif args.command == "sweep":
+        from rung.jobs.grid import parse_grid
+        from rung.jobs.sweep import run_sweep
+
+        grids = dict(parse_grid(spec) for spec in args.grid)
+        run_sweep(cfg, grids, [p for p in args.params.split(",") if p], args.widths, args.depths, args.experts,
+                  args.seeds, args.out, address=args.address)
+    elif args.command == "ladder":
+        from rung.jobs.grid import number
+        from rung.jobs.ladder import run_ladder
+
+        if args.hparams_from:
+            from rung.jobs.transfer import apply_transfer
+
+            cfg, _ = apply_transfer(cfg, args.hparams_from)
+        budgets = [number(t) for t in args.tokens.split(",") if t.strip()]
+        run_ladder(cfg, args.widths, args.depths or [cfg.model.n_layers], args.experts, budgets, args.out,
+                   address=args.address)
+    elif args.command == "plan":
+        from rung.jobs.ladder import plan
+
+        path = Path(args.fit)
+        if not path.is_file():
+            raise RungError(f"--fit {path} not found (a ladder's fit.json)")
+        try:
+            fit = json.loads(path.read_text())
+        except ValueError:
+            raise RungError(f"--fit {path} is not JSON") from None
+        print(json.dumps(plan(args.budget, fit, cfg), indent=2))
     elif args.command == "train":
         from rung.jobs.train import train
 
-        rows = train(cfg, resume=args.resume, address=args.address)
+        if args.hparams_from:
+            from rung.jobs.transfer import apply_transfer
+
+            cfg, record = apply_transfer(cfg, args.hparams_from)
+            print(f"train: transferred {record['values']} from sweep {record['sweep_id']} "
+                  f"(proxy width {record['proxy_shape']['width']}, depth {record['proxy_shape']['depth']})")
+
+        rows = train(cfg, resume=args.resume, address=args.address,
+                     transfer=record if args.hparams_from else None)
         print(f"train: done, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f} after {rows[-1]['step']} steps, "
               f"run dir {cfg.out_dir}/{cfg.name}")
     elif args.command == "count":

@@ -147,13 +147,14 @@ class TrainConfig:
     use_gpu: bool = False  # one GPU per worker
     expert_parallel: int = 1  # MoE: workers per expert-parallel group, each holding n_experts / expert_parallel
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
-    keep_checkpoints: int = 3  # newest checkpoints kept
+    keep_checkpoints: int = 3  # newest checkpoints kept; 0 = write none (sweeps)
     # Also keep committed checkpoints at this URI (s3://, gs://, hdfs://, file://: anything pyarrow.fs opens);
     # --resume takes the newest verified one from here or from the run directory.
     checkpoint_uri: str | None = None
     max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails (-1 = forever)
     metrics_port: int | None = None  # Prometheus exposition of rank r on metrics_port + r; None = off
     peak_flops: float | None = None  # per worker, for MFU; None = known GPU table, or a measured CPU matmul rate
+    max_loss: float | None = None  # stop as diverged when the loss exceeds this after warmup
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers",

@@ -8,7 +8,6 @@ The slope of log2(activation) against log2(size) at the last step summarises eac
 
 from __future__ import annotations
 
-import copy
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +20,7 @@ from rung.jobs.config import RunConfig
 from rung.jobs.data.loader import SequenceLoader
 from rung.jobs.model import Transformer, language_model_loss
 from rung.jobs.progress import Progress
+from rung.jobs.shapes import reshape
 from rung.jobs.train import prepare_data
 from rung.platform import runtime
 
@@ -28,21 +28,16 @@ MODULES = ("embedding", "attention", "ffn", "residual", "logits")
 
 
 def shape_config(base: RunConfig, param: str, axis: str, size: int, smallest: int) -> RunConfig:
-    """The base config at one width (head dim fixed, heads grow) or depth, with the smallest size as base shape.
+    """The base config at one width or depth, the smallest size being the base shape.
 
     The readout is zero-initialised, as the μP authors prescribe for coordinate checks: a random readout adds
     init-time noise that dominates the smallest widths and hides the trend being measured."""
-    cfg = copy.deepcopy(base)
+    if axis == "width":
+        cfg = reshape(base, width=size, base_width=smallest, base_depth=base.model.n_layers)
+    else:
+        cfg = reshape(base, depth=size, base_width=base.model.d_model, base_depth=smallest)
     cfg.param.name = param
     cfg.param.zero_readout = True
-    if axis == "width":
-        head_dim = base.model.resolved_head_dim
-        cfg.model.d_model, cfg.model.n_heads, cfg.model.head_dim = size, max(size // head_dim, 1), head_dim
-        cfg.model.n_kv_heads = None
-        cfg.param.base_width, cfg.param.base_depth = smallest, cfg.model.n_layers
-    else:
-        cfg.model.n_layers = size
-        cfg.param.base_width, cfg.param.base_depth = cfg.model.d_model, smallest
     return cfg
 
 

@@ -23,5 +23,6 @@ class Progress:
         """`amount` of `unit` processed since start, for the rate."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         eta = elapsed / max(done - self.start, 1) * (self.total - done)
-        return (f"{self.label} {done}/{self.total} {extra}{amount / elapsed:,.0f} {self.unit}/s "
+        rate = amount / elapsed
+        return (f"{self.label} {done}/{self.total} {extra}{rate:,.{0 if rate >= 10 else 2}f} {self.unit}/s "
                 f"elapsed {format_duration(elapsed)} eta {format_duration(eta)}")

@@ -219,7 +219,10 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
             jsonl.flush()
             if row.step % cfg.train.log_every == 0 or row.step == cfg.train.steps:
                 say(progress.line(row.step, trained, f"loss {row.loss:.4f} lr {row.lr:.2e} mfu {mfu:.1%} "))
-            if (every and row.step % every == 0) or row.step == cfg.train.steps:
+            limit = cfg.train.max_loss
+            if limit is not None and row.step > cfg.train.warmup_steps and row.loss > limit:
+                raise TrainingDiverged(f"loss {row.loss:.3f} above train.max_loss ({limit:g}) at step {row.step}")
+            if cfg.train.keep_checkpoints and ((every and row.step % every == 0) or row.step == cfg.train.steps):
                 saved_at = time.perf_counter()
                 path = save_checkpoint(engine, store, cfg, row.step, tokens, mirror)
                 metrics.checkpoint_seconds.set(time.perf_counter() - saved_at)
@@ -280,23 +283,31 @@ def _ray_worker(payload: dict, rank: int, world_size: int) -> None:
     run_worker(from_dict(RunConfig, payload), rank, world_size, resume=True)
 
 
-def train(cfg: RunConfig, resume: bool = False, address: str | None = None, log=print) -> list[dict]:
+def train_here(cfg: RunConfig, resume: bool = False, log=print) -> list[dict]:
+    """One worker in this very process (also inside a Ray task, as sweeps run): no worker group."""
+    runtime.init_process_group(rank=0, world_size=1, local_rank=0, init_method=runtime.file_rendezvous())
+    run_worker(cfg, rank=0, world_size=1, resume=resume, log=log)
+    return read_metrics(run_dir_of(cfg))
+
+
+def train(cfg: RunConfig, resume: bool = False, address: str | None = None, log=print,
+          transfer: dict | None = None) -> list[dict]:
     """Train `cfg` on `train.workers` workers and return the run's per-step metric rows.
 
     One worker and no cluster address: in this process, no Ray needed. Otherwise a Ray Train worker group on the
     embedded local cluster or the cluster at `address` / RAY_ADDRESS, restarted from the last checkpoint on
-    failure up to `train.max_failures` times."""
+    failure up to `train.max_failures` times. `transfer`: the provenance of transferred hyperparameters."""
     runtime.configure_process()
     torch.manual_seed(cfg.train.seed)
     check_launchable(cfg, cfg.train.workers)
     cfg = with_absolute_paths(cfg)
     run_dir = run_dir_of(cfg)
     _check_storage(cfg, run_dir, resume)
+    if transfer is not None:  # provenance, for the run directory and the exported model card
+        (run_dir / "transfer.json").write_text(json.dumps(transfer, indent=2))
     prepare_data(cfg, log)  # here, once: bad corpora fail before any worker starts, and workers find the cache
     if cfg.train.workers == 1 and address is None and not os.environ.get("RAY_ADDRESS"):
-        runtime.init_process_group(rank=0, world_size=1, local_rank=0, init_method=runtime.file_rendezvous())
-        run_worker(cfg, rank=0, world_size=1, resume=resume, log=log)
-        return read_metrics(run_dir)
+        return train_here(cfg, resume, log)
     from rung.platform import cluster, launcher
 
     handle = cluster.connect(address)
