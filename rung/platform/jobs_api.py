@@ -15,6 +15,7 @@ from rung.errors import RungError
 from rung.platform.cluster import check_reachable  # first: sets Ray's environment before ray is imported
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+AGENT_WAIT_SECONDS = 60
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -42,16 +43,28 @@ def submit(command: list[str], address: str | None, working_dir: str | None, env
     runtime_env: dict = {"env_vars": {"OMP_NUM_THREADS": "1", **env}}
     if working_dir is not None:
         runtime_env["working_dir"] = working_dir
-    job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env, submission_id=submission_id)
-    return client, job_id
+    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env,
+                                       submission_id=submission_id)
+            return client, job_id
+        except RuntimeError as err:  # Ray's client reports HTTP errors as RuntimeError with the body
+            # A cluster that has just started answers before its job agent is up: that one is worth waiting for.
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise RungError(f"the Jobs API refused the job: {err}") from None
+            time.sleep(2)
 
 
 def follow(client, job_id: str, out: Callable[[str], None], poll: float = 1.0) -> str:
     """Stream a job's new log output until it ends; returns its final status."""
     shown = 0
     while True:
-        status = str(client.get_job_status(job_id).value)
-        logs = client.get_job_logs(job_id)
+        try:
+            status = str(client.get_job_status(job_id).value)
+            logs = client.get_job_logs(job_id)
+        except RuntimeError as err:
+            raise RungError(f"lost track of job {job_id}: {err}") from None
         if len(logs) > shown:
             out(logs[shown:])
             shown = len(logs)
@@ -73,7 +86,10 @@ def stop(address: str | None, job_id: str) -> bool:
 
 
 def list_jobs(address: str | None) -> list:
-    return _client(address).list_jobs()
+    try:
+        return _client(address).list_jobs()
+    except RuntimeError as err:
+        raise RungError(f"cannot list jobs: {err}") from None
 
 
 def _call(address: str | None, method: str, job_id: str):
