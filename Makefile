@@ -13,7 +13,7 @@ STAMP       := $(VENV)/.rung-installed
 export OMP_NUM_THREADS ?= 1
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench bench-transfer clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ test: install
 
 bench: install
 	$(BIN)/python bench/train_throughput.py --out bench/out
+
+# Hours of CPU: LR sweeps across widths, depths and expert counts, and the ladder (results under bench/transfer).
+bench-transfer: install
+	$(BIN)/python bench/transfer_evidence.py --out bench/transfer $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .cache bench/out

@@ -1,0 +1,68 @@
+"""Evidence that hyperparameters transfer (`make bench-transfer`): LR sweeps across widths (μP vs SP), depths
+(CompleteP and Depth-μP vs SP) and MoE expert counts, and the ladder's prediction of its held-out rung.
+
+Each part writes its sweep/ladder folder under OUT; the figures that matter are printed and collected in
+OUT/evidence.json for bench/RESULTS.md. Hours of CPU at the full settings; `--quick` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from rung.jobs.grid import parse_grid  # noqa: E402
+from rung.jobs.ladder import run_ladder  # noqa: E402
+from rung.jobs.loading import load_run_config  # noqa: E402
+from rung.jobs.sweep import run_sweep  # noqa: E402
+
+
+def verdict(summary: dict, param: str) -> dict:
+    """Octaves the optimum moved across shapes, and whether the best loss fell strictly with size."""
+    shapes = sorted((s for s in summary["shapes"] if s["param"] == param and "best_loss" in s),
+                    key=lambda s: (s["width"], s["depth"], s["experts"] or 0))
+    losses = [s["best_loss"] for s in shapes]
+    return {"optimum_log2_lr": [round(s["optimum_log2"]["train.lr"], 2) for s in shapes],
+            "spread_octaves": summary["spread_octaves"].get(param, {}).get("train.lr"),
+            "best_loss": [round(x, 4) for x in losses],
+            "loss_falls_with_size": all(b < a for a, b in zip(losses, losses[1:]))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="bench/transfer")
+    parser.add_argument("--quick", action="store_true", help="a few short runs, to check the plumbing")
+    parser.add_argument("--parts", default="width,depth,moe,ladder")
+    args = parser.parse_args()
+    out = Path(args.out)
+    steps, seeds = ("40", 1) if args.quick else ("300", 2)
+    common = [f"train.steps={steps}", "train.warmup_steps=10", "train.seq_len=128", "train.global_batch=8",
+              "train.micro_batch=8", "train.max_loss=10", "train.schedule=cosine"]  # 1k tokens per step
+    lrs = dict([parse_grid("lr=2^-10:2^-5:x2" if args.quick else "lr=2^-11:2^-4:x2^0.5")])
+    evidence = {}
+    if "width" in args.parts:
+        summary = run_sweep(load_run_config("tiny", common), lrs, ["mup", "sp"],
+                            [32, 64] if args.quick else [32, 64, 128, 256], None, None, seeds, str(out / "width"))
+        evidence["width"] = {p: verdict(summary, p) for p in ("mup", "sp")}
+    if "depth" in args.parts:
+        summary = run_sweep(load_run_config("tiny", common), lrs, ["completep", "depth-mup", "sp"], None,
+                            [2, 4] if args.quick else [2, 4, 8, 16], None, seeds, str(out / "depth"))
+        evidence["depth"] = {p: verdict(summary, p) for p in ("completep", "depth-mup", "sp")}
+    if "moe" in args.parts:
+        summary = run_sweep(load_run_config("tiny-moe", [*common, "model.moe.top_k=1"]), lrs, ["mup"], None, None,
+                            [2, 4] if args.quick else [2, 4, 8], seeds, str(out / "moe"))
+        evidence["moe"] = {"mup": verdict(summary, "mup")}
+    if "ladder" in args.parts:
+        fit = run_ladder(load_run_config("tiny", [*common, "param.base_width=32", "train.lr=0.01"]),
+                         [32, 64] if args.quick else [32, 48, 64, 96, 128], [2],
+                         None, [2e4, 4e4] if args.quick else [1e5, 2e5, 4e5], str(out / "ladder"))
+        evidence["ladder"] = fit["held_out"]
+    (out / "evidence.json").write_text(json.dumps(evidence, indent=2))
+    print(json.dumps(evidence, indent=2))
+
+
+if __name__ == "__main__":
+    main()
