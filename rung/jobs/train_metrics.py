@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from rung.errors import RungError
+
 
 class TrainMetrics:
     def __init__(self, rank: int):
@@ -48,4 +50,8 @@ class TrainMetrics:
         self.tokens.inc(row.tokens // world_size)
 
     def serve(self, port: int, host: str) -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise RungError(f"cannot serve training metrics on {host}:{port} (train.metrics_port + rank): "
+                            f"{err.strerror or err}") from None
