@@ -1,0 +1,81 @@
+"""Paged KV-cache bookkeeping: allocation, prefix caching with chained hashes, reference counts, LRU eviction."""
+
+from __future__ import annotations
+
+import random
+
+from rung.serving.kv_cache import KVCacheManager
+
+
+def test_allocation_grows_block_by_block_and_refuses_without_changing_anything():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    tokens = list(range(10))
+    assert kv.allocate("a", tokens, 10)  # 10 tokens -> 3 blocks
+    assert len(kv.block_table("a")) == 3 and kv.num_free_blocks == 1
+    assert kv.allocate("a", tokens + [10, 11], 2)  # fills block 3 exactly
+    assert len(kv.block_table("a")) == 3
+    assert kv.allocate("a", tokens + [10, 11, 12], 1) and kv.num_free_blocks == 0
+    assert not kv.allocate("b", [1, 2, 3], 3)  # pool exhausted: refused
+    assert "b" not in kv._tables and kv.num_free_blocks == 0
+    kv.free("a")
+    assert kv.num_free_blocks == 4 and kv.usage == 0.0
+
+
+def test_prefix_cache_reuses_full_blocks_but_never_the_last_token():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    prompt = list(range(100, 112))  # exactly 3 full blocks
+    assert kv.allocate("a", prompt, len(prompt))
+    same = kv.lookup_prefix(prompt)
+    assert same == kv.block_table("a")[:2]  # the block holding the last token is recomputed
+    longer = prompt + [7, 8, 9]
+    assert kv.lookup_prefix(longer) == kv.block_table("a")[:3]
+    diverging = prompt[:5] + [0] + prompt[6:]
+    assert kv.lookup_prefix(diverging) == kv.block_table("a")[:1]  # chained hashes: stops at the first change
+    prefix = kv.lookup_prefix(longer)
+    assert kv.allocate("b", longer, len(longer) - 12, prefix=prefix)
+    assert kv.block_table("b")[:3] == kv.block_table("a")[:3]
+    assert kv.blocks[prefix[0]].ref_count == 2
+    assert kv.prefix_hits == 3
+
+
+def test_freed_blocks_stay_cached_until_evicted_least_recently_freed_first():
+    kv = KVCacheManager(num_blocks=4, block_size=2)
+    assert kv.allocate("a", [1, 2, 3, 4, 5], 5)  # blocks for [1,2] [3,4] [5]
+    kv.free("a")
+    assert kv.num_free_blocks == 4
+    hit = kv.lookup_prefix([1, 2, 3, 4, 9])
+    assert len(hit) == 2  # still cached after the request ended
+    assert kv.allocate("b", [7, 7, 7, 7, 7, 7], 6)  # needs 3 blocks: evicts the least recently freed ones first
+    assert len(kv.lookup_prefix([1, 2, 3, 4, 9])) <= 1
+    kv.free("b")
+    assert kv.num_free_blocks == 4
+
+
+def test_random_workload_always_returns_every_block():
+    rng = random.Random(0)
+    kv = KVCacheManager(num_blocks=64, block_size=4)
+    prefixes = [[rng.randrange(50) for _ in range(rng.randrange(1, 20))] for _ in range(5)]
+    live: dict[str, list[int]] = {}
+    for step in range(2000):
+        if live and rng.random() < 0.3:
+            request = rng.choice(sorted(live))
+            if rng.random() < 0.5:
+                kv.free(request)
+                del live[request]
+            else:
+                live[request].append(rng.randrange(50))
+                kv.allocate(request, live[request], 1) or (kv.free(request), live.pop(request))
+        else:
+            request = f"r{step}"
+            tokens = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
+            prefix = kv.lookup_prefix(tokens)
+            if kv.allocate(request, tokens, len(tokens) - len(prefix) * kv.block_size, prefix=prefix):
+                live[request] = tokens
+        held = sum(len(kv.block_table(r)) for r in live)
+        shared = sum(b.ref_count for b in kv.blocks)
+        assert shared == held  # every table entry is one reference
+        assert kv.num_free_blocks == sum(1 for b in kv.blocks if b.ref_count == 0)
+    for request in list(live):
+        kv.free(request)
+    assert kv.num_free_blocks == kv.num_blocks and all(b.ref_count == 0 for b in kv.blocks)
+    assert kv.prefix_hits > 0
