@@ -1,0 +1,56 @@
+"""A request's state as the scheduler sees it: tokens so far, how many have KV, and when it must stop.
+
+Sampling parameters beyond the stop rules belong to the sampler; the scheduler needs only what decides
+scheduling and finishing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Status(str, Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"  # an end-of-sequence or stop token
+    FINISHED_LENGTH = "length"  # max_tokens reached
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (Status.WAITING, Status.RUNNING)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    stop_token_ids: frozenset[int] = frozenset()  # end-of-sequence ids and the caller's stop_token_ids
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    priority: int = 0  # lower runs first, as in vLLM; ties go first-come-first-served
+    arrival: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_preemptions: int = 0
+    status: Status = Status.WAITING
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def append(self, token_id: int) -> None:
+        """Add a sampled token and finish the request if a stop rule says so."""
+        self.output_token_ids.append(token_id)
+        produced = len(self.output_token_ids)
+        if token_id in self.stop_token_ids and not self.ignore_eos and produced >= self.min_tokens:
+            self.status = Status.FINISHED_STOPPED
+        elif produced >= self.max_tokens:
+            self.status = Status.FINISHED_LENGTH

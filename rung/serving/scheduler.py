@@ -1,0 +1,141 @@
+"""Continuous batching: each step packs up to `max_num_batched_tokens` tokens — running requests first (decodes,
+then the next chunk of any prefill in progress), then new requests, whose prompts are prefilled in chunks that fill
+the rest of the budget. When the KV cache runs out, the lowest-priority, latest-arriving running request is
+preempted (its blocks freed, its tokens recomputed later), so the engine never fails for lack of memory.
+
+The scheduler imports no torch and decides nothing about how a step is computed (nano-batch splits, graphs): it
+hands the runner a StepPlan of plain data and takes back one sampled token per request that reached its end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rung.serving.kv_cache import KVCacheManager
+from rung.serving.request import Request, Status
+
+
+@dataclass(frozen=True)
+class Span:
+    request_id: str
+    start: int  # position of the first token to compute
+    num_tokens: int
+    block_table: tuple[int, ...]
+    samples: bool  # the span ends at the request's last token: the runner returns a sampled token for it
+
+
+@dataclass
+class StepPlan:
+    spans: list[Span] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(span.num_tokens for span in self.spans)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks; False if it is unknown or already finished."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        self._release(request, Status.FINISHED_ABORTED)
+        return True
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_num_batched_tokens
+        decodes_first = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1,
+                                                              r.priority, r.arrival))
+        for request in decodes_first:
+            if budget == 0 or request.status is not Status.RUNNING:
+                continue
+            count = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate(request.request_id, request.all_token_ids, count):
+                victim = self._victim(exclude=request)
+                self._preempt(victim or request, plan)
+                if victim is None:
+                    break
+            if request.status is Status.RUNNING:
+                plan.spans.append(self._span(request, request.num_computed_tokens, count))
+                budget -= count
+        for request in sorted(self.waiting, key=lambda r: (r.priority, r.arrival)):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            prefix = self.kv.lookup_prefix(request.all_token_ids)
+            cached = len(prefix) * self.kv.block_size
+            count = min(request.num_tokens - cached, budget)
+            if not self.kv.allocate(request.request_id, request.all_token_ids, count, prefix=prefix):
+                break  # admission control: wait for blocks rather than preempt for a newcomer
+            request.num_computed_tokens = cached
+            request.status = Status.RUNNING
+            self.waiting.remove(request)
+            self.running.append(request)
+            plan.spans.append(self._span(request, cached, count))
+            budget -= count
+        return plan
+
+    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
+        """Record a computed step and its sampled tokens; returns the requests that finished."""
+        finished = []
+        for span in plan.spans:
+            request = self.requests.get(span.request_id)
+            if request is None or request.status is not Status.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens = span.start + span.num_tokens
+            if span.samples:
+                request.append(sampled[span.request_id])
+                if request.status.finished:
+                    self.requests.pop(request.request_id)
+                    self._release(request, request.status)
+                    finished.append(request)
+        return finished
+
+    def _span(self, request: Request, start: int, count: int) -> Span:
+        return Span(request.request_id, start, count, tuple(self.kv.block_table(request.request_id)),
+                    samples=start + count == request.num_tokens)
+
+    def _victim(self, exclude: Request) -> Request | None:
+        candidates = [r for r in self.running if r is not exclude]
+        return max(candidates, key=lambda r: (r.priority, r.arrival), default=None)
+
+    def _preempt(self, request: Request, plan: StepPlan) -> None:
+        """Recompute later: free the blocks, keep the tokens, and queue it ahead of newer arrivals."""
+        self.kv.free(request.request_id)
+        self.running.remove(request)
+        request.status, request.num_computed_tokens = Status.WAITING, 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(request)
+        plan.spans = [s for s in plan.spans if s.request_id != request.request_id]
+        plan.preempted.append(request.request_id)
+
+    def _release(self, request: Request, status: Status) -> None:
+        self.kv.free(request.request_id)
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
