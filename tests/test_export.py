@@ -76,7 +76,8 @@ def test_exported_model_computes_the_same_function(runs, tmp_path, family, param
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens).logits).abs().max().item() <= 1e-4
     prompt = tokens[:1, :12]
-    generated = hf.generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[:, 12:]
+    generated = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32,
+                            do_sample=False)[:, 12:]
     assert torch.equal(generated, greedy_decode(ours, prompt, 32))
 
 
@@ -170,7 +171,8 @@ def test_vllm_loads_the_export_and_matches_transformers(runs, tmp_path):
     vllm = pytest.importorskip("vllm", reason="vLLM is not installed here (it needs a GPU machine: pip install vllm)")
     folder = export(runs[("moe", "mup")], tmp_path / "hf")
     prompt = torch.randint(0, 2048, (1, 12), generator=torch.Generator().manual_seed(3))
-    expected = load_hf(folder).generate(prompt, max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 12:]
+    expected = load_hf(folder).generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                                        min_new_tokens=32, do_sample=False)[0, 12:]
     engine = vllm.LLM(model=str(folder), dtype="float32", enforce_eager=True)
     params = vllm.SamplingParams(temperature=0.0, max_tokens=32, min_tokens=32, ignore_eos=True)
     output = engine.generate([{"prompt_token_ids": prompt[0].tolist()}], params)[0].outputs[0].token_ids

@@ -20,6 +20,7 @@ class Span:
     request_id: str
     start: int  # position of the first token to compute
     num_tokens: int
+    token_ids: tuple[int, ...]  # the tokens at positions start .. start + num_tokens - 1
     block_table: tuple[int, ...]
     samples: bool  # the span ends at the request's last token: the runner returns a sampled token for it
 
@@ -114,8 +115,8 @@ class Scheduler:
         return finished
 
     def _span(self, request: Request, start: int, count: int) -> Span:
-        return Span(request.request_id, start, count, tuple(self.kv.block_table(request.request_id)),
-                    samples=start + count == request.num_tokens)
+        return Span(request.request_id, start, count, tuple(request.all_token_ids[start:start + count]),
+                    tuple(self.kv.block_table(request.request_id)), samples=start + count == request.num_tokens)
 
     def _victim(self, exclude: Request) -> Request | None:
         candidates = [r for r in self.running if r is not exclude]

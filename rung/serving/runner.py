@@ -1,0 +1,54 @@
+"""The model runner: turns a step plan into one packed forward pass over the paged KV cache and returns a token
+for every span that reached its request's end. It sees token ids, positions and block tables — never request
+status, queues or stop rules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rung.serving.model import InferenceModel, StepInputs
+from rung.serving.scheduler import StepPlan
+
+
+class ModelRunner:
+    def __init__(self, model: InferenceModel, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32):
+        spec = model.spec
+        self.model, self.block_size = model, block_size
+        # [layers, key|value, slots, kv heads, head dim]; a block is block_size consecutive slots
+        self.cache = torch.zeros(spec.num_layers, 2, num_blocks * block_size, spec.num_kv_heads, spec.head_dim,
+                                 dtype=dtype)
+
+    def _slots(self, block_table: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+        positions = torch.arange(start, stop)
+        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
+        return blocks * self.block_size + positions % self.block_size
+
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        token_ids, positions, slots, spans, first = [], [], [], [], 0
+        for span in plan.spans:
+            end = span.start + span.num_tokens
+            token_ids.extend(span.token_ids)
+            positions.append(torch.arange(span.start, end))
+            slots.append(self._slots(span.block_table, span.start, end))
+            spans.append((first, span.num_tokens, self._slots(span.block_table, 0, end)))
+            first += span.num_tokens
+        return StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.cat(positions),
+                          slots=torch.cat(slots), spans=spans)
+
+    def run(self, plan: StepPlan) -> dict[str, int]:
+        """Greedy tokens for the spans that sample."""
+        if not plan.spans:
+            return {}
+        step = self.prepare(plan)
+        hidden = self.model.forward(step, self.cache)
+        rows, ids, end = [], [], 0
+        for span in plan.spans:
+            end += span.num_tokens
+            if span.samples:
+                rows.append(end - 1)
+                ids.append(span.request_id)
+        if not rows:
+            return {}
+        chosen = self.model.logits(hidden[rows]).argmax(-1).tolist()
+        return dict(zip(ids, chosen))

@@ -1,0 +1,65 @@
+"""The engine's greedy outputs equal transformers' token for token, for several architectures and shapes, with
+chunked prefill forced small, prefix caching on and a KV pool small enough to force preemption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from rung.errors import RungError
+from rung.serving.llm import LLM
+
+COMMON = dict(vocab_size=211, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=256, rms_norm_eps=1e-5)
+MODELS = {
+    "llama-gqa1-tied": (LlamaForCausalLM, LlamaConfig(**COMMON, num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama-headdim24": (LlamaForCausalLM, LlamaConfig(**{**COMMON, "hidden_size": 96}, num_key_value_heads=2,
+                                                      head_dim=24)),
+    "qwen2-bias": (Qwen2ForCausalLM, Qwen2Config(**COMMON, num_key_value_heads=2)),
+    "mixtral": (MixtralForCausalLM, MixtralConfig(**COMMON, num_key_value_heads=2, num_local_experts=4,
+                                                  num_experts_per_tok=2)),
+    "granite": (GraniteForCausalLM, GraniteConfig(**COMMON, num_key_value_heads=2, embedding_multiplier=3.0,
+                                                  residual_multiplier=0.5, attention_multiplier=0.2,
+                                                  logits_scaling=2.0)),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_greedy_outputs_equal_transformers(name, tmp_path):
+    cls, config = MODELS[name]
+    torch.manual_seed(0)
+    reference = cls(config).eval()
+    with torch.no_grad():  # larger weights than the default init make greedy paths less degenerate
+        for param in reference.parameters():
+            param.mul_(4.0) if param.dim() > 1 else None
+    reference.save_pretrained(tmp_path)
+    rng = torch.Generator().manual_seed(1)
+    shared = torch.randint(0, 211, (20,), generator=rng).tolist()
+    prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (1, 3, 17, 40, 90)]
+    prompts += [shared + [5], shared + [9, 9]]  # a shared prefix for the prefix cache
+    engine = LLM(tmp_path, num_blocks=30, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
+    outputs = engine.generate(prompts, max_tokens=12, ignore_eos=True)
+    for prompt, output in zip(prompts, outputs):
+        with torch.no_grad():
+            ids = torch.tensor([prompt])  # an explicit mask: generate would otherwise mask every token equal to pad
+            expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                          min_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+        assert output == expected, (name, len(prompt))
+    assert engine.scheduler.num_preemptions > 0 and engine.kv.prefix_hits > 0
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_bad_requests_and_folders(tmp_path):
+    cls, config = MODELS["qwen2-bias"]
+    cls(config).save_pretrained(tmp_path)
+    engine = LLM(tmp_path, num_blocks=8, block_size=4)
+    with pytest.raises(RungError, match="context window"):
+        engine.generate([[1] * 250], max_tokens=10)
+    with pytest.raises(RungError, match="whole KV cache"):
+        engine.generate([[1] * 30], max_tokens=10)
+    with pytest.raises(RungError, match="token ids"):
+        engine.generate([[1, 500]])
+    with pytest.raises(RungError, match="no config.json"):
+        LLM(tmp_path / "nowhere")
