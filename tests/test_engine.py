@@ -10,6 +10,7 @@ from transformers import (GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaF
 
 from rung.errors import RungError
 from rung.serving.llm import LLM
+from rung.serving.params import SamplingParams
 
 COMMON = dict(vocab_size=211, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -40,7 +41,8 @@ def test_greedy_outputs_equal_transformers(name, tmp_path):
     prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (1, 3, 17, 40, 90)]
     prompts += [shared + [5], shared + [9, 9]]  # a shared prefix for the prefix cache
     engine = LLM(tmp_path, num_blocks=30, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
-    outputs = engine.generate(prompts, max_tokens=12, ignore_eos=True)
+    outputs = [c[0].token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
+                                                                                ignore_eos=True))]
     for prompt, output in zip(prompts, outputs):
         with torch.no_grad():
             ids = torch.tensor([prompt])  # an explicit mask: generate would otherwise mask every token equal to pad
@@ -56,10 +58,25 @@ def test_bad_requests_and_folders(tmp_path):
     cls(config).save_pretrained(tmp_path)
     engine = LLM(tmp_path, num_blocks=8, block_size=4)
     with pytest.raises(RungError, match="context window"):
-        engine.generate([[1] * 250], max_tokens=10)
+        engine.generate([[1] * 250], SamplingParams(max_tokens=10))
     with pytest.raises(RungError, match="whole KV cache"):
-        engine.generate([[1] * 30], max_tokens=10)
+        engine.generate([[1] * 30], SamplingParams(max_tokens=10))
     with pytest.raises(RungError, match="token ids"):
         engine.generate([[1, 500]])
     with pytest.raises(RungError, match="no config.json"):
         LLM(tmp_path / "nowhere")
+
+
+def test_n_samples_share_the_prompt_and_seeds_reproduce_in_a_busy_batch(tmp_path):
+    cls, config = MODELS["mixtral"]
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path)
+    engine = LLM(tmp_path, num_blocks=64, block_size=4)
+    prompt = list(range(1, 30))
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=11, n=3, ignore_eos=True)
+    alone = engine.generate([prompt], params)[0]
+    busy = engine.generate([list(range(50, 60)), prompt, [7] * 40], params)[1]
+    assert [c.token_ids for c in alone] == [c.token_ids for c in busy]  # per-request streams: batch-invariant
+    assert len({tuple(c.token_ids) for c in alone}) > 1  # the n samples differ
+    assert all(len(c.logprobs) == 8 and all(lp <= 0 for lp in c.logprobs) for c in alone)
+    assert engine.kv.prefix_hits > 0 and engine.kv.num_free_blocks == engine.kv.num_blocks

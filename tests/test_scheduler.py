@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from rung.serving.kv_cache import KVCacheManager
+from rung.serving.params import SamplingParams
 from rung.serving.request import Request, Status
 from rung.serving.scheduler import Scheduler
 
@@ -23,10 +24,10 @@ def test_the_scheduler_imports_no_torch():
 
 def test_decodes_come_first_and_long_prompts_are_chunked_into_the_budget():
     scheduler = Scheduler(KVCacheManager(num_blocks=64, block_size=4), max_num_batched_tokens=16)
-    scheduler.add(Request("short", list(range(5)), max_tokens=3))
+    scheduler.add(Request("short", list(range(5)), params=SamplingParams(max_tokens=3)))
     plan, _ = run_step(scheduler)
     assert [(s.request_id, s.start, s.num_tokens, s.samples) for s in plan.spans] == [("short", 0, 5, True)]
-    scheduler.add(Request("long", list(range(100, 140)), max_tokens=2))
+    scheduler.add(Request("long", list(range(100, 140)), params=SamplingParams(max_tokens=2)))
     plan, _ = run_step(scheduler)
     assert [(s.request_id, s.num_tokens) for s in plan.spans] == [("short", 1), ("long", 15)]  # decode first
     assert not plan.spans[1].samples  # a prefill chunk that does not reach the prompt's end samples nothing
@@ -41,7 +42,7 @@ def test_decodes_come_first_and_long_prompts_are_chunked_into_the_budget():
 def test_max_num_seqs_and_admission_control():
     scheduler = Scheduler(KVCacheManager(num_blocks=4, block_size=4), max_num_seqs=2)
     for i in range(3):
-        scheduler.add(Request(f"r{i}", [i] * 3, max_tokens=50))
+        scheduler.add(Request(f"r{i}", [i] * 3, params=SamplingParams(max_tokens=50)))
     plan, _ = run_step(scheduler)
     assert [s.request_id for s in plan.spans] == ["r0", "r1"] and len(scheduler.waiting) == 1
 
@@ -50,7 +51,7 @@ def test_preemption_under_block_pressure_recomputes_and_finishes_everything():
     kv = KVCacheManager(num_blocks=6, block_size=4)
     scheduler = Scheduler(kv, max_num_batched_tokens=64)
     for i in range(4):
-        scheduler.add(Request(f"r{i}", list(range(i, i + 6)), max_tokens=10))
+        scheduler.add(Request(f"r{i}", list(range(i, i + 6)), params=SamplingParams(max_tokens=10)))
     finished, steps = [], 0
     while scheduler.has_work and steps < 500:
         plan, done = run_step(scheduler, token=1)
@@ -64,8 +65,8 @@ def test_preemption_under_block_pressure_recomputes_and_finishes_everything():
 
 def test_priority_orders_admission():
     scheduler = Scheduler(KVCacheManager(num_blocks=16, block_size=4), max_num_seqs=1)
-    scheduler.add(Request("late-but-urgent", [1, 2], max_tokens=1, priority=-1, arrival=2.0))
-    scheduler.add(Request("early", [1, 2], max_tokens=1, priority=0, arrival=1.0))
+    scheduler.add(Request("late-but-urgent", [1, 2], params=SamplingParams(max_tokens=1), priority=-1, arrival=2.0))
+    scheduler.add(Request("early", [1, 2], params=SamplingParams(max_tokens=1), priority=0, arrival=1.0))
     plan, _ = run_step(scheduler)
     assert [s.request_id for s in plan.spans] == ["late-but-urgent"]
 
@@ -73,7 +74,7 @@ def test_priority_orders_admission():
 def test_abort_frees_blocks_at_any_time():
     kv = KVCacheManager(num_blocks=16, block_size=4)
     scheduler = Scheduler(kv, max_num_batched_tokens=8)
-    scheduler.add(Request("a", list(range(30)), max_tokens=5))
+    scheduler.add(Request("a", list(range(30)), params=SamplingParams(max_tokens=5)))
     plan = scheduler.schedule()  # mid-prefill
     assert scheduler.abort("a") and kv.num_free_blocks == 16
     assert scheduler.update(plan, {}) == [] and not scheduler.has_work
@@ -82,9 +83,9 @@ def test_abort_frees_blocks_at_any_time():
 
 def test_stop_rules():
     scheduler = Scheduler(KVCacheManager(num_blocks=16, block_size=4))
-    scheduler.add(Request("eos", [1, 2], max_tokens=10, stop_token_ids=frozenset({0})))
-    scheduler.add(Request("ignore", [1, 2], max_tokens=3, stop_token_ids=frozenset({0}), ignore_eos=True))
-    scheduler.add(Request("min", [1, 2], max_tokens=5, stop_token_ids=frozenset({0}), min_tokens=2))
+    scheduler.add(Request("eos", [1, 2], params=SamplingParams(max_tokens=10), eos_token_ids=frozenset({0})))
+    scheduler.add(Request("ignore", [1, 2], params=SamplingParams(max_tokens=3, ignore_eos=True), eos_token_ids=frozenset({0})))
+    scheduler.add(Request("min", [1, 2], params=SamplingParams(max_tokens=5, min_tokens=2), eos_token_ids=frozenset({0})))
     outcomes = {}
     while scheduler.has_work:
         _, done = run_step(scheduler, token=0)
@@ -99,7 +100,7 @@ def test_prefix_cache_hits_skip_computation_and_every_block_returns():
     scheduler = Scheduler(kv, max_num_seqs=4, max_num_batched_tokens=32)
     system = list(range(200, 224))  # a shared 24-token prefix
     for i in range(12):
-        scheduler.add(Request(f"r{i}", system + [rng.randrange(100) for _ in range(5)], max_tokens=4))
+        scheduler.add(Request(f"r{i}", system + [rng.randrange(100) for _ in range(5)], params=SamplingParams(max_tokens=4)))
     computed = 0
     while scheduler.has_work:
         plan, _ = run_step(scheduler, token=rng.randrange(100))

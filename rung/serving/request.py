@@ -1,14 +1,12 @@
-"""A request's state as the scheduler sees it: tokens so far, how many have KV, and when it must stop.
-
-Sampling parameters beyond the stop rules belong to the sampler; the scheduler needs only what decides
-scheduling and finishing.
-"""
+"""A request's state as the scheduler sees it: tokens so far, how many have KV, and when it must stop."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+
+from rung.serving.params import SamplingParams
 
 
 class Status(str, Enum):
@@ -27,10 +25,8 @@ class Status(str, Enum):
 class Request:
     request_id: str
     prompt_token_ids: list[int]
-    max_tokens: int
-    stop_token_ids: frozenset[int] = frozenset()  # end-of-sequence ids and the caller's stop_token_ids
-    ignore_eos: bool = False
-    min_tokens: int = 0
+    params: SamplingParams = field(default_factory=SamplingParams)
+    eos_token_ids: frozenset[int] = frozenset()  # the model's end-of-sequence ids (ignore_eos skips them)
     priority: int = 0  # lower runs first, as in vLLM; ties go first-come-first-served
     arrival: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
@@ -49,8 +45,9 @@ class Request:
     def append(self, token_id: int) -> None:
         """Add a sampled token and finish the request if a stop rule says so."""
         self.output_token_ids.append(token_id)
-        produced = len(self.output_token_ids)
-        if token_id in self.stop_token_ids and not self.ignore_eos and produced >= self.min_tokens:
+        produced, p = len(self.output_token_ids), self.params
+        stops = token_id in p.stop_token_ids or (token_id in self.eos_token_ids and not p.ignore_eos)
+        if stops and produced >= p.min_tokens:
             self.status = Status.FINISHED_STOPPED
-        elif produced >= self.max_tokens:
+        elif produced >= p.max_tokens:
             self.status = Status.FINISHED_LENGTH

@@ -1,6 +1,6 @@
 """The model runner: turns a step plan into one packed forward pass over the paged KV cache and returns a token
-for every span that reached its request's end. It sees token ids, positions and block tables — never request
-status, queues or stop rules.
+for every span that reached its request's end. It sees token ids, positions, block tables and sampling inputs —
+never request status, queues or stop rules.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from rung.serving.model import InferenceModel, StepInputs
+from rung.serving.sampling import Sample, SampleInput, Sampler
 from rung.serving.scheduler import StepPlan
 
 
@@ -15,6 +16,7 @@ class ModelRunner:
     def __init__(self, model: InferenceModel, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32):
         spec = model.spec
         self.model, self.block_size = model, block_size
+        self.sampler = Sampler()
         # [layers, key|value, slots, kv heads, head dim]; a block is block_size consecutive slots
         self.cache = torch.zeros(spec.num_layers, 2, num_blocks * block_size, spec.num_kv_heads, spec.head_dim,
                                  dtype=dtype)
@@ -36,19 +38,24 @@ class ModelRunner:
         return StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.cat(positions),
                           slots=torch.cat(slots), spans=spans)
 
-    def run(self, plan: StepPlan) -> dict[str, int]:
-        """Greedy tokens for the spans that sample."""
+    def run(self, plan: StepPlan) -> dict[str, Sample]:
+        """A sampled token (with logprobs) for every span that reached its request's end."""
         if not plan.spans:
             return {}
         step = self.prepare(plan)
         hidden = self.model.forward(step, self.cache)
-        rows, ids, end = [], [], 0
+        rows, inputs, end = [], [], 0
         for span in plan.spans:
             end += span.num_tokens
             if span.samples:
                 rows.append(end - 1)
-                ids.append(span.request_id)
+                inputs.append(SampleInput(span.request_id, span.params, span.history[:span.num_prompt_tokens],
+                                          span.history[span.num_prompt_tokens:]))
         if not rows:
             return {}
-        chosen = self.model.logits(hidden[rows]).argmax(-1).tolist()
-        return dict(zip(ids, chosen))
+        samples = self.sampler.sample(self.model.logits(hidden[rows]), inputs)
+        return {row.request_id: sample for row, sample in zip(inputs, samples)}
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's sampling state (its random stream)."""
+        self.sampler.release(request_id)

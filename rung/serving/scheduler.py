@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rung.serving.kv_cache import KVCacheManager
+from rung.serving.params import SamplingParams
 from rung.serving.request import Request, Status
 
 
@@ -23,6 +24,9 @@ class Span:
     token_ids: tuple[int, ...]  # the tokens at positions start .. start + num_tokens - 1
     block_table: tuple[int, ...]
     samples: bool  # the span ends at the request's last token: the runner returns a sampled token for it
+    params: SamplingParams | None = None  # sampling inputs, on sampling spans only
+    num_prompt_tokens: int = 0  # with `history`, what the penalties look at
+    history: tuple[int, ...] = ()
 
 
 @dataclass
@@ -115,8 +119,13 @@ class Scheduler:
         return finished
 
     def _span(self, request: Request, start: int, count: int) -> Span:
+        samples = start + count == request.num_tokens
+        p = request.params
+        penalised = samples and (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty)
         return Span(request.request_id, start, count, tuple(request.all_token_ids[start:start + count]),
-                    tuple(self.kv.block_table(request.request_id)), samples=start + count == request.num_tokens)
+                    tuple(self.kv.block_table(request.request_id)), samples=samples,
+                    params=p if samples else None, num_prompt_tokens=len(request.prompt_token_ids),
+                    history=tuple(request.all_token_ids) if penalised else ())
 
     def _victim(self, exclude: Request) -> Request | None:
         candidates = [r for r in self.running if r is not exclude]

@@ -1,0 +1,84 @@
+"""Sampling: empirical frequencies match the analytic distribution; seeds are reproducible; bad values are named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rung.serving.params import SamplingError, SamplingParams
+from rung.serving.sampling import SampleInput, Sampler, processed_logits
+
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}  # chi-square quantiles at p = 0.999
+
+
+def expected_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Written out independently of the sampler: temperature, then top-k, top-p, min-p on probabilities."""
+    probs = torch.softmax(logits / params.temperature, -1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if params.top_k > 0:
+        keep &= probs >= probs.topk(params.top_k).values[-1]
+    order = probs.argsort(descending=True)
+    mass = 0.0
+    for token in order.tolist():
+        if mass >= params.top_p:
+            keep[token] = False
+        mass += probs[token].item()
+    if params.min_p:
+        renorm = torch.where(keep, probs, 0) / torch.where(keep, probs, 0).sum()
+        keep &= renorm >= params.min_p * renorm.max()
+    out = torch.where(keep, probs, 0.0)
+    return out / out.sum()
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=3),
+    SamplingParams(temperature=1.0, top_p=0.8),
+    SamplingParams(temperature=1.0, min_p=0.15),
+])
+def test_empirical_frequencies_match_the_analytic_distribution(params):
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.3, -0.5, -1.0])
+    expected = expected_distribution(logits, params)
+    sampler, draws = Sampler(), 20000
+    row = SampleInput("r", SamplingParams(**{**params.__dict__, "seed": 7}), (), ())
+    counts = torch.zeros(6)
+    for token in torch.multinomial(torch.softmax(processed_logits(logits, row), -1), draws, replacement=True,
+                                   generator=torch.Generator().manual_seed(3)):
+        counts[token] += 1
+    assert torch.all(counts[expected == 0] == 0)  # excluded tokens are never drawn
+    support = expected > 0
+    statistic = (((counts - draws * expected) ** 2)[support] / (draws * expected[support])).sum().item()
+    assert statistic < CHI2_999[int(support.sum()) - 1], (statistic, counts, expected)
+    single = [sampler.sample(logits[None], [row])[0].token_id for _ in range(2000)]
+    assert all(expected[t] > 0 for t in single)
+
+
+def test_a_seed_reproduces_the_same_tokens_alone_and_in_a_batch():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, seed=1234)
+    alone = Sampler()
+    solo = [alone.sample(logits[1:2], [SampleInput("x", params, (), ())])[0].token_id for _ in range(20)]
+    busy = Sampler()
+    rows = [SampleInput("a", SamplingParams(temperature=1.0), (), ()), SampleInput("x", params, (), ()),
+            SampleInput("b", SamplingParams(temperature=0.5, seed=5), (), ())]
+    batched = [busy.sample(logits, rows)[1].token_id for _ in range(20)]
+    assert solo == batched
+
+
+def test_penalties_and_logprobs():
+    logits = torch.tensor([1.0, 2.0, -1.0, 0.5])
+    row = SampleInput("r", SamplingParams(temperature=0, repetition_penalty=2.0), (1,), (2, 2))
+    assert processed_logits(logits, row).tolist() == [1.0, 1.0, -2.0, 0.5]  # divide positives, multiply negatives
+    row = SampleInput("r", SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25), (), (1, 1, 3))
+    assert processed_logits(logits, row).tolist() == [1.0, 1.0, -1.0, -0.25]
+    sample = Sampler().sample(logits[None], [SampleInput("r", SamplingParams(temperature=0, logprobs=2), (), ())])[0]
+    assert sample.token_id == 1 and list(sample.top_logprobs) == [1, 0]
+    assert sample.logprob == pytest.approx(torch.log_softmax(logits, -1)[1].item())
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),
+                                          ("n", 0), ("min_p", 2.0), ("max_tokens", 0), ("repetition_penalty", 0.0)])
+def test_invalid_values_name_their_field(field, value):
+    with pytest.raises(SamplingError) as err:
+        SamplingParams(**{field: value})
+    assert err.value.field == field
