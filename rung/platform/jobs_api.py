@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import time
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ from rung.errors import RungError
 from rung.platform.cluster import check_reachable  # first: sets Ray's environment before ray is imported
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-AGENT_WAIT_SECONDS = 60
+AGENT_WAIT_SECONDS = 180  # a head node's job agent can take minutes to come up on a busy machine
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -43,7 +44,7 @@ def submit(command: list[str], address: str | None, working_dir: str | None, env
     runtime_env: dict = {"env_vars": {"OMP_NUM_THREADS": "1", **env}}
     if working_dir is not None:
         runtime_env["working_dir"] = working_dir
-    deadline = time.monotonic() + AGENT_WAIT_SECONDS
+    deadline, waiting = time.monotonic() + AGENT_WAIT_SECONDS, False
     while True:
         try:
             job_id = client.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env,
@@ -53,6 +54,10 @@ def submit(command: list[str], address: str | None, working_dir: str | None, env
             # A cluster that has just started answers before its job agent is up: that one is worth waiting for.
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise RungError(f"the Jobs API refused the job: {err}") from None
+            if not waiting:
+                print("submit: the cluster's job agent is not up yet; retrying for up to "
+                      f"{AGENT_WAIT_SECONDS} s", file=sys.stderr, flush=True)
+                waiting = True
             time.sleep(2)
 
 
