@@ -32,14 +32,17 @@ def rung(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedPro
 def cluster():
     """A head node started with --block, so stopping this one process stops the cluster it started."""
     token = secrets.token_hex(16)
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, agent_http, agent_grpc, runtime_env = (free_port() for _ in range(5))
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "OMP_NUM_THREADS": "1",
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-                             "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}"],
+                             "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                             # own agent ports: another Ray on this machine (an embedded one) holds the defaults
+                             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={runtime_env}"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     deadline = time.monotonic() + 120
