@@ -30,11 +30,11 @@ from safetensors.torch import load_file, save_file
 from rung.config import from_dict, to_dict
 from rung.errors import RungError
 from rung.jobs.config import ModelConfig, ParamConfig
+from rung.jobs.data.shards import TOKENIZER_FILE  # a run directory keeps its tokenizer under this name too
 from rung.jobs.data.tokenizer import EOS
 from rung.jobs.parametrization import Multipliers, Parametrization
 from rung.platform.checkpoint import MANIFEST, CheckpointStore, verify
 
-TOKENIZER_FILE = "tokenizer.json"  # a run directory keeps the tokenizer it trained with under this name
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"

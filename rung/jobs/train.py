@@ -76,8 +76,6 @@ def check_launchable(cfg: RunConfig, world_size: int) -> None:
     """Reject what no worker group can run, before any worker starts."""
     if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
         raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
-    if world_size % cfg.train.expert_parallel:
-        raise ConfigError("train.expert_parallel", f"{cfg.train.expert_parallel} does not divide {world_size} workers")
     deepspeed_config(cfg, world_size)
 
 

@@ -98,10 +98,15 @@ def verify(path: Path) -> str | None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        return _stream_sha256(handle)
+
+
+def _stream_sha256(handle) -> str:
+    """sha256 of a binary stream read in 1 MiB blocks (a local file or a pyarrow input stream)."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -198,12 +203,10 @@ class RemoteMirror:
             return f"unreadable manifest ({err})"
         for file, digest in manifest.items():
             try:
-                actual = hashlib.sha256()
                 with self.fs.open_input_stream(f"{self.root}/{name}/{file}") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        actual.update(block)
+                    actual = _stream_sha256(handle)
             except OSError:
                 return f"missing file {file}"
-            if actual.hexdigest() != digest:
+            if actual != digest:
                 return f"checksum mismatch in {file}"
         return None

@@ -43,15 +43,18 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate-half rotary embedding in fp32 (as transformers computes it). x: [T, heads, head_dim]."""
-    head_dim = x.shape[-1]
+def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, 1, head_dim] computed in fp32 (as transformers does), once per step for every layer."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = emb.cos()[:, None, :].to(x.dtype), emb.sin()[:, None, :].to(x.dtype)
-    half = head_dim // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return emb.cos()[:, None, :], emb.sin()[:, None, :]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding. x: [T, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    return x * cos.to(x.dtype) + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin.to(x.dtype)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,12 +115,11 @@ class InferenceModel:
             out = out + self._linear(F.silu(gate) * up, prefix + "shared_mlp.output_linear")
         return out
 
-    def _attention(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec, prefix = self.spec, f"model.layers.{layer}.self_attn."
-        q = _rope(self._linear(x, prefix + "q_proj").view(-1, spec.num_heads, spec.head_dim), step.positions,
-                  spec.rope_theta)
-        k = _rope(self._linear(x, prefix + "k_proj").view(-1, spec.num_kv_heads, spec.head_dim), step.positions,
-                  spec.rope_theta)
+        q = _rope(self._linear(x, prefix + "q_proj").view(-1, spec.num_heads, spec.head_dim), *rope)
+        k = _rope(self._linear(x, prefix + "k_proj").view(-1, spec.num_kv_heads, spec.head_dim), *rope)
         v = self._linear(x, prefix + "v_proj").view(-1, spec.num_kv_heads, spec.head_dim)
         cache[layer, 0, step.slots] = k  # the whole step's KV first: a span may read another span's new blocks
         cache[layer, 1, step.slots] = v
@@ -137,10 +139,11 @@ class InferenceModel:
         """Final hidden states [T, d] for the packed step."""
         spec = self.spec
         x = F.embedding(step.token_ids, self.w["model.embed_tokens.weight"]) * spec.embedding_multiplier
+        rope = _rope_tables(step.positions, spec.head_dim, spec.rope_theta)
         for layer in range(spec.num_layers):
             prefix = f"model.layers.{layer}."
             h = _rms_norm(x, self.w[prefix + "input_layernorm.weight"], spec.rms_norm_eps)
-            x = x + spec.residual_multiplier * self._attention(h, layer, step, cache)
+            x = x + spec.residual_multiplier * self._attention(h, layer, step, cache, rope)
             h = _rms_norm(x, self.w[prefix + "post_attention_layernorm.weight"], spec.rms_norm_eps)
             x = x + spec.residual_multiplier * self._mlp(h, layer)
         return _rms_norm(x, self.w["model.norm.weight"], spec.rms_norm_eps)
