@@ -36,31 +36,44 @@ def main() -> None:
     parser.add_argument("--out", default="bench/transfer")
     parser.add_argument("--quick", action="store_true", help="a few short runs, to check the plumbing")
     parser.add_argument("--parts", default="width,depth,moe,ladder")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=0,
+                        help="run points in N local processes instead of Ray tasks (a GPU box without Ray)")
+    parser.add_argument("--gpu", action="store_true", help="train on the GPU (train.use_gpu)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step (ladder budgets scale)")
     args = parser.parse_args()
     out = Path(args.out)
-    steps, seeds = ("40", 1) if args.quick else ("300", 2)
-    common = [f"train.steps={steps}", "train.warmup_steps=10", "train.seq_len=128", "train.global_batch=8",
-              "train.micro_batch=8", "train.max_loss=10", "train.schedule=cosine"]  # 1k tokens per step
+    steps, seeds = ("40", 1) if args.quick else ("300", args.seeds)
+    common = [f"train.use_gpu={str(args.gpu).lower()}", f"train.steps={steps}", "train.warmup_steps=10",
+              "train.seq_len=128", f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}",
+              "train.max_loss=10", "train.schedule=cosine"]  # 1k tokens per step at batch 8
     lrs = dict([parse_grid("lr=2^-10:2^-5:x2" if args.quick else "lr=2^-11:2^-4:x2^0.5")])
-    evidence = {}
+    evidence_path = out / "evidence.json"  # parts run one at a time add to it
+    evidence = json.loads(evidence_path.read_text()) if evidence_path.exists() else {}
     if "width" in args.parts:
         summary = run_sweep(load_run_config("tiny", common), lrs, ["mup", "sp"],
-                            [32, 64] if args.quick else [32, 64, 128, 256], None, None, seeds, str(out / "width"))
+                            [32, 64] if args.quick else [32, 64, 128, 256], None, None, seeds, str(out / "width"),
+                            processes=args.processes)
         evidence["width"] = {p: verdict(summary, p) for p in ("mup", "sp")}
     if "depth" in args.parts:
         summary = run_sweep(load_run_config("tiny", common), lrs, ["completep", "depth-mup", "sp"], None,
-                            [2, 4] if args.quick else [2, 4, 8, 16], None, seeds, str(out / "depth"))
+                            [2, 4] if args.quick else [2, 4, 8, 16], None, seeds, str(out / "depth"),
+                            processes=args.processes)
         evidence["depth"] = {p: verdict(summary, p) for p in ("completep", "depth-mup", "sp")}
     if "moe" in args.parts:
         summary = run_sweep(load_run_config("tiny-moe", [*common, "model.moe.top_k=1"]), lrs, ["mup"], None, None,
-                            [2, 4] if args.quick else [2, 4, 8], seeds, str(out / "moe"))
+                            [2, 4] if args.quick else [2, 4, 8], seeds, str(out / "moe"),
+                            processes=args.processes)
         evidence["moe"] = {"mup": verdict(summary, "mup")}
     if "ladder" in args.parts:
-        fit = run_ladder(load_run_config("tiny", [*common, "param.base_width=32", "train.lr=0.01"]),
-                         [32, 64] if args.quick else [32, 48, 64, 96, 128], [2],
-                         None, [2e4, 4e4] if args.quick else [1e5, 2e5, 4e5], str(out / "ladder"))
+        # the ladder trains at the LR the width sweep found for its proxy (μP transfers it), else a fixed one
+        lr = 2 ** evidence["width"]["mup"]["optimum_log2_lr"][0] if "width" in evidence else 0.01
+        budgets = [b * args.batch / 8 for b in ([2e4, 4e4] if args.quick else [1e5, 2e5, 4e5])]
+        fit = run_ladder(load_run_config("tiny", [*common, "param.base_width=32", f"train.lr={lr}"]),
+                         [32, 64] if args.quick else [32, 48, 64, 96, 128], [2], None, budgets, str(out / "ladder"),
+                         processes=args.processes)
         evidence["ladder"] = fit["held_out"]
-    (out / "evidence.json").write_text(json.dumps(evidence, indent=2))
+    evidence_path.write_text(json.dumps(evidence, indent=2))
     print(json.dumps(evidence, indent=2))
 
 

@@ -73,7 +73,7 @@ def fit_ladder(rows: list[dict], moe: bool, bootstrap: int = 50) -> dict:
 
 
 def run_ladder(base: RunConfig, widths: list[int], depths: list[int], experts: list[int] | None,
-               tokens: list[float], out_dir: str, address: str | None = None, log=print) -> dict:
+               tokens: list[float], out_dir: str, address: str | None = None, log=print, processes: int = 0) -> dict:
     from rung.jobs.train import prepare_data, with_absolute_paths
 
     out = Path(out_dir).resolve()
@@ -84,7 +84,7 @@ def run_ladder(base: RunConfig, widths: list[int], depths: list[int], experts: l
     prepare_data(base, log)
     log(f"ladder: {len(points)} rungs ({len(widths)} widths × {len(depths)} depths × {len(experts or [None])} "
         f"expert counts × {len(tokens)} token budgets)")
-    rows = run_points(points, address, "ladder", log)
+    rows = run_points(points, address, "ladder", log, processes)
     for row, (_, cfg) in zip(rows, points):
         size = count(cfg.model, cfg.train.seq_len)
         row.update(n=size.active_params - size.embedding_params, d=cfg.train.steps * cfg.train.global_batch

@@ -13,6 +13,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,27 +97,42 @@ def _run_point(payload: dict) -> dict:
     return row
 
 
-def run_points(points: list[tuple[Point, RunConfig]], address: str | None, label: str, log=print) -> list[dict]:
-    """Train every point as a Ray task (one CPU, or one GPU when train.use_gpu) and collect the rows in order."""
+def run_points(points: list[tuple[Point, RunConfig]], address: str | None, label: str, log=print,
+               processes: int = 0) -> list[dict]:
+    """Train every point and collect the rows in order: as Ray tasks (one CPU, or one GPU when train.use_gpu), or,
+    with `processes` > 0, in that many local processes without Ray (a lone GPU box where Ray is not installed)."""
+    payloads = [{"point": asdict(p), "config": to_dict(c)} for p, c in points]
+    rows: list[dict | None] = [None] * len(points)
+    progress = Progress(label, len(points), "runs")
+    for done, (index, row) in enumerate(_completed(payloads, address, processes), start=1):
+        rows[index] = row
+        outcome = f"loss {row['loss']:.4f}" if row["status"] == "ok" else row["status"]
+        log(progress.line(done, done, f"{row['name']}: {outcome} | "))
+    return rows
+
+
+def _completed(payloads: list[dict], address: str | None, processes: int) -> Iterator[tuple[int, dict]]:
+    """(index, row) pairs in the order the runs finish."""
+    if processes > 0:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_point, payload): i for i, payload in enumerate(payloads)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        return
     from rung.platform import cluster
 
     cluster.connect(address)
     import ray
 
-    gpu = points[0][1].train.use_gpu
+    gpu = payloads[0]["config"]["train"]["use_gpu"]
     task = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)(_run_point)
-    pending = {task.remote({"point": asdict(p), "config": to_dict(c)}): i for i, (p, c) in enumerate(points)}
-    rows: list[dict | None] = [None] * len(points)
-    progress = Progress(label, len(points), "runs")
+    pending = {task.remote(payload): i for i, payload in enumerate(payloads)}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        index = pending.pop(ready[0])
-        rows[index] = ray.get(ready[0])
-        done = len(points) - len(pending)
-        row = rows[index]
-        outcome = f"loss {row['loss']:.4f}" if row["status"] == "ok" else row["status"]
-        log(progress.line(done, done, f"{row['name']}: {outcome} | "))
-    return rows
+        yield pending.pop(ready[0]), ray.get(ready[0])
 
 
 def _log2_optimum(values: list[float], losses: list[float]) -> float:
@@ -169,8 +185,8 @@ def summarize(rows: list[dict], fields: list[str], sweep_id: str, base_shape: di
 
 def run_sweep(base: RunConfig, grids: dict[str, list[float]], params: list[str], widths: list[int] | None,
               depths: list[int] | None, experts: list[int] | None, seeds: int, out_dir: str,
-              address: str | None = None, log=print) -> dict:
-    """Run the sweep; writes results.jsonl, summary.json and sweep.png into `out_dir` and returns the summary."""
+              address: str | None = None, log=print, processes: int = 0) -> dict:
+    """Run the sweep (`processes`: see run_points); writes results.jsonl, summary.json and sweep.png into `out_dir` and returns the summary."""
     from rung.jobs.train import prepare_data, with_absolute_paths
 
     out = Path(out_dir).resolve()
@@ -184,7 +200,7 @@ def run_sweep(base: RunConfig, grids: dict[str, list[float]], params: list[str],
     log(f"sweep {sweep_id}: {len(points)} runs ({len(params)} parametrizations × {len(widths)} widths × "
         f"{len(depths)} depths × {len(experts or [None])} expert counts × "
         f"{math.prod(len(v) for v in grids.values())} grid points × {seeds} seeds)")
-    rows = run_points(points, address, "sweep", log)
+    rows = run_points(points, address, "sweep", log, processes)
     with (out / "results.jsonl").open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
