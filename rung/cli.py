@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", type=int, default=5 << 30, metavar="BYTES",
                         help="split weights into shards of at most this size (default 5 GiB)")
 
+    serve = commands.add_parser("serve", help="serve a Hugging Face model folder over an OpenAI-compatible API")
+    serve.add_argument("model_dir", help="a Hugging Face model folder (rung's exports or a supported third party)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
+    serve.add_argument("--api-key", default=os.environ.get("RUNG_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $RUNG_API_KEY)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once (default: 64)")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="tokens per engine step: decodes first, then chunked prefill (default: 2048)")
+    serve.add_argument("--max-queued-requests", type=int, default=256,
+                       help="waiting requests before new ones get 429 (default: 256)")
+    serve.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="weights and KV cache dtype (default: float32)")
+    serve.add_argument("--kv-cache-memory", type=float, default=0.25, metavar="GIB",
+                       help="memory for the preallocated KV-cache pool in GiB (default: 0.25)")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
+    serve.add_argument("--grace-period", type=float, default=30.0,
+                       help="seconds in-flight requests may take to finish after SIGTERM (default: 30)")
+
     count = commands.add_parser("count", help="print parameter and FLOP counts for a config (JSON)")
     _add_config(count)
 
@@ -133,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("submit", "jobs"):
         return _jobs_command(args)
+    if args.command == "serve":
+        return _serve_command(args)
     if args.command == "export":
         from rung.jobs.export import export
 
@@ -204,6 +228,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         params = [p for p in args.params.split(",") if p]
         axis, sizes = ("depth", args.depths) if args.depths else ("width", args.widths or [32, 64, 128, 256, 512])
         run_coordcheck(cfg, params, axis, sizes, steps=args.steps, seeds=args.seeds, lr=args.lr, out_dir=args.out)
+    return 0
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    from rung.serving.engine import EngineConfig
+    from rung.serving.serve import serve
+    from rung.serving.server import ServeConfig
+
+    engine = EngineConfig(dtype=args.dtype, block_size=args.block_size, kv_cache_memory=int(args.kv_cache_memory
+                                                                                            * (1 << 30)),
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_model_len=args.max_model_len)
+    serve(ServeConfig(args.model_dir, served_model_name=args.served_model_name, api_key=args.api_key,
+                      max_queued_requests=args.max_queued_requests, grace_seconds=args.grace_period, engine=engine),
+          host=args.host, port=args.port)
     return 0
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rung.errors import ConfigError
 
-class SamplingError(ValueError):
-    """An invalid sampling parameter; `field` names it (the API reports it as the error's `param`)."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+class SamplingError(ConfigError):
+    """An invalid request parameter; `field` names it (the API reports it as the error's `param`)."""
 
 
 @dataclass(frozen=True)

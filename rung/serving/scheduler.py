@@ -57,12 +57,13 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request wherever it is and free its blocks; False if it is unknown or already finished."""
+    def abort(self, request_id: str, status: Status = Status.FINISHED_ABORTED) -> bool:
+        """Stop a request wherever it is and free its blocks; False if it is unknown or already finished. `status`:
+        why (a stop string matched after detokenization finishes a request as stopped, not aborted)."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
-        self._release(request, Status.FINISHED_ABORTED)
+        self._release(request, status)
         return True
 
     @property

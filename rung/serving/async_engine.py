@@ -1,0 +1,227 @@
+"""The engine behind the HTTP server: the model runs on a compute thread while the asyncio thread serves HTTP,
+detokenizes and streams (torch releases the GIL inside its kernels, so on CPU one core computes while the other
+does everything else).
+
+    asyncio thread:  request → validate → inbox ──┐            ┌─► per-request queue → detokenize/stop → stream
+    compute thread:                    drain inbox → step() ─┘ (events handed back with call_soon_threadsafe)
+
+Only the compute thread touches the Engine's mutable state (scheduler, cache); the asyncio side talks to it through
+the inbox, so a request added or aborted mid-step takes effect at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from rung.serving.detokenizer import Decoder, TextStream
+from rung.serving.engine import Engine, TokenEvent
+from rung.serving.metrics import ServeMetrics
+from rung.serving.params import SamplingParams
+from rung.serving.request import Status
+from rung.serving.sampling import Sample
+
+STALL_SECONDS = 60.0  # work pending and no step finished for this long: /health fails
+
+
+@dataclass
+class Output:
+    """What a request gained since its last Output."""
+
+    text: str
+    token_ids: list[int]
+    samples: list[Sample]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class _Stream:
+    text: TextStream
+    queue: asyncio.Queue
+    arrival: float = field(default_factory=time.monotonic)
+    last_token: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, tokenizer: Decoder, metrics: ServeMetrics | None = None):
+        self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
+        self._inbox: deque[tuple] = deque()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._running = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.last_progress = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._compute_loop, name="rung-compute", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def healthy(self) -> bool:
+        """The compute thread is alive and, when there is work, finishing steps."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and (not self._streams or time.monotonic() - self.last_progress < STALL_SECONDS)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests admitted but not running yet: what the server's queue bound counts."""
+        return max(len(self._streams) - self._running, 0)
+
+    # -- the asyncio side ------------------------------------------------------------------------------------------
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | tuple = (),
+                 priority: int = 0) -> RequestHandle:
+        """Queue one request now and return the async iterator of its outputs. Raises SamplingError, before
+        anything is queued, if it can never run. `handle.abort()` (a client that went away) frees its blocks."""
+        self.engine.validate(prompt_token_ids, params)
+        request_id = f"r{next(self._ids)}"
+        stream = _Stream(TextStream(self.tokenizer, stop), asyncio.Queue())
+        self._streams[request_id] = stream
+        self._send(("add", request_id, list(prompt_token_ids), params, priority))
+        return RequestHandle(self, request_id, stream, len(prompt_token_ids))
+
+    def _output(self, request_id: str, stream: _Stream, events: list[tuple[TokenEvent, float]]) -> Output:
+        text, token_ids, samples, reason, event = "", [], [], None, events[-1][0]
+        for event, step_started in events:
+            now = time.monotonic()
+            if stream.last_token is None and self.metrics:
+                self.metrics.labels(self.metrics.ttft).observe(now - stream.arrival)
+                self.metrics.labels(self.metrics.queue_time).observe(max(step_started - stream.arrival, 0.0))
+            elif self.metrics:
+                self.metrics.labels(self.metrics.itl).observe(now - stream.last_token)
+            stream.last_token = now
+            token_ids.append(event.token_id)
+            samples.append(event.sample)
+            text += stream.text.add(event.token_id)
+            reason = event.finish_reason
+            if stream.text.stopped:  # a stop string: finish now, however many tokens the engine has made since
+                self._send(("abort", request_id, Status.FINISHED_STOPPED))
+                reason = Status.FINISHED_STOPPED.value
+                break
+        if reason is not None:
+            text += stream.text.finish()
+            self._record_finish(stream, reason, event.num_prompt_tokens, len(stream.text.token_ids))
+        if self.metrics:
+            self.metrics.labels(self.metrics.generation_tokens).inc(len(token_ids))
+        return Output(text, token_ids, samples, reason, event.num_prompt_tokens, len(stream.text.token_ids))
+
+    def _record_finish(self, stream: _Stream, reason: str, prompt_tokens: int, output_tokens: int) -> None:
+        if not self.metrics:
+            return
+        m = self.metrics
+        m.labels(m.request_outcomes, finish_reason=reason).inc()
+        m.labels(m.prompt_tokens).inc(prompt_tokens)
+        m.labels(m.prompt_length).observe(prompt_tokens)
+        m.labels(m.generation_length).observe(output_tokens)
+        m.labels(m.e2e).observe(time.monotonic() - stream.arrival)
+
+    def _send(self, message: tuple) -> None:
+        self._inbox.append(message)
+        self._wake.set()
+
+    def _dispatch(self, events: list[TokenEvent], step_started: float) -> None:
+        for event in events:
+            stream = self._streams.get(event.request_id)
+            if stream is not None:
+                stream.queue.put_nowait((event, step_started))
+
+    # -- the compute thread ----------------------------------------------------------------------------------------
+    def _compute_loop(self) -> None:
+        window_start, busy = time.monotonic(), 0.0
+        while not self._stopping:
+            self._drain_inbox()
+            if self.engine.has_work:
+                started = time.monotonic()
+                events = self.engine.step()
+                elapsed = time.monotonic() - started
+                busy += elapsed
+                self.last_progress = time.monotonic()
+                self._running = len(self.engine.scheduler.running)
+                if events:
+                    self._loop.call_soon_threadsafe(self._dispatch, events, started)
+                if self.metrics:
+                    self.metrics.labels(self.metrics.step_time).observe(elapsed)
+                    self.metrics.labels(self.metrics.step_tokens).observe(self.engine.last_step_tokens)
+                    self.metrics.labels(self.metrics.nano_batches).observe(1)
+            else:
+                self._running = 0
+                self.last_progress = time.monotonic()
+                self._wake.wait(0.05)
+                self._wake.clear()
+            now = time.monotonic()
+            if self.metrics and now - window_start >= 1.0:
+                self.metrics.labels(self.metrics.compute_busy).set(busy / (now - window_start))
+                window_start, busy = now, 0.0
+            if self.metrics:
+                stats = self.engine.stats()
+                self.metrics.observe_engine(stats.running, self.num_waiting, stats.kv_usage, stats.prefix_queries,
+                                            stats.prefix_hits, stats.preemptions)
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, request_id, *rest = self._inbox.popleft()
+            if kind == "add":
+                prompt, params, priority = rest
+                self.engine.add(request_id, prompt, params, priority)
+            else:
+                self.engine.abort(request_id, rest[0])
+
+
+class RequestHandle:
+    """One request's outputs as an async iterator; ends after the output that carries a finish reason."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream, num_prompt_tokens: int):
+        self.engine, self.request_id, self.stream = engine, request_id, stream
+        self.num_prompt_tokens = num_prompt_tokens
+        self.finished = False
+
+    def __aiter__(self) -> RequestHandle:
+        return self
+
+    async def __anext__(self) -> Output:
+        if self.finished:
+            raise StopAsyncIteration
+        queue = self.stream.queue
+        events = [await queue.get()]
+        while not queue.empty():  # catch up in one Output when the client reads slowly
+            events.append(queue.get_nowait())
+        output = self.engine._output(self.request_id, self.stream, events)
+        if output.finish_reason is not None:
+            self.finished = True
+            self.engine._streams.pop(self.request_id, None)
+        return output
+
+    def abort(self) -> None:
+        """Stop the request if it is still going (idempotent)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.engine._streams.pop(self.request_id, None)
+        self.engine._send(("abort", self.request_id, Status.FINISHED_ABORTED))
+        self.engine._record_finish(self.stream, Status.FINISHED_ABORTED.value, self.num_prompt_tokens,
+                                   len(self.stream.text.token_ids))
+
+
+def seeded(params: SamplingParams, index: int) -> SamplingParams:
+    """The `index`-th of n samples: its own reproducible stream when a seed is given."""
+    return params if params.seed is None else replace(params, seed=params.seed + index)

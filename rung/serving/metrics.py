@@ -1,0 +1,69 @@
+"""Serving metrics: every `rung_serve_*` name is declared here and nowhere else (dashboards and alert rules are
+checked against this module). Each server owns a registry; every series carries `model_name`."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0, 640.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+class ServeMetrics:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        counter = partial(Counter, labelnames=labels, registry=self.registry)
+        gauge = partial(Gauge, labelnames=labels, registry=self.registry)
+        histogram = partial(Histogram, labelnames=labels, registry=self.registry)
+
+        self.requests_running = gauge("rung_serve_requests_running", "Requests in the running batch.")
+        self.requests_waiting = gauge("rung_serve_requests_waiting", "Requests admitted but not yet running.")
+        self.kv_cache_usage = gauge("rung_serve_kv_cache_usage_ratio", "Fraction of KV blocks held by requests.")
+        self.compute_busy = gauge("rung_serve_compute_busy_ratio",
+                                  "Fraction of the last second the compute thread spent in engine steps.")
+        self.prefix_queries = counter("rung_serve_prefix_cache_queries_total", "KV blocks looked up in the prefix "
+                                      "cache.")
+        self.prefix_hits = counter("rung_serve_prefix_cache_hits_total", "KV blocks found in the prefix cache.")
+        self.prompt_tokens = counter("rung_serve_prompt_tokens_total", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("rung_serve_generation_tokens_total", "Tokens generated.")
+        self.preemptions = counter("rung_serve_preemptions_total", "Requests preempted for KV blocks.")
+        self.request_outcomes = counter("rung_serve_request_success_total", "Finished requests by finish reason.",
+                                        labelnames=[*labels, "finish_reason"])
+        self.http_requests = counter("rung_serve_http_requests_total", "HTTP responses by route and status code.",
+                                     labelnames=[*labels, "route", "status"])
+        latency = partial(histogram, buckets=LATENCY_BUCKETS)
+        tokens = partial(histogram, buckets=TOKEN_BUCKETS)
+        self.ttft = latency("rung_serve_time_to_first_token_seconds", "Arrival to first generated token.")
+        self.itl = latency("rung_serve_inter_token_latency_seconds", "Time between consecutive tokens.")
+        self.e2e = latency("rung_serve_e2e_request_latency_seconds", "Arrival to the request's last token.")
+        self.queue_time = latency("rung_serve_request_queue_time_seconds",
+                                  "Arrival to the start of the step that produced the first token.")
+        self.step_time = latency("rung_serve_engine_step_seconds", "Wall time of one engine step.")
+        self.prompt_length = tokens("rung_serve_request_prompt_tokens", "Prompt length of finished requests.")
+        self.generation_length = tokens("rung_serve_request_generation_tokens", "Output length of finished "
+                                        "requests.")
+        self.step_tokens = tokens("rung_serve_engine_step_tokens", "Tokens computed by one engine step.")
+        self.nano_batches = histogram("rung_serve_engine_step_nano_batches", "Nano-batches one step was split into.",
+                                      buckets=(1, 2, 3, 4, 6, 8))
+        self._last = {"queries": 0, "hits": 0, "preemptions": 0}
+
+    def labels(self, metric, **labels):
+        return metric.labels(model_name=self.model_name, **labels)
+
+    def observe_engine(self, running: int, waiting: int, kv_usage: float, prefix_queries: int, prefix_hits: int,
+                       preemptions: int) -> None:
+        """Gauges from the engine's state and counters from its running totals (added as deltas)."""
+        self.labels(self.requests_running).set(running)
+        self.labels(self.requests_waiting).set(waiting)
+        self.labels(self.kv_cache_usage).set(kv_usage)
+        for key, metric, total in (("queries", self.prefix_queries, prefix_queries),
+                                   ("hits", self.prefix_hits, prefix_hits),
+                                   ("preemptions", self.preemptions, preemptions)):
+            if total > self._last[key]:
+                self.labels(metric).inc(total - self._last[key])
+                self._last[key] = total

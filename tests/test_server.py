@@ -1,0 +1,349 @@
+"""`rung serve` as a real process on 127.0.0.1, driven by the official `openai` client (sync and async), curl-like
+raw HTTP for what the SDK cannot send, and promtool for the metrics exposition."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import REPO, run_rung
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `rung serve` process; stopped by PID."""
+
+    def __init__(self, model_dir: Path, log: Path, *flags: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.log = log
+        self.process = subprocess.Popen([sys.executable, "-m", "rung.cli", "serve", str(model_dir), "--port",
+                                          str(self.port), "--served-model-name", "tiny", *flags], cwd=REPO, env=env,
+                                         stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, log.read_text()
+            try:
+                if http("GET", f"{self.url}/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError("server did not become ready:\n" + log.read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def metrics(self) -> dict[str, float]:
+        text = http("GET", f"{self.url}/metrics")[2]
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values
+
+
+def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None
+         ) -> tuple[int, dict, str]:
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
+                                                                            **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read().decode()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, data_cache) -> Path:
+    root = tmp_path_factory.mktemp("serve")
+    result = run_rung("train", "tiny", "--set", f"out_dir={root}", "--set", "name=tiny", "--set",
+                      f"data.cache_dir={data_cache}", "--set", "train.steps=60")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_rung("export", str(root / "tiny"), "--out", str(root / "model"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    server = Server(model_dir, tmp_path_factory.mktemp("log") / "serve.log", "--api-key", KEY)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_completions_and_chat_through_the_sdk(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    completion = client.completions.create(model="tiny", prompt="def main(", max_tokens=12, temperature=0,
+                                           logprobs=3, extra_body={"ignore_eos": True})
+    choice = completion.choices[0]
+    assert choice.finish_reason == "length" and choice.text
+    assert completion.usage.completion_tokens == 12 and completion.usage.prompt_tokens > 0
+    assert len(choice.logprobs.tokens) == 12 and all(lp <= 0 for lp in choice.logprobs.token_logprobs)
+    assert all(len(top) == 3 for top in choice.logprobs.top_logprobs)
+    assert "".join(choice.logprobs.tokens) == choice.text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
+                                                                   {"role": "user", "content": "Say hi"}],
+                                          max_completion_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True})
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + 8
+    assert len(chat.choices[0].logprobs.content) == 8
+    assert all(len(entry.top_logprobs) == 2 for entry in chat.choices[0].logprobs.content)
+
+
+def test_greedy_http_output_equals_the_offline_engine(client, model_dir):
+    from transformers import AutoTokenizer
+
+    from rung.serving.llm import LLM
+    from rung.serving.params import SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = ["import os\n", "class Foo:\n    def", "x = [1, 2"]
+    offline = LLM(model_dir).generate([tokenizer(p)["input_ids"] for p in prompts],
+                                      SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    response = client.completions.create(model="tiny", prompt=prompts, max_tokens=20, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(response.choices, key=lambda c: c.index)] == [
+        tokenizer.decode(c[0].token_ids) for c in offline]
+
+
+def test_streaming_equals_non_streaming_for_the_same_seed_and_carries_usage(client):
+    args = dict(model="tiny", messages=[{"role": "user", "content": "write code"}], max_tokens=24,
+                temperature=0.9, seed=7)
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(client.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    stream = client.completions.create(model="tiny", prompt="def", max_tokens=10, temperature=0, stream=True)
+    streamed = "".join(c.choices[0].text for c in stream)
+    assert streamed == client.completions.create(model="tiny", prompt="def", max_tokens=10, temperature=0
+                                                 ).choices[0].text
+
+
+def test_n_seed_and_stop(client):
+    two = client.completions.create(model="tiny", prompt="def f(", max_tokens=16, temperature=1.0, n=2, seed=3)
+    again = client.completions.create(model="tiny", prompt="def f(", max_tokens=16, temperature=1.0, n=2, seed=3)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert [c.text for c in two.choices] == [c.text for c in again.choices]
+    greedy = client.completions.create(model="tiny", prompt="def f(", max_tokens=30, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text
+    stop = greedy[5:8]  # a stop string from inside the greedy text, likely spanning tokens
+    cut = client.completions.create(model="tiny", prompt="def f(", max_tokens=30, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == greedy[:greedy.index(stop)]
+
+
+def test_async_clients_stream_concurrently(server):
+    async def main() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+        async def one(i: int) -> str:
+            stream = await client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"request {i}"}], max_tokens=16,
+                temperature=0.7, seed=i, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        texts = await asyncio.gather(*[one(i) for i in range(16)])
+        await client.close()
+        return texts
+
+    texts = asyncio.run(main())
+    assert len(texts) == 16 and all(isinstance(t, str) for t in texts) and len(set(texts)) > 1
+
+
+def error(response: tuple[int, dict, str]) -> tuple[int, dict]:
+    status, _, body = response
+    envelope = json.loads(body)["error"]
+    assert set(envelope) == {"message", "type", "param", "code"}, envelope
+    return status, envelope
+
+
+def test_errors_use_the_openai_envelope_and_status(server, client):
+    url, auth = f"{server.url}/v1/completions", {"Authorization": f"Bearer {KEY}"}
+    status, err = error(http("POST", url, {"model": "tiny", "prompt": "x"}))
+    assert status == 401 and err["type"] == "authentication_error"
+    assert error(http("POST", url, {"model": "tiny", "prompt": "x"}, {"Authorization": "Bearer nope"}))[0] == 401
+    status, err = error(http("POST", url, {"model": "gpt-9", "prompt": "x"}, auth))
+    assert status == 404 and err["param"] == "model"
+    for field, value in (("temperature", -1), ("top_p", 1.5), ("top_k", -2), ("n", 0), ("max_tokens", 100_000)):
+        status, err = error(http("POST", url, {"model": "tiny", "prompt": "x", field: value}, auth))
+        assert status == 400 and err["param"] == field, (field, err)
+    status, err = error(http("POST", url, {"model": "tiny", "prompt": "word " * 400}, auth))
+    assert status == 400 and err["param"] == "prompt" and "context window" in err["message"]
+    status, err = error(http("POST", url, {"model": "tiny", "prompt": [[1, 99999]]}, auth))
+    assert status == 400 and err["param"] == "prompt"
+    status, err = error(http("POST", url, b"x" * (5 << 20), auth))
+    assert status == 413 and len(err["message"]) < 200
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=1)
+    assert caught.value.status_code == 400
+
+
+MALFORMED = [b"", b"{", b"[]", b"null", b"\xff\xfe\xfd", b'{"model": "tiny"}', b'{"prompt": "x"}',
+             b'{"model": 5, "prompt": "x"}', b'{"model": "tiny", "prompt": 5}', b'{"model": "tiny", "prompt": []}',
+             b'{"model": "tiny", "prompt": "x", "max_tokens": 1e400}',
+             b'{"model": "tiny", "prompt": "x", "max_tokens": 99999999999999999999999}',
+             b'{"model": "tiny", "prompt": "x", "temperature": "hot"}', b'{"model": "tiny", "prompt": "x", "n": 1e9}',
+             b'{"model": "tiny", "prompt": "x", "stop": [1, 2]}', b'{"model": "tiny", "prompt": "x", "seed": -5}',
+             b'{"model": "tiny", "prompt": [[-1]]}', b'{"model": "tiny", "prompt": "x", "logprobs": 50}',
+             b'{"model": "tiny", "prompt": "x", "stream_options": 3}', b'{"model": "unknown", "prompt": "x"}']
+
+
+def test_twenty_malformed_bodies_leave_the_server_healthy(server):
+    assert len(MALFORMED) == 20
+    for body in MALFORMED:
+        status, headers, text = http("POST", f"{server.url}/v1/completions", body,
+                                     {"Authorization": f"Bearer {KEY}"})
+        assert status in (400, 404), (body, status, text)
+        assert len(text) < 1000 and json.loads(text)["error"]["message"]
+    assert http("GET", f"{server.url}/health")[0] == 200
+    assert http("GET", f"{server.url}/ready")[0] == 200
+
+
+def test_disconnecting_client_frees_its_blocks(server):
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        body = json.dumps({"model": "tiny", "prompt": "def", "max_tokens": 120, "stream": True,
+                           "extra": 1, "ignore_eos": True}).encode()
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        received = b""
+        while b"data:" not in received:  # streaming has begun
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        metrics = server.metrics()
+        if metrics['rung_serve_kv_cache_usage_ratio{model_name="tiny"}'] == 0 and metrics[
+                'rung_serve_requests_running{model_name="tiny"}'] == 0:
+            break
+        time.sleep(0.2)
+    assert metrics['rung_serve_kv_cache_usage_ratio{model_name="tiny"}'] == 0
+    assert metrics.get('rung_serve_request_success_total{finish_reason="abort",model_name="tiny"}', 0) >= 1
+
+
+def test_metrics_pass_promtool_and_count_what_was_sent(server, client, tmp_path):
+    before = server.metrics()
+    for _ in range(3):
+        client.completions.create(model="tiny", prompt="import", max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    time.sleep(0.3)
+    after = server.metrics()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert delta('rung_serve_request_success_total{finish_reason="length",model_name="tiny"}') == 3
+    assert delta('rung_serve_generation_tokens_total{model_name="tiny"}') == 15
+    assert delta('rung_serve_prompt_tokens_total{model_name="tiny"}') == 3 * len(
+        json.loads(http("POST", f"{server.url}/tokenize", {"prompt": "import"},
+                        {"Authorization": f"Bearer {KEY}"})[2])["tokens"])
+    assert delta('rung_serve_http_requests_total{model_name="tiny",route="/v1/completions",status="200"}') == 3
+    exposition = tmp_path / "metrics.txt"
+    exposition.write_text(http("GET", f"{server.url}/metrics")[2])
+    result = subprocess.run(f"promtool check metrics < {exposition}", shell=True, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_tokenize_detokenize_version_and_openapi(server):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    tokens = json.loads(http("POST", f"{server.url}/tokenize", {"prompt": "héllo ✓"}, auth)[2])["tokens"]
+    assert json.loads(http("POST", f"{server.url}/detokenize", {"tokens": tokens}, auth)[2])["prompt"] == "héllo ✓"
+    assert json.loads(http("GET", f"{server.url}/version")[2])["version"]
+    paths = json.loads(http("GET", f"{server.url}/openapi.json")[2])["paths"]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready"} <= set(paths)
+
+
+def test_full_queue_gets_429_and_admitted_requests_complete(model_dir, tmp_path):
+    server = Server(model_dir, tmp_path / "serve.log", "--max-queued-requests", "8", "--max-num-seqs", "2")
+    try:
+        results: list[int] = []
+
+        def send() -> None:
+            status, headers, _ = http("POST", f"{server.url}/v1/completions",
+                                      {"model": "tiny", "prompt": "def", "max_tokens": 40, "ignore_eos": True})
+            results.append(status)
+            if status == 429:
+                assert headers.get("retry-after") or headers.get("Retry-After")
+
+        threads = [threading.Thread(target=send) for _ in range(100)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert len(results) == 100 and set(results) == {200, 429}, sorted(set(results))
+        assert results.count(200) >= 8
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_in_flight_requests(model_dir, tmp_path):
+    server = Server(model_dir, tmp_path / "serve.log", "--max-num-seqs", "1")
+    results: list[tuple[int, str]] = []
+    thread = threading.Thread(target=lambda: results.append(http(
+        "POST", f"{server.url}/v1/completions", {"model": "tiny", "prompt": "def", "max_tokens": 100,
+                                                  "ignore_eos": True})[::2]))
+    thread.start()
+    time.sleep(0.5)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    try:
+        late = http("GET", f"{server.url}/ready")[0]
+    except OSError:
+        late = None  # already closed: also a refusal
+    thread.join(60)
+    assert server.process.wait(30) == 0
+    assert late in (503, None)
+    status, body = results[0]
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 100
+    assert "draining" in (tmp_path / "serve.log").read_text()
+
+
+def test_bad_serve_invocations_fail_cleanly(model_dir, tmp_path):
+    from conftest import assert_clean_failure
+
+    assert_clean_failure(run_rung("serve", str(tmp_path / "missing")), "model folder not found")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_clean_failure(run_rung("serve", str(model_dir), "--port", str(port)), f"port {port}", "in use")
