@@ -26,8 +26,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[test]'
 	touch $(STAMP)
 
+# The whole product on embedded defaults: data → μP sweep → ZeRO-2 transfer → export → serve (ARGS=--exit to stop).
 run: install
-	$(BIN)/rung train tiny --resume $(ARGS)
+	$(BIN)/rung pipeline tiny $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest tests -q

@@ -104,6 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-shard-size", type=int, default=5 << 30, metavar="BYTES",
                         help="split weights into shards of at most this size (default 5 GiB)")
 
+    pipeline = commands.add_parser("pipeline", help="data → μP sweep → transfer to a wider model on Ray workers → "
+                                                    "export → serve, with a chat completion as the smoke test")
+    _add_config(pipeline, optional=True)
+    pipeline.add_argument("--out", default="runs/pipeline", help="where every stage writes (default: runs/pipeline)")
+    pipeline.add_argument("--sweep-grid", default="lr=2^-9:2^-5:x2", help="the proxy's LR grid "
+                          "(default: lr=2^-9:2^-5:x2)")
+    pipeline.add_argument("--sweep-steps", type=int, default=100, help="steps per sweep run (default: 100)")
+    pipeline.add_argument("--target-width-factor", type=int, default=2,
+                          help="the target is this many times the config's width (default: 2)")
+    pipeline.add_argument("--workers", type=int, default=2, help="DeepSpeed ZeRO-2 workers for the target (default: 2)")
+    pipeline.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
+    pipeline.add_argument("--host", default="127.0.0.1", help="where to serve (default: 127.0.0.1)")
+    pipeline.add_argument("--port", type=int, default=8000, help="serving port; a free one if taken (default: 8000)")
+    pipeline.add_argument("--exit", action="store_true", help="stop after the smoke request instead of serving on")
+
     serve = commands.add_parser("serve", help="serve a Hugging Face model folder over an OpenAI-compatible API")
     serve.add_argument("model_dir", help="a Hugging Face model folder (rung's exports or a supported third party)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -157,6 +172,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _jobs_command(args)
     if args.command == "serve":
         return _serve_command(args)
+    if args.command == "pipeline":
+        return _pipeline_command(args)
     if args.command == "export":
         from rung.jobs.export import export
 
@@ -228,6 +245,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         params = [p for p in args.params.split(",") if p]
         axis, sizes = ("depth", args.depths) if args.depths else ("width", args.widths or [32, 64, 128, 256, 512])
         run_coordcheck(cfg, params, axis, sizes, steps=args.steps, seeds=args.seeds, lr=args.lr, out_dir=args.out)
+    return 0
+
+
+def _pipeline_command(args: argparse.Namespace) -> int:
+    from rung.jobs.loading import load_run_config
+    from rung.jobs.pipeline import PipelineOptions, run_pipeline, serve_and_ask, stop, summary_text
+
+    options = PipelineOptions(out=args.out, sweep_grid=args.sweep_grid, sweep_steps=args.sweep_steps,
+                              target_width_factor=args.target_width_factor, workers=args.workers, host=args.host,
+                              port=args.port, address=args.address, exit_after_smoke=args.exit)
+    result = run_pipeline(load_run_config(args.config, args.overrides), options)
+    server, url, answer = serve_and_ask(result["model_dir"], options)
+    try:
+        print(summary_text(result, url, answer), flush=True)
+        if not args.exit:
+            print("serving until Ctrl-C", flush=True)
+            server.wait()
+    finally:
+        stop(server)
     return 0
 
 
