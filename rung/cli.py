@@ -32,6 +32,13 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _int_pair(text: str) -> tuple[int, int]:
+    values = _int_list(text)
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX with MIN <= MAX, got {text!r}")
+    return values[0], values[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rung", description="Train width/depth-scaled language models with "
                                      "hyperparameter transfer on Ray + DeepSpeed, and serve them.")
@@ -139,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     serve.add_argument("--grace-period", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM (default: 30)")
+    serve.add_argument("--ray", action="store_true", help="run as a Ray Serve application (replicas on Ray)")
+    scale = serve.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="with --ray: fixed number of replicas (default: 1)")
+    scale.add_argument("--autoscale", type=_int_pair, metavar="MIN,MAX",
+                       help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
+    serve.add_argument("--address", help="with --ray: a Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
 
     count = commands.add_parser("count", help="print parameter and FLOP counts for a config (JSON)")
     _add_config(count)
@@ -268,17 +281,18 @@ def _pipeline_command(args: argparse.Namespace) -> int:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
-    from rung.serving.engine import EngineConfig
-    from rung.serving.serve import serve
-    from rung.serving.server import ServeConfig
+    from rung.serving.serve import serve, serve_on_ray
 
-    engine = EngineConfig(dtype=args.dtype, block_size=args.block_size, kv_cache_memory=int(args.kv_cache_memory
-                                                                                            * (1 << 30)),
-                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          max_model_len=args.max_model_len)
-    serve(ServeConfig(args.model_dir, served_model_name=args.served_model_name, api_key=args.api_key,
-                      max_queued_requests=args.max_queued_requests, grace_seconds=args.grace_period, engine=engine),
-          host=args.host, port=args.port)
+    settings = {"model_dir": args.model_dir, "served_model_name": args.served_model_name, "api_key": args.api_key,
+                "max_queued_requests": args.max_queued_requests, "grace_seconds": args.grace_period,
+                "dtype": args.dtype, "block_size": args.block_size,
+                "kv_cache_memory": int(args.kv_cache_memory * (1 << 30)), "max_num_seqs": args.max_num_seqs,
+                "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len}
+    if args.ray:
+        placement = {"autoscaling": args.autoscale} if args.autoscale else {"num_replicas": args.replicas}
+        serve_on_ray({**settings, **placement}, host=args.host, port=args.port, address=args.address)
+    else:
+        serve(settings, host=args.host, port=args.port)
     return 0
 
 

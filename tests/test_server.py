@@ -347,3 +347,25 @@ def test_bad_serve_invocations_fail_cleanly(model_dir, tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         assert_clean_failure(run_rung("serve", str(model_dir), "--port", str(port)), f"port {port}", "in use")
+
+
+def test_ray_serve_mode_serves_the_same_api_with_two_replicas(model_dir, tmp_path):
+    server = Server(model_dir, tmp_path / "serve.log", "--ray", "--replicas", "2")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="-", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        texts = {client.completions.create(model="tiny", prompt="def", max_tokens=8, temperature=0,
+                                           extra_body={"ignore_eos": True}).choices[0].text for _ in range(4)}
+        assert len(texts) == 1  # greedy: the same answer whichever replica served it
+        chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=6, stream=True,
+                                                     stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens > 0
+        status, err = error(http("POST", f"{server.url}/v1/completions", {"model": "tiny", "prompt": "x",
+                                                                         "top_p": 3}))
+        assert status == 400 and err["param"] == "top_p"
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+    log = (tmp_path / "serve.log").read_text()
+    assert "on Ray Serve (replicas: 2)" in log and "shutting down the Ray Serve application" in log

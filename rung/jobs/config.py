@@ -152,7 +152,7 @@ class TrainConfig:
     # --resume takes the newest verified one from here or from the run directory.
     checkpoint_uri: str | None = None
     max_failures: int = 0  # worker-group restarts from the last checkpoint before the run fails (-1 = forever)
-    metrics_port: int | None = None  # Prometheus exposition of rank r on metrics_port + r; None = off
+    metrics_port: int | None = None  # Prometheus exposition on metrics_port + local rank; None = off
     peak_flops: float | None = None  # per worker, for MFU; None = known GPU table, or a measured CPU matmul rate
     max_loss: float | None = None  # stop as diverged when the loss exceeds this after warmup
 

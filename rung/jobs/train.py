@@ -187,7 +187,8 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
         _keep_metrics_until(run_dir, start)
     metrics = TrainMetrics(rank)
     if cfg.train.metrics_port is not None:
-        metrics.serve(cfg.train.metrics_port + rank, runtime.listen_host())
+        # + the local rank: every node's first worker on the same port, so a PodMonitor can name it
+        metrics.serve(cfg.train.metrics_port + int(os.environ.get("LOCAL_RANK", rank)), runtime.listen_host())
     size = count(cfg.model, cfg.train.seq_len)
     peak = cfg.train.peak_flops or runtime.peak_flops(cfg.train.dtype)
     say(f"train: {cfg.name}: {size.total_params:,} params ({size.active_params:,} active), {cfg.param.name}, "
@@ -224,6 +225,7 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
                 saved_at = time.perf_counter()
                 path = save_checkpoint(engine, store, cfg, row.step, tokens, mirror)
                 metrics.checkpoint_seconds.set(time.perf_counter() - saved_at)
+                metrics.checkpoint_time.set_to_current_time()
                 if path is not None:
                     say(f"train: checkpoint {path} ({time.perf_counter() - saved_at:.2f} s)")
     return history

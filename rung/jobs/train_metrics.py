@@ -1,6 +1,7 @@
 """Training metrics: the one place their names are declared (rung_train_*), exported per worker to Prometheus.
 
-Each worker serves its own registry on `metrics_port + rank` so Prometheus (or a PodMonitor) scrapes every rank;
+Each worker serves its own registry on `metrics_port + local rank` (one port per worker on a machine, the same
+port on every node, so a PodMonitor can name it) and Prometheus scrapes every rank;
 `rank` is a label so dashboards can aggregate. Names follow Prometheus conventions: base units, `_total` counters.
 """
 
@@ -32,6 +33,8 @@ class TrainMetrics:
         self.moe_imbalance = gauge("rung_train_moe_load_imbalance_ratio",
                                    "Busiest expert's load over the mean load (1 = balanced).")
         self.checkpoint_seconds = gauge("rung_train_checkpoint_save_duration_seconds", "Time to save the last checkpoint.")
+        self.checkpoint_time = gauge("rung_train_checkpoint_timestamp_seconds",
+                                     "Unix time of the last successful checkpoint (its age: time() minus this).")
         self.tokens = Counter("rung_train_tokens", "Tokens trained on by this worker.", list(labels),
                               registry=r).labels(**labels)
 
@@ -53,5 +56,5 @@ class TrainMetrics:
         try:
             start_http_server(port, addr=host, registry=self.registry)
         except OSError as err:
-            raise RungError(f"cannot serve training metrics on {host}:{port} (train.metrics_port + rank): "
+            raise RungError(f"cannot serve training metrics on {host}:{port} (train.metrics_port + local rank): "
                             f"{err.strerror or err}") from None

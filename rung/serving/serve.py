@@ -9,7 +9,9 @@ import socket
 import time
 
 from rung.errors import RungError
-from rung.serving.server import ServeConfig, create_app
+from rung.serving.server import ServeConfig, create_app, serve_config
+
+PLACEMENT_ARGS = ("num_replicas", "autoscaling", "num_cpus", "num_gpus")  # Ray Serve's, not the engine's
 
 
 def check_port(host: str, port: int) -> None:
@@ -22,15 +24,21 @@ def check_port(host: str, port: int) -> None:
             raise RungError(f"port {port} on {host} {reason}; choose another with --port") from None
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+def _checked(settings: dict, host: str, port: int) -> ServeConfig:
+    """Settings → ServeConfig, failing fast (before any model loads) on a taken port or a missing folder."""
+    check_port(host, port)
+    if not os.path.isdir(settings["model_dir"]):
+        raise RungError(f"model folder not found: {settings['model_dir']}")
+    return serve_config({k: v for k, v in settings.items() if k not in PLACEMENT_ARGS})
+
+
+def serve(settings: dict, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
     import uvicorn
 
     from rung.platform.runtime import configure_process
 
-    check_port(host, port)
+    config = _checked(settings, host, port)
     configure_process()
-    if not os.path.isdir(config.model_dir):
-        raise RungError(f"model folder not found: {config.model_dir}")
     started = time.monotonic()
     app = create_app(config)
     state = app.state.rung
@@ -60,3 +68,33 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
           f"({state.engine.engine.kv.num_blocks} KV blocks of {config.engine.block_size} tokens); "
           f"OpenAI API at {url}/v1, metrics at {url}/metrics", flush=True)
     server.run()
+
+
+def serve_on_ray(settings: dict, host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
+    """The same API as a Ray Serve application on the cluster at `address` (default: an embedded local Ray); runs
+    until SIGTERM/Ctrl-C, then deletes the application."""
+    import signal
+
+    from ray import serve as ray_serve
+
+    from rung.platform import cluster
+    from rung.serving.ray_app import build
+
+    config = _checked(settings, host, port)
+    cluster.connect(address)
+    stopping = []  # SIGTERM from here on (Ray installs its own handler at connect) means: delete the app, exit 0
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    ray_serve.start(http_options={"host": host, "port": port})
+    replicas = settings.get("autoscaling") or settings.get("num_replicas", 1)
+    ray_serve.run(build(settings), name="rung", route_prefix="/")
+    url = f"http://{host}:{port}"
+    print(f"serve: {config.model_name} on Ray Serve ({'autoscaling ' if settings.get('autoscaling') else ''}"
+          f"replicas: {replicas}); OpenAI API at {url}/v1, metrics at {url}/metrics (per replica)", flush=True)
+    try:
+        while not stopping:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("serve: shutting down the Ray Serve application", flush=True)
+    ray_serve.delete("rung")
+    ray_serve.shutdown()

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rung import __version__
+from rung.errors import ConfigError
 from rung.serving.async_engine import AsyncEngine, Output, RequestHandle, seeded
 from rung.serving.engine import Engine, EngineConfig
 from rung.serving.metrics import ServeMetrics
@@ -47,6 +48,16 @@ class ServeConfig:
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model_dir).resolve().name
+
+
+def serve_config(args: dict) -> ServeConfig:
+    """A ServeConfig from one flat dict of serve and engine fields (the CLI's and a Ray Serve config's `args`)."""
+    serve_fields = set(ServeConfig.__dataclass_fields__) - {"engine"}
+    unknown = set(args) - serve_fields - set(EngineConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError("args", f"unknown serve settings: {', '.join(sorted(unknown))}")
+    return ServeConfig(**{k: v for k, v in args.items() if k in serve_fields},
+                       engine=EngineConfig(**{k: v for k, v in args.items() if k not in serve_fields}))
 
 
 class APIError(Exception):
