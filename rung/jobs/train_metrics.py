@@ -34,7 +34,9 @@ class TrainMetrics:
                                    "Busiest expert's load over the mean load (1 = balanced).")
         self.checkpoint_seconds = gauge("rung_train_checkpoint_save_duration_seconds", "Time to save the last checkpoint.")
         self.checkpoint_time = gauge("rung_train_checkpoint_timestamp_seconds",
-                                     "Unix time of the last successful checkpoint (its age: time() minus this).")
+                                     "Unix time of the last successful checkpoint, or of the worker's start before "
+                                     "the first (its age: time() minus this).")
+        self.checkpoint_time.set_to_current_time()
         self.tokens = Counter("rung_train_tokens", "Tokens trained on by this worker.", list(labels),
                               registry=r).labels(**labels)
 

@@ -24,6 +24,8 @@ class ServeMetrics:
         self.requests_running = gauge("rung_serve_requests_running", "Requests in the running batch.")
         self.requests_waiting = gauge("rung_serve_requests_waiting", "Requests admitted but not yet running.")
         self.kv_cache_usage = gauge("rung_serve_kv_cache_usage_ratio", "Fraction of KV blocks held by requests.")
+        self.queue_limit = gauge("rung_serve_requests_waiting_limit",
+                                 "Waiting requests beyond which new ones get 429 (--max-queued-requests).")
         self.compute_busy = gauge("rung_serve_compute_busy_ratio",
                                   "Fraction of the last second the compute thread spent in engine steps.")
         self.prefix_queries = counter("rung_serve_prefix_cache_queries_total", "KV blocks looked up in the prefix "
@@ -51,6 +53,14 @@ class ServeMetrics:
         self.nano_batches = histogram("rung_serve_engine_step_nano_batches", "Nano-batches one step was split into.",
                                       buckets=(1, 2, 3, 4, 6, 8))
         self._last = {"queries": 0, "hits": 0, "preemptions": 0}
+        # every series exists from the start (at zero), so dashboards and alerts see them before the first event
+        for metric in (self.requests_running, self.requests_waiting, self.kv_cache_usage, self.compute_busy,
+                       self.prefix_queries, self.prefix_hits, self.prompt_tokens, self.generation_tokens,
+                       self.preemptions, self.ttft, self.itl, self.e2e, self.queue_time, self.step_time,
+                       self.prompt_length, self.generation_length, self.step_tokens, self.nano_batches):
+            self.labels(metric)
+        for reason in ("stop", "length", "abort"):
+            self.labels(self.request_outcomes, finish_reason=reason)
 
     def labels(self, metric, **labels):
         return metric.labels(model_name=self.model_name, **labels)

@@ -79,6 +79,7 @@ class State:
     def __init__(self, config: ServeConfig, engine: Engine, tokenizer):
         self.config, self.tokenizer = config, tokenizer
         self.metrics = ServeMetrics(config.model_name)
+        self.metrics.labels(self.metrics.queue_limit).set(config.max_queued_requests)
         self.engine = AsyncEngine(engine, tokenizer, self.metrics)
         self.ready = False
         self.draining = False
