@@ -146,12 +146,38 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
     serve.add_argument("--grace-period", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM (default: 30)")
+    serve.add_argument("--nano-batches", type=int,
+                       help="nano-batches per engine step (default: the --tune result for this device and model, "
+                            "else 2 on a GPU and 1 on a CPU)")
+    serve.add_argument("--deterministic", action="store_true",
+                       help="batch-invariant outputs: a request's results do not depend on what else is running")
+    serve.add_argument("--tune", action="store_true",
+                       help="profile step time per nano-batch split, store the best for this device and model, exit")
     serve.add_argument("--ray", action="store_true", help="run as a Ray Serve application (replicas on Ray)")
     scale = serve.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=1, help="with --ray: fixed number of replicas (default: 1)")
     scale.add_argument("--autoscale", type=_int_pair, metavar="MIN,MAX",
                        help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
     serve.add_argument("--address", help="with --ray: a Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    bench = commands.add_parser("bench", help="benchmarks: `rung bench serve` loads an OpenAI-compatible server")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    load = bench_commands.add_parser("serve", help="streaming load against any OpenAI-compatible server")
+    load.add_argument("--base-url", required=True, help="the server's API root, e.g. http://127.0.0.1:8000/v1")
+    load.add_argument("--model", required=True, help="the model name the server serves")
+    load.add_argument("--dataset", default="random",
+                      help="'random', or a JSONL file of {prompt, output_len} or ShareGPT-style conversations")
+    load.add_argument("--num-prompts", type=int, default=100, help="requests to send (default: 100)")
+    load.add_argument("--request-rate", type=float, default=float("inf"),
+                      help="requests per second, Poisson arrivals; inf sends all at once (default: inf)")
+    load.add_argument("--max-concurrency", type=int, help="most requests in flight at once (default: no cap)")
+    load.add_argument("--random-input-len", type=int, default=128, help="random dataset: prompt words (±50%%)")
+    load.add_argument("--random-output-len", type=int, default=64, help="random dataset: output tokens (±50%%)")
+    load.add_argument("--goodput", metavar="SLOS", help="SLOs in ms for goodput, e.g. ttft:500,tpot:50,e2el:5000")
+    load.add_argument("--seed", type=int, default=0, help="seed for prompts and arrivals (default: 0)")
+    load.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    load.add_argument("--json", dest="json_path", metavar="PATH", help="write the summary and every request here")
+    load.add_argument("--plot", metavar="PATH", help="write a PNG of latency against request start time here")
 
     count = commands.add_parser("count", help="print parameter and FLOP counts for a config (JSON)")
     _add_config(count)
@@ -187,6 +213,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve_command(args)
     if args.command == "pipeline":
         return _pipeline_command(args)
+    if args.command == "bench":
+        from rung.serving.bench import bench_serve
+
+        if args.num_prompts < 1:
+            raise RungError("--num-prompts must be at least 1")
+        summary = bench_serve(args.base_url, args.model, args.dataset, args.num_prompts, args.request_rate,
+                              args.max_concurrency, args.seed, args.random_input_len, args.random_output_len,
+                              args.goodput, args.api_key, args.json_path, args.plot)
+        return 0 if summary["successful_requests"] else 1
     if args.command == "export":
         from rung.jobs.export import export
 
@@ -287,7 +322,16 @@ def _serve_command(args: argparse.Namespace) -> int:
                 "max_queued_requests": args.max_queued_requests, "grace_seconds": args.grace_period,
                 "dtype": args.dtype, "block_size": args.block_size,
                 "kv_cache_memory": int(args.kv_cache_memory * (1 << 30)), "max_num_seqs": args.max_num_seqs,
-                "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len}
+                "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
+                "nano_batches": args.nano_batches, "deterministic": args.deterministic}
+    if args.tune:
+        from rung.serving.server import serve_config
+        from rung.serving.tuning import tune
+
+        if not os.path.isdir(args.model_dir):
+            raise RungError(f"model folder not found: {args.model_dir}")
+        tune(args.model_dir, serve_config(settings).engine)
+        return 0
     if args.ray:
         placement = {"autoscaling": args.autoscale} if args.autoscale else {"num_replicas": args.replicas}
         serve_on_ray({**settings, **placement}, host=args.host, port=args.port, address=args.address)

@@ -27,8 +27,9 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("nano_batches", [1, 3])
 @pytest.mark.parametrize("name", MODELS)
-def test_greedy_outputs_equal_transformers(name, tmp_path):
+def test_greedy_outputs_equal_transformers(name, nano_batches, tmp_path):
     cls, config = MODELS[name]
     torch.manual_seed(0)
     reference = cls(config).eval()
@@ -40,7 +41,8 @@ def test_greedy_outputs_equal_transformers(name, tmp_path):
     shared = torch.randint(0, 211, (20,), generator=rng).tolist()
     prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (1, 3, 17, 40, 90)]
     prompts += [shared + [5], shared + [9, 9]]  # a shared prefix for the prefix cache
-    engine = LLM(tmp_path, num_blocks=30, block_size=4, max_num_seqs=4, max_num_batched_tokens=16)
+    engine = LLM(tmp_path, num_blocks=30, block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
+                 nano_batches=nano_batches)
     outputs = [c[0].token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
                                                                                 ignore_eos=True))]
     for prompt, output in zip(prompts, outputs):
@@ -65,6 +67,17 @@ def test_bad_requests_and_folders(tmp_path):
         engine.generate([[1, 500]])
     with pytest.raises(RungError, match="no config.json"):
         LLM(tmp_path / "nowhere")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["model.layers.1.self_attn.k_proj.weight"] = weights["model.layers.1.self_attn.k_proj.weight"][:8]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RungError, match=r"k_proj.weight is \(8, 48\), the config implies \(24, 48\)"):
+        LLM(tmp_path)
+    del weights["model.layers.0.mlp.up_proj.weight"], weights["model.norm.weight"]
+    save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RungError, match="missing model.norm.weight"):
+        LLM(tmp_path)
 
 
 def test_n_samples_share_the_prompt_and_seeds_reproduce_in_a_busy_batch(tmp_path):
@@ -80,3 +93,31 @@ def test_n_samples_share_the_prompt_and_seeds_reproduce_in_a_busy_batch(tmp_path
     assert len({tuple(c.token_ids) for c in alone}) > 1  # the n samples differ
     assert all(len(c.logprobs) == 8 and all(lp <= 0 for lp in c.logprobs) for c in alone)
     assert engine.kv.prefix_hits > 0 and engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_deterministic_mode_is_batch_invariant_to_the_bit(tmp_path):
+    cls, config = MODELS["mixtral"]
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path)
+    engine = LLM(tmp_path, num_blocks=128, block_size=4, max_num_batched_tokens=32, deterministic=True)
+    prompt = list(range(1, 45))  # longer than a chunk: chunked at the same boundaries alone and in company
+    params = SamplingParams(max_tokens=10, temperature=0.8, seed=5, ignore_eos=True)
+    alone = engine.generate([prompt], params)[0][0]
+    rng = torch.Generator().manual_seed(3)
+    company = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (3, 30, 7, 60, 12)]
+    busy = engine.generate(company[:2] + [prompt] + company[2:], params)[2][0]
+    assert busy.token_ids == alone.token_ids
+    assert busy.logprobs == alone.logprobs  # bitwise, not approximately
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
+
+
+def test_nano_batches_split_whole_spans_in_order():
+    from rung.serving.model import StepInputs
+
+    spans = [(0, 5, torch.arange(5)), (5, 1, torch.arange(9)), (6, 1, torch.arange(3)), (7, 9, torch.arange(9))]
+    step = StepInputs(torch.arange(16), torch.arange(16), torch.arange(16), spans)
+    parts = step.split(3)
+    assert [p[0] for p in parts] == [slice(0, 5), slice(5, 7), slice(7, 16)]
+    assert [[s[:2] for s in p[1].spans] for p in parts] == [[(0, 5)], [(0, 1), (1, 1)], [(0, 9)]]
+    assert torch.equal(parts[2][1].positions, torch.arange(7, 16))
+    assert len(step.split(10)) == 4  # never more parts than spans

@@ -294,3 +294,49 @@ def test_ray_serve_mode_serves_the_same_api_with_two_replicas(model_dir, tmp_pat
     assert server.process.returncode == 0
     log = (tmp_path / "serve.log").read_text()
     assert "on Ray Serve (replicas: 2)" in log and "shutting down the Ray Serve application" in log
+
+
+def test_bench_serve_drives_64_concurrent_streams_without_errors(server, tmp_path):
+    """The load acceptance: 64 concurrent streaming clients × 4 requests each, through `rung bench serve`."""
+    result = run_rung("bench", "serve", "--base-url", f"{server.url}/v1", "--model", "tiny", "--api-key", KEY,
+                      "--num-prompts", "256", "--max-concurrency", "64", "--random-input-len", "24",
+                      "--random-output-len", "12", "--goodput", "ttft:60000,e2el:120000", "--json",
+                      str(tmp_path / "bench.json"), "--plot", str(tmp_path / "bench.png"), timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "bench.json").read_text())
+    assert summary["successful_requests"] == 256 and summary["failed_requests"] == 0, summary["errors"]
+    assert summary["output_token_throughput"] > 0 and summary["ttft"]["p99_ms"] >= summary["ttft"]["median_ms"]
+    assert summary["goodput"] > 0 and len(summary["requests"]) == 256
+    assert all(r["output_tokens"] >= 6 for r in summary["requests"])  # ignore_eos: the asked length, ±50%
+    assert (tmp_path / "bench.png").stat().st_size > 1000 and "output tokens/s" in result.stdout
+    # the server is idle again with every block free
+    time.sleep(0.5)
+    assert server.metrics()['rung_serve_kv_cache_usage_ratio{model_name="tiny"}'] == 0
+
+
+def test_bench_serve_reports_bad_input_and_failures(tmp_path):
+    from conftest import assert_clean_failure
+
+    assert_clean_failure(run_rung("bench", "serve", "--base-url", "http://127.0.0.1:9/v1", "--model", "x",
+                                  "--dataset", str(tmp_path / "none.jsonl")), "not 'random' and not a file")
+    assert_clean_failure(run_rung("bench", "serve", "--base-url", "http://127.0.0.1:9/v1", "--model", "x",
+                                  "--goodput", "latency:5"), "unknown SLO")
+    nobody = run_rung("bench", "serve", "--base-url", "http://127.0.0.1:9/v1", "--model", "x", "--num-prompts", "3")
+    assert nobody.returncode == 1 and "failed requests" in nobody.stdout and "Traceback" not in nobody.stderr
+
+
+def test_tune_stores_a_split_per_device_and_model_that_the_engine_uses(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    result = run_rung("serve", str(model_dir), "--tune", "--max-num-batched-tokens", "128")
+    assert result.returncode == 0, result.stderr[-2000:]
+    from rung.serving.engine import Engine, EngineConfig
+    from rung.serving.tuning import CANDIDATES, tune_path
+
+    path = tune_path(model_dir)
+    assert str(path).startswith(str(tmp_path)) and path.with_suffix(".png").stat().st_size > 1000
+    tuned = json.loads(path.read_text())
+    assert set(tuned["step_ms"]) == {"16", "64", "128"}
+    assert all(set(row) == {str(p) for p in CANDIDATES} for row in tuned["step_ms"].values())
+    assert tuned["nano_batches"] == min(CANDIDATES, key=lambda p: sum(r[str(p)] for r in tuned["step_ms"].values()))
+    assert Engine(model_dir, EngineConfig(num_blocks=64)).nano_batches == tuned["nano_batches"]
+    assert Engine(model_dir, EngineConfig(num_blocks=64, nano_batches=3)).nano_batches == 3

@@ -162,7 +162,7 @@ class AsyncEngine:
                 if self.metrics:
                     self.metrics.labels(self.metrics.step_time).observe(elapsed)
                     self.metrics.labels(self.metrics.step_tokens).observe(self.engine.last_step_tokens)
-                    self.metrics.labels(self.metrics.nano_batches).observe(1)
+                    self.metrics.labels(self.metrics.nano_batches).observe(self.engine.model.last_nano_batches)
             else:
                 self._running = 0
                 self.last_progress = time.monotonic()

@@ -20,6 +20,7 @@ from rung.serving.params import SamplingError, SamplingParams
 from rung.serving.request import Request, Status
 from rung.serving.runner import ModelRunner
 from rung.serving.sampling import Sample
+from rung.serving.tuning import default_nano_batches, tuned_nano_batches
 from rung.serving.scheduler import Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,12 +35,14 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # per step: decodes first, then chunked prefill
     max_model_len: int | None = None  # None: the model's context window
+    nano_batches: int | None = None  # per step; None: a tuned value for this device and model, else the default
+    deterministic: bool = False  # batch-invariant outputs (no prefix cache, request-only chunking, per-row GEMMs)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "nano_batches"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
 
 
@@ -74,9 +77,12 @@ class Engine:
         block_bytes = (self.spec.num_layers * 2 * config.block_size * self.spec.num_kv_heads * self.spec.head_dim
                        * dtype.itemsize)
         num_blocks = config.num_blocks or max(config.kv_cache_memory // block_bytes, 1)
-        self.kv = KVCacheManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, dtype)
+        self.kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=not config.deterministic)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   deterministic=config.deterministic)
+        self.nano_batches = config.nano_batches or tuned_nano_batches(model_dir) or default_nano_batches()
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, dtype, self.nano_batches,
+                                  config.deterministic)
         self.last_step_tokens = 0  # tokens computed by the latest step
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)

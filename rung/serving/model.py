@@ -28,6 +28,24 @@ class StepInputs:
     slots: torch.Tensor  # [T] flat cache slot of each token
     spans: list[tuple[int, int, torch.Tensor]]  # per request: (first row in the batch, rows, its context's slots)
 
+    def split(self, parts: int) -> list[tuple[slice, StepInputs]]:
+        """Up to `parts` nano-batches of whole spans with about equal token counts, in span order (a span may read
+        blocks an earlier span of the same step writes, so order is kept)."""
+        total = len(self.token_ids)
+        boundaries = [first + rows for first, rows, _ in self.spans[:-1]]  # where a cut may go
+        cuts: list[int] = []
+        for k in range(1, parts):
+            later = [b for b in boundaries if not cuts or b > cuts[-1]]
+            if later:
+                cuts.append(min(later, key=lambda b: abs(b - total * k / parts)))
+        bounds = [0, *sorted(set(cuts)), total]
+        out = []
+        for start, stop in zip(bounds, bounds[1:]):
+            spans = [(first - start, rows, ctx) for first, rows, ctx in self.spans if start <= first < stop]
+            out.append((slice(start, stop), StepInputs(self.token_ids[start:stop], self.positions[start:stop],
+                                                       self.slots[start:stop], spans)))
+        return out
+
 
 def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a (possibly sharded) safetensors checkpoint."""
@@ -63,16 +81,34 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
+def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shapes config.json implies for the tensors every supported architecture has."""
+    d, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    shapes = {"model.embed_tokens.weight": (spec.vocab_size, d), "model.norm.weight": (d,)}
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (spec.vocab_size, d)
+    for layer in range(spec.num_layers):
+        prefix = f"model.layers.{layer}."
+        shapes.update({prefix + "self_attn.q_proj.weight": (q, d), prefix + "self_attn.k_proj.weight": (kv, d),
+                       prefix + "self_attn.v_proj.weight": (kv, d), prefix + "self_attn.o_proj.weight": (d, q),
+                       prefix + "input_layernorm.weight": (d,), prefix + "post_attention_layernorm.weight": (d,)})
+    return shapes
+
+
 class InferenceModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
         self.spec = spec
+        self.last_nano_batches = 0
         self.w = {name: tensor.to(dtype) for name, tensor in weights.items()}
-        required = ["model.embed_tokens.weight", "model.norm.weight"] + \
-            ([] if spec.tie_word_embeddings else ["lm_head.weight"])
-        missing = [name for name in required + [f"model.layers.{spec.num_layers - 1}.self_attn.q_proj.weight"]
-                   if name not in self.w]
+        expected = _expected_shapes(spec)
+        missing = [name for name in expected if name not in self.w]
         if missing:
-            raise RungError(f"the weights do not match the config: missing {', '.join(missing)}")
+            raise RungError(f"the weights do not match the config: missing {', '.join(missing[:5])}"
+                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        wrong = [f"{name} is {tuple(self.w[name].shape)}, the config implies {shape}"
+                 for name, shape in expected.items() if tuple(self.w[name].shape) != shape]
+        if wrong:
+            raise RungError(f"the weights do not match the config: {'; '.join(wrong[:3])}")
         self.lm_head = self.w["model.embed_tokens.weight"] if spec.tie_word_embeddings else self.w["lm_head.weight"]
         self.experts = [self._experts(i) for i in range(spec.num_layers)] if spec.num_experts else None
 
@@ -135,18 +171,57 @@ class InferenceModel:
         return self._linear(out.reshape(-1, spec.num_heads * spec.head_dim), prefix + "o_proj")
 
     @torch.inference_mode()
-    def forward(self, step: StepInputs, cache: torch.Tensor) -> torch.Tensor:
-        """Final hidden states [T, d] for the packed step."""
+    def forward(self, step: StepInputs, cache: torch.Tensor, nano_batches: int = 1) -> torch.Tensor:
+        """Final hidden states [T, d] for the packed step, computed as up to `nano_batches` nano-batches of whole
+        spans per layer. On CUDA one nano-batch's attention runs on one stream while the previous one's MLP GEMMs
+        run on another (NanoFlow's intra-layer overlap); elsewhere they run one after the other — the same math."""
         spec = self.spec
         x = F.embedding(step.token_ids, self.w["model.embed_tokens.weight"]) * spec.embedding_multiplier
-        rope = _rope_tables(step.positions, spec.head_dim, spec.rope_theta)
-        for layer in range(spec.num_layers):
-            prefix = f"model.layers.{layer}."
-            h = _rms_norm(x, self.w[prefix + "input_layernorm.weight"], spec.rms_norm_eps)
-            x = x + spec.residual_multiplier * self._attention(h, layer, step, cache, rope)
-            h = _rms_norm(x, self.w[prefix + "post_attention_layernorm.weight"], spec.rms_norm_eps)
-            x = x + spec.residual_multiplier * self._mlp(h, layer)
+        cos, sin = _rope_tables(step.positions, spec.head_dim, spec.rope_theta)
+        parts = step.split(nano_batches) if nano_batches > 1 else [(slice(0, len(step.token_ids)), step)]
+        self.last_nano_batches = len(parts)  # what the step was split into, for the serving metrics
+        if x.is_cuda and len(parts) > 1:
+            self._overlapped_layers(x, parts, cache, cos, sin)
+        else:
+            for layer in range(spec.num_layers):
+                for rows, sub in parts:
+                    x[rows] = self._attention_block(x[rows], layer, sub, cache, (cos[rows], sin[rows]))
+                    x[rows] = self._mlp_block(x[rows], layer)
         return _rms_norm(x, self.w["model.norm.weight"], spec.rms_norm_eps)
+
+    def _attention_block(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,
+                         rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h = _rms_norm(x, self.w[f"model.layers.{layer}.input_layernorm.weight"], self.spec.rms_norm_eps)
+        return x + self.spec.residual_multiplier * self._attention(h, layer, step, cache, rope)
+
+    def _mlp_block(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        h = _rms_norm(x, self.w[f"model.layers.{layer}.post_attention_layernorm.weight"], self.spec.rms_norm_eps)
+        return x + self.spec.residual_multiplier * self._mlp(h, layer)
+
+    def _overlapped_layers(self, x: torch.Tensor, parts: list[tuple[slice, StepInputs]], cache: torch.Tensor,
+                           cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Attention on one CUDA stream, MLPs on another, ordered by per-part events: part i's attention at
+        layer l waits only for its own MLP at layer l-1, so it overlaps part i-1's MLP at layer l."""
+        if not hasattr(self, "_cuda_streams"):
+            self._cuda_streams = (torch.cuda.Stream(x.device), torch.cuda.Stream(x.device))
+        attention, mlp = self._cuda_streams
+        for stream in (attention, mlp):
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+        mlp_done: list[torch.cuda.Event | None] = [None] * len(parts)
+        for layer in range(self.spec.num_layers):
+            for index, (rows, sub) in enumerate(parts):
+                if mlp_done[index] is not None:
+                    attention.wait_event(mlp_done[index])
+                with torch.cuda.stream(attention):
+                    x[rows] = self._attention_block(x[rows], layer, sub, cache, (cos[rows], sin[rows]))
+                    attended = torch.cuda.Event()
+                    attended.record(attention)
+                mlp.wait_event(attended)
+                with torch.cuda.stream(mlp):
+                    x[rows] = self._mlp_block(x[rows], layer)
+                    mlp_done[index] = torch.cuda.Event()
+                    mlp_done[index].record(mlp)
+        torch.cuda.current_stream(x.device).wait_stream(mlp)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

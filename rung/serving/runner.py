@@ -13,9 +13,14 @@ from rung.serving.scheduler import StepPlan
 
 
 class ModelRunner:
-    def __init__(self, model: InferenceModel, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: InferenceModel, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
+                 nano_batches: int = 1, deterministic: bool = False):
         spec = model.spec
         self.model, self.block_size = model, block_size
+        self.nano_batches = nano_batches
+        # batch-invariant: every request's rows go through their own GEMMs (one nano-batch per span, one logits
+        # row at a time), so no other request in the step can change its numerics
+        self.deterministic = deterministic
         self.sampler = Sampler()
         # [layers, key|value, slots, kv heads, head dim]; a block is block_size consecutive slots
         self.cache = torch.zeros(spec.num_layers, 2, num_blocks * block_size, spec.num_kv_heads, spec.head_dim,
@@ -43,7 +48,7 @@ class ModelRunner:
         if not plan.spans:
             return {}
         step = self.prepare(plan)
-        hidden = self.model.forward(step, self.cache)
+        hidden = self.model.forward(step, self.cache, len(plan.spans) if self.deterministic else self.nano_batches)
         rows, inputs, end = [], [], 0
         for span in plan.spans:
             end += span.num_tokens
@@ -53,7 +58,9 @@ class ModelRunner:
                                           span.history[span.num_prompt_tokens:]))
         if not rows:
             return {}
-        samples = self.sampler.sample(self.model.logits(hidden[rows]), inputs)
+        logits = torch.cat([self.model.logits(hidden[[row]]) for row in rows]) if self.deterministic else \
+            self.model.logits(hidden[rows])
+        samples = self.sampler.sample(logits, inputs)
         return {row.request_id: sample for row, sample in zip(inputs, samples)}
 
     def release(self, request_id: str) -> None:

@@ -40,12 +40,16 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 deterministic: bool = False):
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # chunk boundaries that depend on the request alone (whole chunks of max_num_batched_tokens, never cut
+        # by what else is in the step), so its computation is the same alone or in a busy batch
+        self.deterministic = deterministic
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -79,6 +83,9 @@ class Scheduler:
             if budget == 0 or request.status is not Status.RUNNING:
                 continue
             count = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self.deterministic and count < min(request.num_tokens - request.num_computed_tokens,
+                                                  self.max_num_batched_tokens):
+                continue  # its next whole chunk does not fit this step
             while not self.kv.allocate(request.request_id, request.all_token_ids, count):
                 victim = self._victim(exclude=request)
                 self._preempt(victim or request, plan)
@@ -93,6 +100,8 @@ class Scheduler:
             prefix = self.kv.lookup_prefix(request.all_token_ids)
             cached = len(prefix) * self.kv.block_size
             count = min(request.num_tokens - cached, budget)
+            if self.deterministic and count < min(request.num_tokens - cached, self.max_num_batched_tokens):
+                break  # FCFS: wait for a step with room for its whole first chunk
             if not self.kv.allocate(request.request_id, request.all_token_ids, count, prefix=prefix):
                 break  # admission control: wait for blocks rather than preempt for a newcomer
             request.num_computed_tokens = cached
