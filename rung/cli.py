@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per engine step: decodes first, then chunked prefill (default: 2048)")
     serve.add_argument("--max-queued-requests", type=int, default=256,
                        help="waiting requests before new ones get 429 (default: 256)")
+    serve.add_argument("--max-queued-tokens", type=int,
+                       help="prompt tokens of waiting requests before new ones get 429 (default: no bound)")
     serve.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weights and KV cache dtype (default: float32)")
@@ -319,7 +321,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     from rung.serving.serve import serve, serve_on_ray
 
     settings = {"model_dir": args.model_dir, "served_model_name": args.served_model_name, "api_key": args.api_key,
-                "max_queued_requests": args.max_queued_requests, "grace_seconds": args.grace_period,
+                "max_queued_requests": args.max_queued_requests, "max_queued_tokens": args.max_queued_tokens,
+                "grace_seconds": args.grace_period,
                 "dtype": args.dtype, "block_size": args.block_size,
                 "kv_cache_memory": int(args.kv_cache_memory * (1 << 30)), "max_num_seqs": args.max_num_seqs,
                 "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,

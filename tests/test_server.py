@@ -239,6 +239,27 @@ def test_full_queue_gets_429_and_admitted_requests_complete(model_dir, tmp_path)
         assert results.count(200) >= 8
     finally:
         server.stop()
+    server = Server(model_dir, tmp_path / "serve-tokens.log", "--max-queued-tokens", "40", "--max-num-seqs", "1")
+    try:
+        prompt = "word " * 12
+        tokens = len(json.loads(http("POST", f"{server.url}/tokenize", {"prompt": prompt})[2])["tokens"])
+        assert 20 < tokens <= 40  # one such prompt fits the bound, two do not
+        statuses: list[int] = []
+
+        def send(max_tokens: int) -> None:
+            statuses.append(http("POST", f"{server.url}/v1/completions", {
+                "model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True})[0])
+
+        threads = [threading.Thread(target=send, args=(40,)) for _ in range(6)]  # at once: one runs, one waits
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(statuses) == 6 and 200 in statuses and 429 in statuses, statuses
+        send(2)
+        assert statuses[-1] == 200  # alone again, the same prompt is admitted
+    finally:
+        server.stop()
 
 
 def test_sigterm_drains_in_flight_requests(model_dir, tmp_path):

@@ -44,6 +44,7 @@ class Output:
 class _Stream:
     text: TextStream
     queue: asyncio.Queue
+    prompt_tokens: int
     arrival: float = field(default_factory=time.monotonic)
     last_token: float | None = None
 
@@ -88,6 +89,11 @@ class AsyncEngine:
         """Requests admitted but not running yet: what the server's queue bound counts."""
         return max(len(self._streams) - self._running, 0)
 
+    @property
+    def num_waiting_tokens(self) -> int:
+        """Prompt tokens of requests that have produced nothing yet (queued, or prefilling)."""
+        return sum(s.prompt_tokens for s in self._streams.values() if s.last_token is None)
+
     # -- the asyncio side ------------------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | tuple = (),
                  priority: int = 0) -> RequestHandle:
@@ -95,7 +101,7 @@ class AsyncEngine:
         anything is queued, if it can never run. `handle.abort()` (a client that went away) frees its blocks."""
         self.engine.validate(prompt_token_ids, params)
         request_id = f"r{next(self._ids)}"
-        stream = _Stream(TextStream(self.tokenizer, stop), asyncio.Queue())
+        stream = _Stream(TextStream(self.tokenizer, stop), asyncio.Queue(), len(prompt_token_ids))
         self._streams[request_id] = stream
         self._send(("add", request_id, list(prompt_token_ids), params, priority))
         return RequestHandle(self, request_id, stream, len(prompt_token_ids))

@@ -26,9 +26,9 @@ def check_port(host: str, port: int) -> None:
 
 def _checked(settings: dict, host: str, port: int) -> ServeConfig:
     """Settings → ServeConfig, failing fast (before any model loads) on a taken port or a missing folder."""
-    check_port(host, port)
     if not os.path.isdir(settings["model_dir"]):
         raise RungError(f"model folder not found: {settings['model_dir']}")
+    check_port(host, port)
     return serve_config({k: v for k, v in settings.items() if k not in PLACEMENT_ARGS})
 
 

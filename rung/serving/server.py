@@ -41,6 +41,7 @@ class ServeConfig:
     served_model_name: str | None = None
     api_key: str | None = None
     max_queued_requests: int = 256  # waiting (admitted, not yet running) requests before 429
+    max_queued_tokens: int | None = None  # prompt tokens of requests not yet producing, before 429; None = no bound
     max_body_bytes: int = 4 << 20
     grace_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -89,13 +90,17 @@ class State:
             raise APIError(404, f"model {model[:100]!r} does not exist; this server serves "
                                 f"{self.config.model_name!r}", param="model", code="model_not_found")
 
-    def check_capacity(self, requests: int) -> None:
+    def check_capacity(self, requests: int, tokens: int) -> None:
         if self.draining or not self.ready:
             raise APIError(503, "the server is " + ("draining" if self.draining else "starting"),
                            type_="service_unavailable", headers={"Retry-After": "5"})
         if self.engine.num_waiting + requests > self.config.max_queued_requests:
             raise APIError(429, f"the queue is full ({self.config.max_queued_requests} waiting requests); retry "
                                 f"later", type_="rate_limit_error", headers={"Retry-After": "1"})
+        limit = self.config.max_queued_tokens
+        if limit is not None and self.engine.num_waiting_tokens + tokens > limit:
+            raise APIError(429, f"the queue is full ({limit} prompt tokens waiting at most); retry later",
+                           type_="rate_limit_error", headers={"Retry-After": "1"})
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -331,7 +336,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
             params = body.sampling_params(_max_tokens(state, prompt, requested), logprobs)
             engine.validate(prompt, params)
             plans.extend((prompt, seeded(params, i)) for i in range(body.n))
-        state.check_capacity(len(plans))
+        state.check_capacity(len(plans), sum(len(prompt) for prompt, _ in plans))
         return [state.engine.generate(p, params, body.stop_strings(), body.priority) for p, params in plans]
 
     async def collect(request: Request, streams, choices: list[Choice]) -> None:
