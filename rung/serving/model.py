@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -27,6 +28,20 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] flat cache slot of each token
     spans: list[tuple[int, int, torch.Tensor]]  # per request: (first row in the batch, rows, its context's slots)
+    block_size: int = 1  # slots per cache block (a context's slots run block by block from its start)
+
+    @cached_property
+    def decode_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(rows, padded block tables [B, N], valid [B, N * block_size]) of the one-token spans, when there are
+        several: their attention is one batched call over whole blocks instead of one call per request."""
+        decodes = [(first, context) for first, rows, context in self.spans if rows == 1]
+        if len(decodes) < 2:
+            return None
+        blocks = [context[::self.block_size] // self.block_size for _, context in decodes]
+        lengths = torch.tensor([len(context) for _, context in decodes])
+        blocks = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True)  # padding reads block 0, masked out
+        valid = torch.arange(blocks.shape[1] * self.block_size) < lengths[:, None]
+        return torch.tensor([first for first, _ in decodes]), blocks, valid
 
     def split(self, parts: int) -> list[tuple[slice, StepInputs]]:
         """Up to `parts` nano-batches of whole spans with about equal token counts, in span order (a span may read
@@ -43,7 +58,7 @@ class StepInputs:
         for start, stop in zip(bounds, bounds[1:]):
             spans = [(first - start, rows, ctx) for first, rows, ctx in self.spans if start <= first < stop]
             out.append((slice(start, stop), StepInputs(self.token_ids[start:stop], self.positions[start:stop],
-                                                       self.slots[start:stop], spans)))
+                                                       self.slots[start:stop], spans, self.block_size)))
         return out
 
 
@@ -160,14 +175,24 @@ class InferenceModel:
         cache[layer, 0, step.slots] = k  # the whole step's KV first: a span may read another span's new blocks
         cache[layer, 1, step.slots] = v
         out = torch.empty_like(q)
+        gqa = spec.num_kv_heads != spec.num_heads
+        decodes = step.decode_batch
+        if decodes is not None:  # every one-token span in one call, contexts padded and masked
+            rows, blocks, valid = decodes
+            keys, values = (cache[layer, i].view(-1, step.block_size, *k.shape[1:]).index_select(0, blocks.flatten())
+                            .view(len(blocks), -1, *k.shape[1:]) for i in (0, 1))
+            out[rows] = F.scaled_dot_product_attention(
+                q[rows][:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
+                attn_mask=valid[:, None, None, :], scale=spec.attention_scale, enable_gqa=gqa)[:, :, 0, :]
         for first, rows, context in step.spans:
+            if decodes is not None and rows == 1:
+                continue
             keys, values = cache[layer, 0, context], cache[layer, 1, context]
             query_pos = step.positions[first:first + rows]
             mask = torch.arange(context.numel())[None, :] <= query_pos[:, None]
             out[first:first + rows] = F.scaled_dot_product_attention(
                 q[first:first + rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                attn_mask=mask, scale=spec.attention_scale,
-                enable_gqa=spec.num_kv_heads != spec.num_heads).transpose(0, 1)
+                attn_mask=mask, scale=spec.attention_scale, enable_gqa=gqa).transpose(0, 1)
         return self._linear(out.reshape(-1, spec.num_heads * spec.head_dim), prefix + "o_proj")
 
     @torch.inference_mode()

@@ -41,7 +41,7 @@ class ModelRunner:
             spans.append((first, span.num_tokens, self._slots(span.block_table, 0, end)))
             first += span.num_tokens
         return StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.cat(positions),
-                          slots=torch.cat(slots), spans=spans)
+                          slots=torch.cat(slots), spans=spans, block_size=self.block_size)
 
     def run(self, plan: StepPlan) -> dict[str, Sample]:
         """A sampled token (with logprobs) for every span that reached its request's end."""
