@@ -31,17 +31,25 @@ class StepInputs:
     block_size: int = 1  # slots per cache block (a context's slots run block by block from its start)
 
     @cached_property
-    def decode_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(rows, padded block tables [B, N], valid [B, N * block_size]) of the one-token spans, when there are
-        several: their attention is one batched call over whole blocks instead of one call per request."""
-        decodes = [(first, context) for first, rows, context in self.spans if rows == 1]
+    def decode_groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The one-token spans (when there are several) as groups of similar context length, each group
+        (rows, padded block tables [B, N], valid [B, N * block_size]): their attention is one batched call per
+        group over whole blocks instead of one call per request, with little padding."""
+        decodes = sorted(((first, context) for first, rows, context in self.spans if rows == 1),
+                         key=lambda d: len(d[1]))
         if len(decodes) < 2:
-            return None
-        blocks = [context[::self.block_size] // self.block_size for _, context in decodes]
-        lengths = torch.tensor([len(context) for _, context in decodes])
-        blocks = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True)  # padding reads block 0, masked out
-        valid = torch.arange(blocks.shape[1] * self.block_size) < lengths[:, None]
-        return torch.tensor([first for first, _ in decodes]), blocks, valid
+            return []
+        groups, start = [], 0
+        for end in range(1, len(decodes) + 1):
+            if end == len(decodes) or len(decodes[end][1]) > 1.25 * len(decodes[start][1]) + self.block_size:
+                group = decodes[start:end]
+                blocks = [context[::self.block_size] // self.block_size for _, context in group]
+                lengths = torch.tensor([len(context) for _, context in group])
+                blocks = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True)  # padding is masked out
+                valid = torch.arange(blocks.shape[1] * self.block_size) < lengths[:, None]
+                groups.append((torch.tensor([first for first, _ in group]), blocks, valid))
+                start = end
+        return groups
 
     def split(self, parts: int) -> list[tuple[slice, StepInputs]]:
         """Up to `parts` nano-batches of whole spans with about equal token counts, in span order (a span may read
@@ -176,23 +184,23 @@ class InferenceModel:
         cache[layer, 1, step.slots] = v
         out = torch.empty_like(q)
         gqa = spec.num_kv_heads != spec.num_heads
-        decodes = step.decode_batch
-        if decodes is not None:  # every one-token span in one call, contexts padded and masked
-            rows, blocks, valid = decodes
+        groups = step.decode_groups
+        for rows, blocks, valid in groups:
             keys, values = (cache[layer, i].view(-1, step.block_size, *k.shape[1:]).index_select(0, blocks.flatten())
                             .view(len(blocks), -1, *k.shape[1:]) for i in (0, 1))
             out[rows] = F.scaled_dot_product_attention(
                 q[rows][:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
                 attn_mask=valid[:, None, None, :], scale=spec.attention_scale, enable_gqa=gqa)[:, :, 0, :]
         for first, rows, context in step.spans:
-            if decodes is not None and rows == 1:
+            if groups and rows == 1:
                 continue
             keys, values = cache[layer, 0, context], cache[layer, 1, context]
             query_pos = step.positions[first:first + rows]
-            mask = torch.arange(context.numel())[None, :] <= query_pos[:, None]
+            whole = rows == context.numel()  # a prefill from position 0: plain causal attention, no mask to build
+            mask = None if whole else torch.arange(context.numel())[None, :] <= query_pos[:, None]
             out[first:first + rows] = F.scaled_dot_product_attention(
                 q[first:first + rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                attn_mask=mask, scale=spec.attention_scale, enable_gqa=gqa).transpose(0, 1)
+                attn_mask=mask, is_causal=whole, scale=spec.attention_scale, enable_gqa=gqa).transpose(0, 1)
         return self._linear(out.reshape(-1, spec.num_heads * spec.head_dim), prefix + "o_proj")
 
     @torch.inference_mode()
