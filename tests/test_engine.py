@@ -144,3 +144,35 @@ def test_half_precision_serving_tracks_fp32(dtype, tmp_path):
     for a, b in zip(full, half):
         assert a[0].token_ids[:4] == b[0].token_ids[:4]  # the first tokens agree; later ones may drift
         assert abs(a[0].logprobs[0] - b[0].logprobs[0]) < 0.1
+
+
+@pytest.mark.parametrize("nano_batches", [1, 3])
+@pytest.mark.parametrize("name", ["llama-headdim24", "mixtral"])
+def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano_batches, tmp_path):
+    """The acceptance matrix: 32 requests at once, prompts of 1-300 tokens (some sharing a prefix), chunked prefill
+    forced small, prefix caching on, and a KV pool far smaller than the batch needs (preemption)."""
+    cls, config = MODELS[name]
+    config = type(config)(**{**config.to_dict(), "max_position_embeddings": 512})
+    torch.manual_seed(0)
+    reference = cls(config).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.mul_(4.0) if param.dim() > 1 else None
+    reference.save_pretrained(tmp_path)
+    rng = torch.Generator().manual_seed(2)
+    lengths = [1, 2, 300, 299] + torch.randint(3, 300, (24,), generator=rng).tolist()
+    prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in lengths]
+    shared = prompts[2][:64]
+    prompts += [shared + [1], shared + [2, 3], shared[:40], shared + prompts[5][:10]]
+    assert len(prompts) == 32 and min(map(len, prompts)) == 1 and max(map(len, prompts)) == 300
+    engine = LLM(tmp_path, num_blocks=160, block_size=4, max_num_seqs=16, max_num_batched_tokens=64,
+                 nano_batches=nano_batches)
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    for prompt, output in zip(prompts, outputs):
+        with torch.no_grad():
+            ids = torch.tensor([prompt])
+            expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                          min_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):]
+        assert output[0].token_ids == expected.tolist(), (name, len(prompt))
+    assert engine.scheduler.num_preemptions > 0 and engine.kv.prefix_hits > 0
+    assert engine.kv.num_free_blocks == engine.kv.num_blocks
