@@ -11,14 +11,15 @@ import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from serve_engine import make_models  # noqa: E402
+
+from rung.errors import RungError  # noqa: E402
+from rung.platform.processes import wait_until_ready  # noqa: E402
 
 CONCURRENCY = (1, 8, 32, 64)
 
@@ -50,17 +51,10 @@ def free_port() -> int:
 
 def start(command: list[str], url: str, log: Path, env: dict) -> subprocess.Popen:
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited: {log.read_text()[-1500:]}")
-        try:
-            urllib.request.urlopen(f"{url}/v1/models", timeout=2)
-            return process
-        except OSError:
-            time.sleep(1)
-    process.kill()
-    raise RuntimeError(f"server did not start: {log.read_text()[-1500:]}")
+    try:
+        return wait_until_ready(process, f"{url}/v1/models", 600, command[0])
+    except RungError as err:
+        raise RuntimeError(f"{err}: {log.read_text()[-1500:]}") from None
 
 
 def load(url: str, model: str, concurrency: int, out: Path, name: str) -> dict:

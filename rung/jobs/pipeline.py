@@ -24,6 +24,7 @@ from rung.config import to_dict
 from rung.errors import RungError
 from rung.jobs.config import RunConfig
 from rung.jobs.shapes import reshape
+from rung.platform.processes import wait_until_ready
 
 SMOKE_QUESTION = "Write a Python function that adds two numbers."
 
@@ -158,19 +159,8 @@ def serve_and_ask(model_dir: str, options: PipelineOptions, log=print) -> tuple[
     server = subprocess.Popen([sys.executable, "-m", "rung.cli", "serve", model_dir, "--host", options.host,
                                "--port", str(port), "--served-model-name", "rung-pipeline"],
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_until_ready(server, f"{url}/v1/models", 180, "rung serve")  # kills it on failure
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-    deadline = time.monotonic() + 180
-    while True:
-        if server.poll() is not None:
-            raise RungError(f"rung serve exited with status {server.returncode} before it was ready")
-        try:
-            client.models.list()
-            break
-        except openai.APIConnectionError:
-            if time.monotonic() > deadline:
-                stop(server)
-                raise RungError("rung serve did not become ready within 3 minutes") from None
-            time.sleep(0.3)
     answer = client.chat.completions.create(model="rung-pipeline", messages=[{"role": "user",
                                                                              "content": SMOKE_QUESTION}],
                                             max_tokens=48, temperature=0.8, seed=0).choices[0].message.content

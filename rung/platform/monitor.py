@@ -11,13 +11,12 @@ import argparse
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 from rung.errors import RungError
+from rung.platform.processes import wait_until_ready
 
 RAY_SERVICE_DISCOVERY = "/tmp/ray/prom_metrics_service_discovery.json"  # written by a running Ray head
 
@@ -52,17 +51,7 @@ def start(directory: Path, port: int) -> subprocess.Popen:
     process = subprocess.Popen([binary, f"--config.file={directory / 'prometheus.yml'}",
                                 f"--storage.tsdb.path={directory / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
                                 "--web.enable-lifecycle"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RungError(f"prometheus exited with status {process.returncode}; is port {port} free?")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=1)
-            return process
-        except OSError:
-            time.sleep(0.2)
-    process.kill()
-    raise RungError("prometheus did not become ready within 30 s")
+    return wait_until_ready(process, f"http://127.0.0.1:{port}/-/ready", 30, f"prometheus on port {port}")
 
 
 def main() -> int:

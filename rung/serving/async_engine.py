@@ -104,7 +104,7 @@ class AsyncEngine:
         stream = _Stream(TextStream(self.tokenizer, stop), asyncio.Queue(), len(prompt_token_ids))
         self._streams[request_id] = stream
         self._send(("add", request_id, list(prompt_token_ids), params, priority))
-        return RequestHandle(self, request_id, stream, len(prompt_token_ids))
+        return RequestHandle(self, request_id, stream)
 
     def _output(self, request_id: str, stream: _Stream, events: list[tuple[TokenEvent, float]]) -> Output:
         text, token_ids, samples, reason, event = "", [], [], None, events[-1][0]
@@ -196,9 +196,8 @@ class AsyncEngine:
 class RequestHandle:
     """One request's outputs as an async iterator; ends after the output that carries a finish reason."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream, num_prompt_tokens: int):
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream):
         self.engine, self.request_id, self.stream = engine, request_id, stream
-        self.num_prompt_tokens = num_prompt_tokens
         self.finished = False
 
     def __aiter__(self) -> RequestHandle:
@@ -224,7 +223,7 @@ class RequestHandle:
         self.finished = True
         self.engine._streams.pop(self.request_id, None)
         self.engine._send(("abort", self.request_id, Status.FINISHED_ABORTED))
-        self.engine._record_finish(self.stream, Status.FINISHED_ABORTED.value, self.num_prompt_tokens,
+        self.engine._record_finish(self.stream, Status.FINISHED_ABORTED.value, self.stream.prompt_tokens,
                                    len(self.stream.text.token_ids))
 
 

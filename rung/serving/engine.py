@@ -51,8 +51,8 @@ class TokenEvent:
     """What one request gained in a step: a sampled token, and whether that finished it."""
 
     request_id: str
-    token_id: int | None  # None when the request was finished without a new token (abort)
-    sample: Sample | None
+    token_id: int
+    sample: Sample
     finish_reason: str | None  # "stop", "length", "abort" once finished
     num_prompt_tokens: int
     num_output_tokens: int
@@ -108,14 +108,10 @@ class Engine:
         self.scheduler.add(Request(request_id, list(prompt_token_ids), params, priority=priority,
                                    eos_token_ids=frozenset(self.spec.eos_token_ids)))
 
-    def abort(self, request_id: str, status: Status = Status.FINISHED_ABORTED) -> TokenEvent | None:
+    def abort(self, request_id: str, status: Status = Status.FINISHED_ABORTED) -> None:
         """Finish a request now and free its blocks (also how a matched stop string ends one)."""
-        request = self.scheduler.requests.get(request_id)
-        if request is None or not self.scheduler.abort(request_id, status):
-            return None
-        self.runner.release(request_id)
-        return TokenEvent(request_id, None, None, status.value, len(request.prompt_token_ids),
-                          len(request.output_token_ids))
+        if self.scheduler.abort(request_id, status):
+            self.runner.release(request_id)
 
     @property
     def has_work(self) -> bool:
