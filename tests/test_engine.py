@@ -148,9 +148,15 @@ def test_half_precision_serving_tracks_fp32(dtype, tmp_path):
 
 @pytest.mark.parametrize("nano_batches", [1, 3])
 @pytest.mark.parametrize("name", ["llama-headdim24", "mixtral"])
-def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano_batches, tmp_path):
+def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano_batches, tmp_path, monkeypatch):
     """The acceptance matrix: 32 requests at once, prompts of 1-300 tokens (some sharing a prefix), chunked prefill
-    forced small, prefix caching on, and a KV pool far smaller than the batch needs (preemption)."""
+    forced small, prefix caching on, and a KV pool far smaller than the batch needs (preemption). Attention reads
+    both kinds of context: views of consecutive blocks and gathered slots (prefix hits, pressure)."""
+    from rung.serving.runner import ModelRunner
+
+    kinds, context = set(), ModelRunner._context
+    monkeypatch.setattr(ModelRunner, "_context", lambda self, *a: kinds.add(type(found := context(self, *a)))
+                        or found)
     cls, config = MODELS[name]
     config = type(config)(**{**config.to_dict(), "max_position_embeddings": 512})
     torch.manual_seed(0)
@@ -176,3 +182,4 @@ def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano
         assert output[0].token_ids == expected.tolist(), (name, len(prompt))
     assert engine.scheduler.num_preemptions > 0 and engine.kv.prefix_hits > 0
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    assert kinds == {slice, torch.Tensor}

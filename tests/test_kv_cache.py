@@ -51,6 +51,34 @@ def test_freed_blocks_stay_cached_until_evicted_least_recently_freed_first():
     assert kv.num_free_blocks == 4
 
 
+def test_placement_keeps_each_request_in_one_run_while_requests_grow_interleaved():
+    kv = KVCacheManager(num_blocks=16, block_size=2)
+    assert kv.allocate("a", [1, 2, 3], 3, expected_tokens=8)  # room for 4 blocks
+    assert kv.allocate("b", [4, 5, 6], 3, expected_tokens=8)
+    for step in range(5):  # decode steps, one token each, a and b in turn
+        assert kv.allocate("a", [0] * (4 + step), 1)
+        assert kv.allocate("b", [0] * (4 + step), 1)
+    for request in ("a", "b"):
+        table = kv.block_table(request)
+        assert table == list(range(table[0], table[0] + len(table))), table  # consecutive: attention reads a view
+    assert not set(kv.block_table("a")) & set(kv.block_table("b"))
+    kv.free("a")
+    assert kv.allocate("c", [7] * 7, 7, expected_tokens=7)  # 4 blocks: a's room is free again
+    assert kv.block_table("c") == list(range(kv.block_table("c")[0], kv.block_table("c")[0] + 4))
+
+
+def test_placement_never_refuses_what_free_blocks_can_hold():
+    kv = KVCacheManager(num_blocks=6, block_size=1)
+    assert kv.allocate("a", [1], 1, expected_tokens=3)  # room 3 blocks
+    assert kv.allocate("b", [1], 1, expected_tokens=3)  # room 3 blocks: nothing placeable left
+    assert kv.allocate("c", [1, 2], 2, expected_tokens=10)  # no run anywhere: takes free blocks inside the rooms
+    assert kv.allocate("a", [1, 2], 1) and kv.allocate("b", [1, 2], 1)  # rooms partly taken: any free block
+    assert kv.num_free_blocks == 0 and not kv.allocate("a", [1, 2, 3], 1)
+    for request in "abc":
+        kv.free(request)
+    assert kv.num_free_blocks == 6 and kv._is_free.all() and not kv._in_room.any()
+
+
 def test_random_workload_always_returns_every_block():
     rng = random.Random(0)
     kv = KVCacheManager(num_blocks=64, block_size=4)
@@ -69,13 +97,14 @@ def test_random_workload_always_returns_every_block():
             request = f"r{step}"
             tokens = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 12))]
             prefix = kv.lookup_prefix(tokens)
-            if kv.allocate(request, tokens, len(tokens) - len(prefix) * kv.block_size, prefix=prefix):
+            if kv.allocate(request, tokens, len(tokens) - len(prefix) * kv.block_size, prefix=prefix,
+                           expected_tokens=len(tokens) + rng.randrange(8)):
                 live[request] = tokens
         held = sum(len(kv.block_table(r)) for r in live)
         shared = sum(b.ref_count for b in kv.blocks)
         assert shared == held  # every table entry is one reference
-        assert kv.num_free_blocks == sum(1 for b in kv.blocks if b.ref_count == 0)
+        assert kv.num_free_blocks == sum(1 for b in kv.blocks if b.ref_count == 0) == kv._is_free.sum()
     for request in list(live):
         kv.free(request)
     assert kv.num_free_blocks == kv.num_blocks and all(b.ref_count == 0 for b in kv.blocks)
-    assert kv.prefix_hits > 0
+    assert kv.prefix_hits > 0 and not kv._in_room.any()

@@ -16,6 +16,8 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class Block:
@@ -30,6 +32,8 @@ class _Table:
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0  # tokens whose KV has a slot
     num_hashed: int = 0  # leading blocks already registered in the prefix cache
+    room: range = range(0)  # the run of block ids it was placed in, which it grows into
+    next_in_room: int = 0  # index in `room` of the block its next fresh block should be
 
 
 def _chain(previous: bytes | None, tokens: tuple[int, ...]) -> bytes:
@@ -46,6 +50,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
+        self._is_free = np.ones(num_blocks, dtype=bool)  # mirrors _free, for finding free runs
+        self._in_room = np.zeros(num_blocks, dtype=bool)  # inside some running request's room
         self._cached: dict[bytes, int] = {}
         self._tables: dict[str, _Table] = {}
         self.prefix_queries = 0  # blocks looked up
@@ -82,10 +88,12 @@ class KVCacheManager:
             found.append(block_id)
         return found
 
-    def allocate(self, request_id: str, tokens: list[int], num_new_tokens: int, prefix: list[int] = ()) -> bool:
+    def allocate(self, request_id: str, tokens: list[int], num_new_tokens: int, prefix: list[int] = (),
+                 expected_tokens: int = 0) -> bool:
         """Make room for `num_new_tokens` more tokens of `request_id`, whose sequence so far is `tokens`. On a
-        request's first call, `prefix` (from lookup_prefix) is taken as already computed. Returns False, changing
-        nothing, when the pool cannot hold them.
+        request's first call, `prefix` (from lookup_prefix) is taken as already computed, and `expected_tokens`
+        (its final length, if known) sizes the run it is placed in. Returns False, changing nothing, when the pool
+        cannot hold them.
 
         Full blocks join the prefix cache as soon as they are allocated, so a request scheduled in the same step
         may reuse them: the runner must write a layer's KV for the whole step before that layer attends."""
@@ -102,7 +110,12 @@ class KVCacheManager:
             self.prefix_hits += len(prefix)
         for block_id in prefix:
             self._take(block_id)
-        current.blocks.extend(prefix + [self._take_free() for _ in range(max(needed, 0))])
+        current.blocks.extend(prefix)
+        if needed > 0 and not current.room:
+            current.room = self._place(-(-max(expected_tokens, total) // self.block_size) - len(current.blocks),
+                                       needed)
+        for _ in range(max(needed, 0)):
+            current.blocks.append(self._take_next(current))
         current.num_tokens = total
         current.num_hashed = max(current.num_hashed, len(prefix))
         self._tables[request_id] = current
@@ -119,6 +132,34 @@ class KVCacheManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None  # most recently freed last: evicted last
+                self._is_free[block_id] = True
+        self._in_room[table.room.start:table.room.stop] = False
+
+    def _place(self, wanted: int, needed: int) -> range:
+        """The smallest free run nobody grows into that holds `wanted` blocks (else `needed`), claimed as the
+        request's room; an empty range when there is none."""
+        placeable = (self._is_free & ~self._in_room).view(np.int8)
+        edges = np.diff(np.concatenate(([0], placeable, [0])))
+        starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        for size in (wanted, needed):
+            fits = np.flatnonzero(stops - starts >= size)
+            if len(fits):
+                best = fits[np.argmin(stops[fits] - starts[fits])]
+                room = range(int(starts[best]), int(starts[best]) + size)
+                self._in_room[room.start:room.stop] = True
+                return room
+        return range(0)
+
+    def _take_next(self, table: _Table) -> int:
+        """The next block of the request's room when it is still free, else the least recently freed block."""
+        wanted = table.room[table.next_in_room] if table.next_in_room < len(table.room) else None
+        table.next_in_room += 1
+        if wanted is not None and self._is_free[wanted]:
+            del self._free[wanted]
+        else:
+            wanted, _ = self._free.popitem(last=False)  # least recently freed
+        self._is_free[wanted] = False
+        return self._reset(wanted)
 
     def _register_full_blocks(self, table: _Table, tokens: list[int]) -> None:
         if not self.enable_prefix_caching:
@@ -137,10 +178,11 @@ class KVCacheManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self._free[block_id]
+            self._is_free[block_id] = False
         block.ref_count += 1
 
-    def _take_free(self) -> int:
-        block_id, _ = self._free.popitem(last=False)  # least recently freed
+    def _reset(self, block_id: int) -> int:
+        """A free block taken for new tokens: whatever prefix it cached is evicted."""
         block = self.blocks[block_id]
         if block.hash is not None and self._cached.get(block.hash) == block_id:
             del self._cached[block.hash]  # evicted from the prefix cache

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -27,29 +26,9 @@ class StepInputs:
     token_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] flat cache slot of each token
-    spans: list[tuple[int, int, torch.Tensor]]  # per request: (first row in the batch, rows, its context's slots)
-    block_size: int = 1  # slots per cache block (a context's slots run block by block from its start)
-
-    @cached_property
-    def decode_groups(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The one-token spans (when there are several) as groups of similar context length, each group
-        (rows, padded block tables [B, N], valid [B, N * block_size]): their attention is one batched call per
-        group over whole blocks instead of one call per request, with little padding."""
-        decodes = sorted(((first, context) for first, rows, context in self.spans if rows == 1),
-                         key=lambda d: len(d[1]))
-        if len(decodes) < 2:
-            return []
-        groups, start = [], 0
-        for end in range(1, len(decodes) + 1):
-            if end == len(decodes) or len(decodes[end][1]) > 1.25 * len(decodes[start][1]) + self.block_size:
-                group = decodes[start:end]
-                blocks = [context[::self.block_size] // self.block_size for _, context in group]
-                lengths = torch.tensor([len(context) for _, context in group])
-                blocks = torch.nn.utils.rnn.pad_sequence(blocks, batch_first=True)  # padding is masked out
-                valid = torch.arange(blocks.shape[1] * self.block_size) < lengths[:, None]
-                groups.append((torch.tensor([first for first, _ in group]), blocks, valid))
-                start = end
-        return groups
+    # per request: (first row in the batch, rows, where its whole context sits in the pool's slots: a slice when its
+    # blocks are consecutive, so attention reads a view, else the slots to gather)
+    spans: list[tuple[int, int, slice | torch.Tensor]]
 
     def split(self, parts: int) -> list[tuple[slice, StepInputs]]:
         """Up to `parts` nano-batches of whole spans with about equal token counts, in span order (a span may read
@@ -66,7 +45,7 @@ class StepInputs:
         for start, stop in zip(bounds, bounds[1:]):
             spans = [(first - start, rows, ctx) for first, rows, ctx in self.spans if start <= first < stop]
             out.append((slice(start, stop), StepInputs(self.token_ids[start:stop], self.positions[start:stop],
-                                                       self.slots[start:stop], spans, self.block_size)))
+                                                       self.slots[start:stop], spans)))
         return out
 
 
@@ -96,6 +75,34 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     """Rotate-half rotary embedding. x: [T, heads, head_dim]."""
     half = x.shape[-1] // 2
     return x * cos.to(x.dtype) + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin.to(x.dtype)
+
+
+ATTENTION_TILE = 128  # query rows per score matrix: a causal tile reads only the keys its last row can see
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one request's `rows` newest tokens over its whole context: q [rows, heads, head_dim],
+    scaled; keys [kv_heads, head_dim, context] and values [kv_heads, context, head_dim], usually views of the pool.
+    The query heads that share a KV head are stacked as rows of one matrix product per KV head, so no KV is copied
+    per query head; tiles of ATTENTION_TILE rows skip the keys they cannot see. Returns [rows, heads * head_dim]."""
+    rows, heads, head_dim = q.shape
+    kv_heads, _, context = keys.shape
+    group = heads // kv_heads
+    if rows == 1:  # a decode, the common case: every key is visible, and no reshaping copies anything
+        probs = torch.softmax(torch.bmm(q.view(kv_heads, group, head_dim), keys), -1, dtype=torch.float32)
+        return torch.bmm(probs.to(values.dtype), values).view(1, heads * head_dim)
+    tiles = []
+    for start in range(0, rows, ATTENTION_TILE):
+        n = min(ATTENTION_TILE, rows - start)
+        first, end = context - rows + start, context - rows + start + n  # positions of the tile's rows
+        tile = q[start:start + n].view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        scores = torch.bmm(tile.reshape(kv_heads, group * n, head_dim), keys[:, :, :end])
+        scores.view(kv_heads, group, n, end).masked_fill_(torch.arange(end) > torch.arange(first, end)[:, None],
+                                                          float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        tiles.append(torch.bmm(probs, values[:, :end]).view(kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
+                     .reshape(n, heads * head_dim))
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -180,28 +187,14 @@ class InferenceModel:
         q = _rope(self._linear(x, prefix + "q_proj").view(-1, spec.num_heads, spec.head_dim), *rope)
         k = _rope(self._linear(x, prefix + "k_proj").view(-1, spec.num_kv_heads, spec.head_dim), *rope)
         v = self._linear(x, prefix + "v_proj").view(-1, spec.num_kv_heads, spec.head_dim)
-        cache[layer, 0, step.slots] = k  # the whole step's KV first: a span may read another span's new blocks
-        cache[layer, 1, step.slots] = v
-        out = torch.empty_like(q)
-        gqa = spec.num_kv_heads != spec.num_heads
-        groups = step.decode_groups
-        for rows, blocks, valid in groups:
-            keys, values = (cache[layer, i].view(-1, step.block_size, *k.shape[1:]).index_select(0, blocks.flatten())
-                            .view(len(blocks), -1, *k.shape[1:]) for i in (0, 1))
-            out[rows] = F.scaled_dot_product_attention(
-                q[rows][:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
-                attn_mask=valid[:, None, None, :], scale=spec.attention_scale, enable_gqa=gqa)[:, :, 0, :]
-        for first, rows, context in step.spans:
-            if groups and rows == 1:
-                continue
-            keys, values = cache[layer, 0, context], cache[layer, 1, context]
-            query_pos = step.positions[first:first + rows]
-            whole = rows == context.numel()  # a prefill from position 0: plain causal attention, no mask to build
-            mask = None if whole else torch.arange(context.numel())[None, :] <= query_pos[:, None]
-            out[first:first + rows] = F.scaled_dot_product_attention(
-                q[first:first + rows].transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
-                attn_mask=mask, is_causal=whole, scale=spec.attention_scale, enable_gqa=gqa).transpose(0, 1)
-        return self._linear(out.reshape(-1, spec.num_heads * spec.head_dim), prefix + "o_proj")
+        keys = cache[layer, 0].view(spec.num_kv_heads, spec.head_dim, -1)  # [kv heads, head dim, slots]
+        values = cache[layer, 1].view(spec.num_kv_heads, -1, spec.head_dim)  # [kv heads, slots, head dim]
+        keys[:, :, step.slots] = k.permute(1, 2, 0)  # the whole step's KV first: a span may read another's new blocks
+        values[:, step.slots] = v.transpose(0, 1)
+        q = q * spec.attention_scale
+        out = torch.cat([_attend(q[first:first + rows], keys[:, :, context], values[:, context])
+                         for first, rows, context in step.spans])
+        return self._linear(out, prefix + "o_proj")
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, cache: torch.Tensor, nano_batches: int = 1) -> torch.Tensor:

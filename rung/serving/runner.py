@@ -22,12 +22,19 @@ class ModelRunner:
         # row at a time), so no other request in the step can change its numerics
         self.deterministic = deterministic
         self.sampler = Sampler()
-        # [layers, key|value, slots, kv heads, head dim]; a block is block_size consecutive slots
-        self.cache = torch.zeros(spec.num_layers, 2, num_blocks * block_size, spec.num_kv_heads, spec.head_dim,
+        # [layers, key|value, kv heads, slots x head dim]; a block is block_size consecutive slots. The model
+        # views keys as [head dim, slots] and values as [slots, head dim] per head, the layouts its two matrix
+        # products read, so a request in consecutive blocks attends over views of the pool
+        self.cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, num_blocks * block_size * spec.head_dim,
                                  dtype=dtype)
 
-    def _slots(self, block_table: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
-        positions = torch.arange(start, stop)
+    def _context(self, block_table: tuple[int, ...], stop: int) -> slice | torch.Tensor:
+        """Where tokens 0..stop-1 of a request sit in the pool's slots: a slice when its blocks are consecutive
+        (the KV manager places them so), else every slot."""
+        first = block_table[0]
+        if tuple(block_table) == tuple(range(first, first + len(block_table))):
+            return slice(first * self.block_size, first * self.block_size + stop)
+        positions = torch.arange(stop)
         blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
         return blocks * self.block_size + positions % self.block_size
 
@@ -35,13 +42,15 @@ class ModelRunner:
         token_ids, positions, slots, spans, first = [], [], [], [], 0
         for span in plan.spans:
             end = span.start + span.num_tokens
+            context = self._context(span.block_table, end)
             token_ids.extend(span.token_ids)
             positions.append(torch.arange(span.start, end))
-            slots.append(self._slots(span.block_table, span.start, end))
-            spans.append((first, span.num_tokens, self._slots(span.block_table, 0, end)))
+            slots.append(torch.arange(context.start + span.start, context.stop) if isinstance(context, slice)
+                         else context[span.start:])
+            spans.append((first, span.num_tokens, context))
             first += span.num_tokens
         return StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.cat(positions),
-                          slots=torch.cat(slots), spans=spans, block_size=self.block_size)
+                          slots=torch.cat(slots), spans=spans)
 
     def run(self, plan: StepPlan) -> dict[str, Sample]:
         """A sampled token (with logprobs) for every span that reached its request's end."""

@@ -52,21 +52,30 @@ class Sampler:
         return generator
 
     def sample(self, logits: torch.Tensor, rows: list[SampleInput]) -> list[Sample]:
-        """logits: [len(rows), vocab] fp32."""
+        """logits: [len(rows), vocab] fp32. Plain greedy rows (no penalties) take one batched argmax; the others
+        are processed row by row."""
         logprobs = torch.log_softmax(logits, dim=-1)
-        samples = []
+        greedy = logits.argmax(dim=-1).tolist()
+        tokens = []
         for index, row in enumerate(rows):
+            p = row.params
+            if p.greedy and not p.penalised:
+                tokens.append(greedy[index])
+                continue
             scores = processed_logits(logits[index], row)
-            if row.params.greedy:
-                token = int(scores.argmax())
+            if p.greedy:
+                tokens.append(int(scores.argmax()))
             else:
                 probs = torch.softmax(scores, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=self._generator(row)))
+                tokens.append(int(torch.multinomial(probs, 1, generator=self._generator(row))))
+        chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+        samples = []
+        for index, (row, token) in enumerate(zip(rows, tokens)):
             top = {}
             if row.params.logprobs:
                 values, ids = logprobs[index].topk(row.params.logprobs)
                 top = dict(zip(ids.tolist(), values.tolist()))
-            samples.append(Sample(token, float(logprobs[index, token]), top))
+            samples.append(Sample(token, chosen[index], top))
         return samples
 
 

@@ -102,7 +102,8 @@ class Scheduler:
             count = min(request.num_tokens - cached, budget)
             if self.deterministic and count < min(request.num_tokens - cached, self.max_num_batched_tokens):
                 break  # FCFS: wait for a step with room for its whole first chunk
-            if not self.kv.allocate(request.request_id, request.all_token_ids, count, prefix=prefix):
+            if not self.kv.allocate(request.request_id, request.all_token_ids, count, prefix=prefix,
+                                    expected_tokens=len(request.prompt_token_ids) + request.params.max_tokens):
                 break  # admission control: wait for blocks rather than preempt for a newcomer
             request.num_computed_tokens = cached
             request.status = Status.RUNNING
@@ -131,7 +132,7 @@ class Scheduler:
     def _span(self, request: Request, start: int, count: int) -> Span:
         samples = start + count == request.num_tokens
         p = request.params
-        penalised = samples and (p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty)
+        penalised = samples and p.penalised
         return Span(request.request_id, start, count, tuple(request.all_token_ids[start:start + count]),
                     tuple(self.kv.block_table(request.request_id)), samples=samples,
                     params=p if samples else None, num_prompt_tokens=len(request.prompt_token_ids),
