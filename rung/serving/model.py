@@ -26,9 +26,11 @@ class StepInputs:
     token_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     slots: torch.Tensor  # [T] flat cache slot of each token
-    # per request: (first row in the batch, rows, where its whole context sits in the pool's slots: a slice when its
-    # blocks are consecutive, so attention reads a view, else the slots to gather)
-    spans: list[tuple[int, int, slice | torch.Tensor]]
+    # per request: (first row in the batch, rows, its whole context as runs of consecutive slots in the pool)
+    spans: list[tuple[int, int, list[slice]]]
+    # a decode reads a context of a few runs in place, one product per run; off, every context of several runs is
+    # copied into one first, so a request's arithmetic never depends on where its blocks sit (deterministic mode)
+    read_in_place: bool = True
 
     def split(self, parts: int) -> list[tuple[slice, StepInputs]]:
         """Up to `parts` nano-batches of whole spans with about equal token counts, in span order (a span may read
@@ -45,7 +47,7 @@ class StepInputs:
         for start, stop in zip(bounds, bounds[1:]):
             spans = [(first - start, rows, ctx) for first, rows, ctx in self.spans if start <= first < stop]
             out.append((slice(start, stop), StepInputs(self.token_ids[start:stop], self.positions[start:stop],
-                                                       self.slots[start:stop], spans)))
+                                                       self.slots[start:stop], spans, self.read_in_place)))
         return out
 
 
@@ -78,27 +80,40 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 ATTENTION_TILE = 128  # query rows per score matrix: a causal tile reads only the keys its last row can see
+RUNS_READ_IN_PLACE = 4  # a decode over more runs than this copies them into one: fewer, larger products
 
 
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _attend(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], in_place: bool) -> torch.Tensor:
     """Causal attention of one request's `rows` newest tokens over its whole context: q [rows, heads, head_dim],
-    scaled; keys [kv_heads, head_dim, context] and values [kv_heads, context, head_dim], usually views of the pool.
-    The query heads that share a KV head are stacked as rows of one matrix product per KV head, so no KV is copied
-    per query head; tiles of ATTENTION_TILE rows skip the keys they cannot see. Returns [rows, heads * head_dim]."""
+    scaled; the context as runs of views of the pool, keys [kv_heads, head_dim, run] and values [kv_heads, run,
+    head_dim]. The query heads that share a KV head are stacked as rows of one matrix product per KV head, so no
+    KV is copied per query head; a decode reads each run in place, and tiles of ATTENTION_TILE prefill rows skip
+    the keys they cannot see. Returns [rows, heads * head_dim]."""
     rows, heads, head_dim = q.shape
-    kv_heads, _, context = keys.shape
-    group = heads // kv_heads
-    if rows == 1:  # a decode, the common case: every key is visible, and no reshaping copies anything
-        probs = torch.softmax(torch.bmm(q.view(kv_heads, group, head_dim), keys), -1, dtype=torch.float32)
-        return torch.bmm(probs.to(values.dtype), values).view(1, heads * head_dim)
+    kv_heads, group = keys[0].shape[0], heads // keys[0].shape[0]
+    if rows == 1 and len(keys) == 1:  # a decode over one run, the common case: three operations
+        probs = torch.softmax(torch.bmm(q.view(kv_heads, group, head_dim), keys[0]), -1, dtype=torch.float32)
+        return torch.bmm(probs.to(values[0].dtype), values[0]).view(1, heads * head_dim)
+    if rows == 1 and in_place and len(keys) <= RUNS_READ_IN_PLACE:  # a decode over a few runs, each read in place
+        q = q.view(kv_heads, group, head_dim)
+        probs = torch.softmax(torch.cat([torch.bmm(q, run) for run in keys], dim=-1), -1, dtype=torch.float32)
+        parts = probs.to(values[0].dtype).split([run.shape[1] for run in values], dim=-1)
+        out = torch.bmm(parts[0], values[0])
+        for part, run in zip(parts[1:], values[1:]):
+            out += torch.bmm(part, run)
+        return out.view(1, heads * head_dim)
+    keys = keys[0] if len(keys) == 1 else torch.cat(keys, dim=-1)
+    values = values[0] if len(values) == 1 else torch.cat(values, dim=1)
+    context = keys.shape[-1]
     tiles = []
     for start in range(0, rows, ATTENTION_TILE):
         n = min(ATTENTION_TILE, rows - start)
         first, end = context - rows + start, context - rows + start + n  # positions of the tile's rows
         tile = q[start:start + n].view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3)
         scores = torch.bmm(tile.reshape(kv_heads, group * n, head_dim), keys[:, :, :end])
-        scores.view(kv_heads, group, n, end).masked_fill_(torch.arange(end) > torch.arange(first, end)[:, None],
-                                                          float("-inf"))
+        if n > 1:
+            scores.view(kv_heads, group, n, end).masked_fill_(torch.arange(end) > torch.arange(first, end)[:, None],
+                                                              float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
         tiles.append(torch.bmm(probs, values[:, :end]).view(kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
                      .reshape(n, heads * head_dim))
@@ -192,8 +207,9 @@ class InferenceModel:
         keys[:, :, step.slots] = k.permute(1, 2, 0)  # the whole step's KV first: a span may read another's new blocks
         values[:, step.slots] = v.transpose(0, 1)
         q = q * spec.attention_scale
-        out = torch.cat([_attend(q[first:first + rows], keys[:, :, context], values[:, context])
-                         for first, rows, context in step.spans])
+        out = torch.cat([_attend(q[first:first + rows], [keys[:, :, run] for run in runs],
+                                 [values[:, run] for run in runs], step.read_in_place)
+                         for first, rows, runs in step.spans])
         return self._linear(out, prefix + "o_proj")
 
     @torch.inference_mode()

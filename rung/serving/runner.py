@@ -28,29 +28,46 @@ class ModelRunner:
         self.cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, num_blocks * block_size * spec.head_dim,
                                  dtype=dtype)
 
-    def _context(self, block_table: tuple[int, ...], stop: int) -> slice | torch.Tensor:
-        """Where tokens 0..stop-1 of a request sit in the pool's slots: a slice when its blocks are consecutive
-        (the KV manager places them so), else every slot."""
-        first = block_table[0]
-        if tuple(block_table) == tuple(range(first, first + len(block_table))):
-            return slice(first * self.block_size, first * self.block_size + stop)
-        positions = torch.arange(stop)
-        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
-        return blocks * self.block_size + positions % self.block_size
+    def _runs(self, block_table: tuple[int, ...], stop: int) -> list[slice]:
+        """Where tokens 0..stop-1 of a request sit in the pool's slots, as runs of consecutive slots: one run when
+        the KV manager kept its blocks consecutive, one more for a cached prefix shared with others."""
+        runs, size, covered = [], self.block_size, 0
+        start = previous = block_table[0]
+        if block_table == tuple(range(start, start + len(block_table))):
+            return [slice(start * size, start * size + stop)]
+        for block in [*block_table[1:], None]:
+            if block is None or block != previous + 1:
+                length = min((previous + 1 - start) * size, stop - covered)
+                if length > 0:
+                    runs.append(slice(start * size, start * size + length))
+                    covered += length
+                start = block
+            previous = block
+        return runs
+
+    @staticmethod
+    def _slots(runs: list[slice], start: int, stop: int) -> torch.Tensor:
+        """The slots of tokens start..stop-1."""
+        pieces, offset = [], 0
+        for run in runs:
+            low, high = max(start, offset), min(stop, offset + run.stop - run.start)
+            if low < high:
+                pieces.append(torch.arange(run.start + low - offset, run.start + high - offset))
+            offset += run.stop - run.start
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def prepare(self, plan: StepPlan) -> StepInputs:
         token_ids, positions, slots, spans, first = [], [], [], [], 0
         for span in plan.spans:
             end = span.start + span.num_tokens
-            context = self._context(span.block_table, end)
+            runs = self._runs(span.block_table, end)
             token_ids.extend(span.token_ids)
             positions.append(torch.arange(span.start, end))
-            slots.append(torch.arange(context.start + span.start, context.stop) if isinstance(context, slice)
-                         else context[span.start:])
-            spans.append((first, span.num_tokens, context))
+            slots.append(self._slots(runs, span.start, end))
+            spans.append((first, span.num_tokens, runs))
             first += span.num_tokens
         return StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.cat(positions),
-                          slots=torch.cat(slots), spans=spans)
+                          slots=torch.cat(slots), spans=spans, read_in_place=not self.deterministic)
 
     def run(self, plan: StepPlan) -> dict[str, Sample]:
         """A sampled token (with logprobs) for every span that reached its request's end."""

@@ -62,7 +62,7 @@ def _synthetic_step(engine, num_tokens: int):
         rows, context = (1, 128) if index < decodes else (prefill, prefill)
         base = (index * 256) % max(capacity - 256, 1)
         context_slots = torch.arange(base, base + context)
-        spans.append((first, rows, slice(base, base + context)))  # consecutive blocks, as placement gives
+        spans.append((first, rows, [slice(base, base + context)]))  # consecutive blocks, as placement gives
         token_ids.append(torch.randint(0, vocab, (rows,)))
         positions.append(torch.arange(context - rows, context))
         slots.append(context_slots[-rows:])
