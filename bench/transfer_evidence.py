@@ -41,13 +41,15 @@ def main() -> None:
                         help="run points in N local processes instead of Ray tasks (a GPU box without Ray)")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU (train.use_gpu)")
     parser.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step (ladder budgets scale)")
+    parser.add_argument("--lr-grid", default="lr=2^-11:2^-4:x2^0.5",
+                        help="the LR grid of the sweeps (an octave grid halves a CPU run's hours)")
     args = parser.parse_args()
     out = Path(args.out)
     steps, seeds = ("40", 1) if args.quick else ("300", args.seeds)
     common = [f"train.use_gpu={str(args.gpu).lower()}", f"train.steps={steps}", "train.warmup_steps=10",
               "train.seq_len=128", f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}",
               "train.max_loss=10", "train.schedule=cosine"]  # 1k tokens per step at batch 8
-    lrs = dict([parse_grid("lr=2^-10:2^-5:x2" if args.quick else "lr=2^-11:2^-4:x2^0.5")])
+    lrs = dict([parse_grid("lr=2^-10:2^-5:x2" if args.quick else args.lr_grid)])
     evidence_path = out / "evidence.json"  # parts run one at a time add to it
     evidence = json.loads(evidence_path.read_text()) if evidence_path.exists() else {}
     if "width" in args.parts:

@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="weights and KV cache dtype (default: float32)")
     serve.add_argument("--kv-cache-memory", type=float, default=0.25, metavar="GIB",
                        help="memory for the preallocated KV-cache pool in GiB (default: 0.25)")
-    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: 16)")
+    serve.add_argument("--block-size", type=int,
+                       help="tokens per KV-cache block (default: 16; with --engine vllm, vLLM's choice)")
     serve.add_argument("--grace-period", type=float, default=30.0,
                        help="seconds in-flight requests may take to finish after SIGTERM (default: 30)")
     serve.add_argument("--nano-batches", type=int,
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch-invariant outputs: a request's results do not depend on what else is running")
     serve.add_argument("--tune", action="store_true",
                        help="profile step time per nano-batch split, store the best for this device and model, exit")
+    serve.add_argument("--engine", dest="backend", default="rung", choices=["rung", "vllm"],
+                       help="what computes: rung's engine, or vLLM's (needs the vllm extra; default: rung)")
     serve.add_argument("--ray", action="store_true", help="run as a Ray Serve application (replicas on Ray)")
     scale = serve.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=1, help="with --ray: fixed number of replicas (default: 1)")
@@ -322,7 +325,7 @@ def _serve_command(args: argparse.Namespace) -> int:
 
     settings = {"model_dir": args.model_dir, "served_model_name": args.served_model_name, "api_key": args.api_key,
                 "max_queued_requests": args.max_queued_requests, "max_queued_tokens": args.max_queued_tokens,
-                "grace_seconds": args.grace_period,
+                "grace_seconds": args.grace_period, "backend": args.backend,
                 "dtype": args.dtype, "block_size": args.block_size,
                 "kv_cache_memory": int(args.kv_cache_memory * (1 << 30)), "max_num_seqs": args.max_num_seqs,
                 "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,

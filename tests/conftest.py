@@ -67,15 +67,16 @@ def free_port() -> int:
 class Server:
     """A `rung serve` process; stopped by PID."""
 
-    def __init__(self, model_dir: Path, log: Path, *flags: str):
+    def __init__(self, model_dir: Path, log: Path, *flags: str, python: str = sys.executable,
+                 env: dict | None = None, timeout: float = 120):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log = log
-        self.process = subprocess.Popen([sys.executable, "-m", "rung.cli", "serve", str(model_dir), "--port",
+        self.process = subprocess.Popen([python, "-m", "rung.cli", "serve", str(model_dir), "--port",
                                           str(self.port), "--served-model-name", "tiny", *flags], cwd=REPO, env=env,
                                          stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, log.read_text()
             try:

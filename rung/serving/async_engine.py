@@ -28,6 +28,10 @@ from rung.serving.sampling import Sample
 STALL_SECONDS = 60.0  # work pending and no step finished for this long: /health fails
 
 
+class EngineFailure(Exception):
+    """The engine itself failed (not the request): the server answers 503 and /health fails."""
+
+
 @dataclass
 class Output:
     """What a request gained since its last Output."""
@@ -41,12 +45,45 @@ class Output:
 
 
 @dataclass
-class _Stream:
-    text: TextStream
-    queue: asyncio.Queue
+class RequestClock:
+    """One request's latency metrics as its tokens arrive: queue time and time to first token at the first,
+    inter-token latency after, end-to-end latency, lengths and outcome at the finish. Both backends keep one per
+    request, so `rung_serve_*` means the same whichever engine serves."""
+
+    metrics: ServeMetrics | None
     prompt_tokens: int
     arrival: float = field(default_factory=time.monotonic)
     last_token: float | None = None
+
+    def token(self, scheduled: float | None = None) -> None:
+        """A token reached the server; `scheduled`: when the step that made it started, if known."""
+        now, m = time.monotonic(), self.metrics
+        if m and self.last_token is None:
+            m.labels(m.ttft).observe(now - self.arrival)
+            if scheduled is not None:
+                m.labels(m.queue_time).observe(max(scheduled - self.arrival, 0.0))
+        elif m:
+            m.labels(m.itl).observe(now - self.last_token)
+        if m:
+            m.labels(m.generation_tokens).inc()
+        self.last_token = now
+
+    def finish(self, reason: str, output_tokens: int) -> None:
+        m = self.metrics
+        if not m:
+            return
+        m.labels(m.request_outcomes, finish_reason=reason).inc()
+        m.labels(m.prompt_tokens).inc(self.prompt_tokens)
+        m.labels(m.prompt_length).observe(self.prompt_tokens)
+        m.labels(m.generation_length).observe(output_tokens)
+        m.labels(m.e2e).observe(time.monotonic() - self.arrival)
+
+
+@dataclass
+class _Stream:
+    text: TextStream
+    queue: asyncio.Queue
+    clock: RequestClock
 
 
 class AsyncEngine:
@@ -92,7 +129,21 @@ class AsyncEngine:
     @property
     def num_waiting_tokens(self) -> int:
         """Prompt tokens of requests that have produced nothing yet (queued, or prefilling)."""
-        return sum(s.prompt_tokens for s in self._streams.values() if s.last_token is None)
+        return sum(s.clock.prompt_tokens for s in self._streams.values() if s.clock.last_token is None)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.spec.vocab_size
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.validate(prompt_token_ids, params)
+
+    def describe(self) -> str:
+        return f"rung engine, {self.engine.kv.num_blocks} KV blocks of {self.engine.kv.block_size} tokens"
 
     # -- the asyncio side ------------------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | tuple = (),
@@ -101,7 +152,8 @@ class AsyncEngine:
         anything is queued, if it can never run. `handle.abort()` (a client that went away) frees its blocks."""
         self.engine.validate(prompt_token_ids, params)
         request_id = f"r{next(self._ids)}"
-        stream = _Stream(TextStream(self.tokenizer, stop), asyncio.Queue(), len(prompt_token_ids))
+        stream = _Stream(TextStream(self.tokenizer, stop), asyncio.Queue(), RequestClock(self.metrics,
+                                                                                         len(prompt_token_ids)))
         self._streams[request_id] = stream
         self._send(("add", request_id, list(prompt_token_ids), params, priority))
         return RequestHandle(self, request_id, stream)
@@ -109,13 +161,7 @@ class AsyncEngine:
     def _output(self, request_id: str, stream: _Stream, events: list[tuple[TokenEvent, float]]) -> Output:
         text, token_ids, samples, reason, event = "", [], [], None, events[-1][0]
         for event, step_started in events:
-            now = time.monotonic()
-            if stream.last_token is None and self.metrics:
-                self.metrics.labels(self.metrics.ttft).observe(now - stream.arrival)
-                self.metrics.labels(self.metrics.queue_time).observe(max(step_started - stream.arrival, 0.0))
-            elif self.metrics:
-                self.metrics.labels(self.metrics.itl).observe(now - stream.last_token)
-            stream.last_token = now
+            stream.clock.token(step_started)
             token_ids.append(event.token_id)
             samples.append(event.sample)
             text += stream.text.add(event.token_id)
@@ -126,20 +172,8 @@ class AsyncEngine:
                 break
         if reason is not None:
             text += stream.text.finish()
-            self._record_finish(stream, reason, event.num_prompt_tokens, len(stream.text.token_ids))
-        if self.metrics:
-            self.metrics.labels(self.metrics.generation_tokens).inc(len(token_ids))
+            stream.clock.finish(reason, len(stream.text.token_ids))
         return Output(text, token_ids, samples, reason, event.num_prompt_tokens, len(stream.text.token_ids))
-
-    def _record_finish(self, stream: _Stream, reason: str, prompt_tokens: int, output_tokens: int) -> None:
-        if not self.metrics:
-            return
-        m = self.metrics
-        m.labels(m.request_outcomes, finish_reason=reason).inc()
-        m.labels(m.prompt_tokens).inc(prompt_tokens)
-        m.labels(m.prompt_length).observe(prompt_tokens)
-        m.labels(m.generation_length).observe(output_tokens)
-        m.labels(m.e2e).observe(time.monotonic() - stream.arrival)
 
     def _send(self, message: tuple) -> None:
         self._inbox.append(message)
@@ -223,8 +257,7 @@ class RequestHandle:
         self.finished = True
         self.engine._streams.pop(self.request_id, None)
         self.engine._send(("abort", self.request_id, Status.FINISHED_ABORTED))
-        self.engine._record_finish(self.stream, Status.FINISHED_ABORTED.value, self.stream.prompt_tokens,
-                                   len(self.stream.text.token_ids))
+        self.stream.clock.finish(Status.FINISHED_ABORTED.value, len(self.stream.text.token_ids))
 
 
 def seeded(params: SamplingParams, index: int) -> SamplingParams:

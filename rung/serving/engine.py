@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class EngineConfig:
     dtype: str = "float32"
-    block_size: int = 16
+    block_size: int | None = None  # tokens per KV block; None: 16 for rung's engine, vLLM's own choice for vLLM's
     num_blocks: int | None = None  # None: as many as kv_cache_memory holds
     kv_cache_memory: int = 256 << 20  # bytes for the preallocated KV pool
     max_num_seqs: int = 64
@@ -44,6 +44,25 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "nano_batches"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
+
+
+def validate_request(prompt_token_ids: list[int], params: SamplingParams, window: int, vocab_size: int,
+                     kv_blocks: tuple[int, int] | None = None) -> None:
+    """Refuse, naming the field (SamplingError), a request that can never run: an empty prompt, one that does not
+    fit the context window with its max_tokens, token ids outside the vocabulary, or (given `kv_blocks`, the pool's
+    block count and size) one longer than the whole KV cache. One rule set for both serving engines."""
+    if not prompt_token_ids:
+        raise SamplingError("prompt", "is empty")
+    if len(prompt_token_ids) >= window:
+        raise SamplingError("prompt", f"has {len(prompt_token_ids)} tokens; the context window is {window}")
+    if len(prompt_token_ids) + params.max_tokens > window:
+        raise SamplingError("max_tokens", f"{params.max_tokens} plus the prompt's {len(prompt_token_ids)} tokens "
+                            f"exceeds the context window of {window}")
+    if kv_blocks and len(prompt_token_ids) + params.max_tokens > kv_blocks[0] * kv_blocks[1]:
+        raise SamplingError("max_tokens", f"{params.max_tokens} plus the prompt's {len(prompt_token_ids)} tokens "
+                            f"exceeds the whole KV cache ({kv_blocks[0]} blocks of {kv_blocks[1]})")
+    if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
+        raise SamplingError("prompt", f"token ids must be in [0, {vocab_size})")
 
 
 @dataclass
@@ -74,14 +93,15 @@ class Engine:
         self.spec = load_spec(model_dir)
         dtype = DTYPES[config.dtype]
         self.model = InferenceModel(self.spec, load_weights(model_dir), dtype)
-        block_bytes = (self.spec.num_layers * 2 * config.block_size * self.spec.num_kv_heads * self.spec.head_dim
+        block_size = config.block_size or 16
+        block_bytes = (self.spec.num_layers * 2 * block_size * self.spec.num_kv_heads * self.spec.head_dim
                        * dtype.itemsize)
         num_blocks = config.num_blocks or max(config.kv_cache_memory // block_bytes, 1)
-        self.kv = KVCacheManager(num_blocks, config.block_size, enable_prefix_caching=not config.deterministic)
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=not config.deterministic)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    deterministic=config.deterministic)
         self.nano_batches = config.nano_batches or tuned_nano_batches(model_dir) or default_nano_batches()
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, dtype, self.nano_batches,
+        self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.nano_batches,
                                   config.deterministic)
         self.last_step_tokens = 0  # tokens computed by the latest step
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
@@ -89,19 +109,8 @@ class Engine:
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Refuse what can never run, naming the field: SamplingError."""
-        window, capacity = self.max_model_len, self.kv.num_blocks * self.kv.block_size
-        if not prompt_token_ids:
-            raise SamplingError("prompt", "is empty")
-        if len(prompt_token_ids) >= window:
-            raise SamplingError("prompt", f"has {len(prompt_token_ids)} tokens; the context window is {window}")
-        if len(prompt_token_ids) + params.max_tokens > window:
-            raise SamplingError("max_tokens", f"{params.max_tokens} plus the prompt's {len(prompt_token_ids)} tokens "
-                                f"exceeds the context window of {window}")
-        if len(prompt_token_ids) + params.max_tokens > capacity:
-            raise SamplingError("max_tokens", f"{params.max_tokens} plus the prompt's {len(prompt_token_ids)} tokens "
-                                f"exceeds the whole KV cache ({self.kv.num_blocks} blocks of {self.kv.block_size})")
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.spec.vocab_size:
-            raise SamplingError("prompt", f"token ids must be in [0, {self.spec.vocab_size})")
+        validate_request(prompt_token_ids, params, self.max_model_len, self.spec.vocab_size,
+                         (self.kv.num_blocks, self.kv.block_size))
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
         self.validate(prompt_token_ids, params)

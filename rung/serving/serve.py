@@ -29,7 +29,12 @@ def _checked(settings: dict, host: str, port: int) -> ServeConfig:
     if not os.path.isdir(settings["model_dir"]):
         raise RungError(f"model folder not found: {settings['model_dir']}")
     check_port(host, port)
-    return serve_config({k: v for k, v in settings.items() if k not in PLACEMENT_ARGS})
+    config = serve_config({k: v for k, v in settings.items() if k not in PLACEMENT_ARGS})
+    if config.backend == "vllm":
+        from rung.serving.vllm_engine import import_vllm
+
+        import_vllm()
+    return config
 
 
 def serve(settings: dict, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
@@ -65,7 +70,7 @@ def serve(settings: dict, host: str = "127.0.0.1", port: int = 8000, log_level: 
                                            timeout_graceful_shutdown=int(config.grace_seconds) + 1))
     url = f"http://{host}:{port}"
     print(f"serve: {config.model_name} loaded in {time.monotonic() - started:.1f} s "
-          f"({state.engine.engine.kv.num_blocks} KV blocks of {config.engine.block_size} tokens); "
+          f"({state.engine.describe()}); "
           f"OpenAI API at {url}/v1, metrics at {url}/metrics", flush=True)
     server.run()
 

@@ -23,14 +23,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rung import __version__
-from rung.errors import ConfigError
-from rung.serving.async_engine import AsyncEngine, Output, RequestHandle, seeded
+from rung.errors import ConfigError, RungError
+from rung.serving.async_engine import AsyncEngine, EngineFailure, Output, RequestHandle, seeded
 from rung.serving.engine import Engine, EngineConfig
 from rung.serving.metrics import ServeMetrics
 from rung.serving.params import SamplingError
 from rung.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, Sampling,
                                    TokenizeRequest)
 
+BACKENDS = ("rung", "vllm")
+RUNG_ONLY = ("nano_batches", "deterministic")  # engine settings vLLM has no counterpart for
 DISCARD_LIMIT = 64 << 20  # an oversized body up to this size is read and dropped before the 413
 OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/openapi.json", "/docs")
 
@@ -44,7 +46,15 @@ class ServeConfig:
     max_queued_tokens: int | None = None  # prompt tokens of requests not yet producing, before 429; None = no bound
     max_body_bytes: int = 4 << 20
     grace_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
+    backend: str = "rung"  # which engine computes: rung's own, or vLLM's (an optional extra)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError("engine", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name in RUNG_ONLY if self.backend == "vllm" else ():
+            if getattr(self.engine, name):
+                raise ConfigError(name, "applies to rung's engine only; leave it unset with the vllm engine")
 
     @property
     def model_name(self) -> str:
@@ -59,6 +69,16 @@ def serve_config(args: dict) -> ServeConfig:
         raise ConfigError("args", f"unknown serve settings: {', '.join(sorted(unknown))}")
     return ServeConfig(**{k: v for k, v in args.items() if k in serve_fields},
                        engine=EngineConfig(**{k: v for k, v in args.items() if k not in serve_fields}))
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:  # transformers' ways of saying the folder has no usable tokenizer
+        reason = " ".join(str(err).split())
+        raise RungError(f"{model_dir} has no tokenizer rung can load: {reason[:300]}") from None
 
 
 class APIError(Exception):
@@ -77,11 +97,16 @@ def error_response(err: APIError) -> JSONResponse:
 class State:
     """What the routes share: the engine, tokenizer, metrics and lifecycle flags."""
 
-    def __init__(self, config: ServeConfig, engine: Engine, tokenizer):
+    def __init__(self, config: ServeConfig, tokenizer, engine: Engine | None = None):
         self.config, self.tokenizer = config, tokenizer
         self.metrics = ServeMetrics(config.model_name)
         self.metrics.labels(self.metrics.queue_limit).set(config.max_queued_requests)
-        self.engine = AsyncEngine(engine, tokenizer, self.metrics)
+        if config.backend == "vllm":
+            from rung.serving.vllm_engine import VLLMAsyncEngine
+
+            self.engine = VLLMAsyncEngine(config.model_dir, config.engine, self.metrics)
+        else:
+            self.engine = AsyncEngine(engine or Engine(config.model_dir, config.engine), tokenizer, self.metrics)
         self.ready = False
         self.draining = False
 
@@ -126,7 +151,7 @@ def _prompts(state: State, body: CompletionRequest) -> list[list[int]]:
 
 
 def _max_tokens(state: State, prompt: list[int], requested: int | None) -> int:
-    window = state.engine.engine.max_model_len
+    window = state.engine.max_model_len
     if requested is not None:
         return requested
     if len(prompt) >= window:
@@ -217,14 +242,11 @@ def _sse(payload: dict | str) -> str:
 
 
 def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None) -> FastAPI:
-    """The app; the engine and tokenizer load from `config.model_dir` unless given."""
-    if engine is None:
-        engine = Engine(config.model_dir, config.engine)
+    """The app; the engine (rung's, or vLLM's as `config.backend` says) and the tokenizer load from
+    `config.model_dir` unless given."""
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(config.model_dir)
-    state = State(config, engine, tokenizer)
+        tokenizer = load_tokenizer(config.model_dir)
+    state = State(config, tokenizer, engine)
 
     async def lifespan(app: FastAPI):
         state.engine.start()
@@ -244,6 +266,10 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
     @app.exception_handler(SamplingError)
     async def on_sampling_error(_request: Request, err: SamplingError):
         return error_response(APIError(400, str(err), param=err.field))
+
+    @app.exception_handler(EngineFailure)
+    async def on_engine_failure(_request: Request, err: EngineFailure):
+        return error_response(APIError(503, str(err), type_="service_unavailable"))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, err: RequestValidationError):
@@ -288,7 +314,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
     @app.get("/health")
     async def health():
         if not state.engine.healthy:
-            return error_response(APIError(503, "the engine loop is not making progress", "service_unavailable"))
+            return error_response(APIError(503, "the engine has failed or stopped making progress", "service_unavailable"))
         return {"status": "ok"}
 
     @app.get("/ready")
@@ -308,7 +334,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "rung", "max_model_len": engine.max_model_len}]}
+                                            "owned_by": "rung", "max_model_len": state.engine.max_model_len}]}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -319,13 +345,13 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
             tokens = state.encode(body.prompt, body.add_special_tokens)
         else:
             raise APIError(400, "give a prompt or messages", param="prompt")
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len}
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         state.check_model(body.model)
-        if any(not 0 <= t < engine.spec.vocab_size for t in body.tokens):
-            raise APIError(400, f"token ids must be in [0, {engine.spec.vocab_size})", param="tokens")
+        if any(not 0 <= t < state.engine.vocab_size for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {state.engine.vocab_size})", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
     def start(body: Sampling, prompts: list[list[int]], requested: int | None, logprobs: int | None):
@@ -334,7 +360,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None, tokenizer=None
         plans = []
         for prompt in prompts:
             params = body.sampling_params(_max_tokens(state, prompt, requested), logprobs)
-            engine.validate(prompt, params)
+            state.engine.validate(prompt, params)
             plans.extend((prompt, seeded(params, i)) for i in range(body.n))
         state.check_capacity(len(plans), sum(len(prompt) for prompt, _ in plans))
         return [state.engine.generate(p, params, body.stop_strings(), body.priority) for p, params in plans]
