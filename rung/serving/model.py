@@ -111,9 +111,9 @@ def _attend(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor
         first, end = context - rows + start, context - rows + start + n  # positions of the tile's rows
         tile = q[start:start + n].view(n, kv_heads, group, head_dim).permute(1, 2, 0, 3)
         scores = torch.bmm(tile.reshape(kv_heads, group * n, head_dim), keys[:, :, :end])
-        if n > 1:
-            scores.view(kv_heads, group, n, end).masked_fill_(torch.arange(end) > torch.arange(first, end)[:, None],
-                                                              float("-inf"))
+        if n > 1:  # the tile's rows see every earlier key: only its own n x n corner needs the causal mask
+            scores.view(kv_heads, group, n, end)[..., first:].masked_fill_(
+                torch.ones(n, n, dtype=torch.bool).triu_(1), float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
         tiles.append(torch.bmm(probs, values[:, :end]).view(kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
                      .reshape(n, heads * head_dim))
@@ -218,7 +218,9 @@ class InferenceModel:
         spans per layer. On CUDA one nano-batch's attention runs on one stream while the previous one's MLP GEMMs
         run on another (NanoFlow's intra-layer overlap); elsewhere they run one after the other — the same math."""
         spec = self.spec
-        x = F.embedding(step.token_ids, self.w["model.embed_tokens.weight"]) * spec.embedding_multiplier
+        x = F.embedding(step.token_ids, self.w["model.embed_tokens.weight"])
+        if spec.embedding_multiplier != 1.0:
+            x = x * spec.embedding_multiplier
         cos, sin = _rope_tables(step.positions, spec.head_dim, spec.rope_theta)
         parts = step.split(nano_batches) if nano_batches > 1 else [(slice(0, len(step.token_ids)), step)]
         self.last_nano_batches = len(parts)  # what the step was split into, for the serving metrics
@@ -234,11 +236,11 @@ class InferenceModel:
     def _attention_block(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,
                          rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         h = _rms_norm(x, self.w[f"model.layers.{layer}.input_layernorm.weight"], self.spec.rms_norm_eps)
-        return x + self.spec.residual_multiplier * self._attention(h, layer, step, cache, rope)
+        return torch.add(x, self._attention(h, layer, step, cache, rope), alpha=self.spec.residual_multiplier)
 
     def _mlp_block(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         h = _rms_norm(x, self.w[f"model.layers.{layer}.post_attention_layernorm.weight"], self.spec.rms_norm_eps)
-        return x + self.spec.residual_multiplier * self._mlp(h, layer)
+        return torch.add(x, self._mlp(h, layer), alpha=self.spec.residual_multiplier)
 
     def _overlapped_layers(self, x: torch.Tensor, parts: list[tuple[slice, StepInputs]], cache: torch.Tensor,
                            cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -267,4 +269,5 @@ class InferenceModel:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float() * self.spec.logits_multiplier
+        logits = F.linear(hidden, self.lm_head).float()
+        return logits if self.spec.logits_multiplier == 1.0 else logits * self.spec.logits_multiplier
