@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="batch-invariant outputs: a request's results do not depend on what else is running")
     serve.add_argument("--tune", action="store_true",
                        help="profile step time per nano-batch split, store the best for this device and model, exit")
+    serve.add_argument("--device", help="where rung's engine computes: cpu, cuda, cuda:N (default: the GPU when "
+                                        "there is one, else the CPU)")
     serve.add_argument("--engine", dest="backend", default="rung", choices=["rung", "vllm"],
                        help="what computes: rung's engine, or vLLM's (needs the vllm extra; default: rung)")
     serve.add_argument("--ray", action="store_true", help="run as a Ray Serve application (replicas on Ray)")
@@ -329,7 +331,7 @@ def _serve_command(args: argparse.Namespace) -> int:
                 "dtype": args.dtype, "block_size": args.block_size,
                 "kv_cache_memory": int(args.kv_cache_memory * (1 << 30)), "max_num_seqs": args.max_num_seqs,
                 "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
-                "nano_batches": args.nano_batches, "deterministic": args.deterministic}
+                "nano_batches": args.nano_batches, "deterministic": args.deterministic, "device": args.device}
     if args.tune:
         from rung.serving.server import serve_config
         from rung.serving.tuning import tune

@@ -68,7 +68,7 @@ def test_every_overlay_renders_the_whole_stack(rendered):
     assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1" and gpu["tolerations"]
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}} in gpu["volumes"]
     assert "bfloat16" in gpu["containers"][0]["args"]
-    assert gpu["containers"][0]["args"][-2:] == ["--engine", "vllm"]  # rung's own engine computes on CPUs
+    assert gpu["containers"][0]["args"][-2:] == ["--engine", "vllm"]  # vLLM's engine on GPUs
     dashboards = named(rendered["base"], "ConfigMap", "rung-dashboards")[0]
     assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert set(dashboards["data"]) == {p.name for p in DASHBOARDS}

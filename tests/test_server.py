@@ -353,7 +353,7 @@ def test_tune_stores_a_split_per_device_and_model_that_the_engine_uses(model_dir
     from rung.serving.engine import Engine, EngineConfig
     from rung.serving.tuning import CANDIDATES, tune_path
 
-    path = tune_path(model_dir)
+    path = tune_path(model_dir, EngineConfig().torch_device)
     assert str(path).startswith(str(tmp_path)) and path.with_suffix(".png").stat().st_size > 1000
     tuned = json.loads(path.read_text())
     assert set(tuned["step_ms"]) == {"16", "64", "128"}

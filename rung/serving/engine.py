@@ -37,10 +37,22 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context window
     nano_batches: int | None = None  # per step; None: a tuned value for this device and model, else the default
     deterministic: bool = False  # batch-invariant outputs (no prefix cache, request-only chunking, per-row GEMMs)
+    device: str | None = None  # where the model and KV cache live; None: the GPU when there is one, else the CPU
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError("device", f"is not a torch device: {self.device!r}") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError("device", "is cuda, but torch sees no CUDA GPU here")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "nano_batches"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(name, f"must be at least 1, got {getattr(self, name)}")
@@ -92,7 +104,7 @@ class Engine:
         self.config = config = config or EngineConfig()
         self.spec = load_spec(model_dir)
         dtype = DTYPES[config.dtype]
-        self.model = InferenceModel(self.spec, load_weights(model_dir), dtype)
+        self.model = InferenceModel(self.spec, load_weights(model_dir), dtype, config.torch_device)
         block_size = config.block_size or 16
         block_bytes = (self.spec.num_layers * 2 * block_size * self.spec.num_kv_heads * self.spec.head_dim
                        * dtype.itemsize)
@@ -100,7 +112,9 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=not config.deterministic)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    deterministic=config.deterministic)
-        self.nano_batches = config.nano_batches or tuned_nano_batches(model_dir) or default_nano_batches()
+        device = config.torch_device
+        self.nano_batches = (config.nano_batches or tuned_nano_batches(model_dir, device)
+                             or default_nano_batches(device))
         self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.nano_batches,
                                   config.deterministic)
         self.last_step_tokens = 0  # tokens computed by the latest step

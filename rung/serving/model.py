@@ -8,7 +8,7 @@ of a step, at any mix of prefill chunks and decodes, run as one packed batch of 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,12 @@ class StepInputs:
     # a decode reads a context of a few runs in place, one product per run; off, every context of several runs is
     # copied into one first, so a request's arithmetic never depends on where its blocks sit (deterministic mode)
     read_in_place: bool = True
+
+    def to(self, device: torch.device) -> StepInputs:
+        """The same step with its index tensors on `device` (runs are plain slices)."""
+        return replace(self, token_ids=self.token_ids.to(device, non_blocking=True),
+                       positions=self.positions.to(device, non_blocking=True),
+                       slots=self.slots.to(device, non_blocking=True))
 
     def split(self, parts: int) -> list[tuple[slice, StepInputs]]:
         """Up to `parts` nano-batches of whole spans with about equal token counts, in span order (a span may read
@@ -67,7 +73,8 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
 def _rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [T, 1, head_dim] computed in fp32 (as transformers does), once per step for every layer."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos()[:, None, :], emb.sin()[:, None, :]
@@ -113,7 +120,7 @@ def _attend(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor
         scores = torch.bmm(tile.reshape(kv_heads, group * n, head_dim), keys[:, :, :end])
         if n > 1:  # the tile's rows see every earlier key: only its own n x n corner needs the causal mask
             scores.view(kv_heads, group, n, end)[..., first:].masked_fill_(
-                torch.ones(n, n, dtype=torch.bool).triu_(1), float("-inf"))
+                torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
         tiles.append(torch.bmm(probs, values[:, :end]).view(kv_heads, group, n, head_dim).permute(2, 0, 1, 3)
                      .reshape(n, heads * head_dim))
@@ -141,10 +148,11 @@ def _expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 
 
 class InferenceModel:
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
-        self.spec = spec
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 device: torch.device = torch.device("cpu")):
+        self.spec, self.device = spec, device
         self.last_nano_batches = 0
-        self.w = {name: tensor.to(dtype) for name, tensor in weights.items()}
+        self.w = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
         expected = _expected_shapes(spec)
         missing = [name for name in expected if name not in self.w]
         if missing:

@@ -26,7 +26,7 @@ class ModelRunner:
         # views keys as [head dim, slots] and values as [slots, head dim] per head, the layouts its two matrix
         # products read, so a request in consecutive blocks attends over views of the pool
         self.cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, num_blocks * block_size * spec.head_dim,
-                                 dtype=dtype)
+                                 dtype=dtype, device=model.device)
 
     def _runs(self, block_table: tuple[int, ...], stop: int) -> list[slice]:
         """Where tokens 0..stop-1 of a request sit in the pool's slots, as runs of consecutive slots: one run when
@@ -67,7 +67,8 @@ class ModelRunner:
             spans.append((first, span.num_tokens, runs))
             first += span.num_tokens
         return StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.cat(positions),
-                          slots=torch.cat(slots), spans=spans, read_in_place=not self.deterministic)
+                          slots=torch.cat(slots), spans=spans, read_in_place=not self.deterministic
+                          ).to(self.model.device)
 
     def run(self, plan: StepPlan) -> dict[str, Sample]:
         """A sampled token (with logprobs) for every span that reached its request's end."""
@@ -86,7 +87,7 @@ class ModelRunner:
             return {}
         logits = torch.cat([self.model.logits(hidden[[row]]) for row in rows]) if self.deterministic else \
             self.model.logits(hidden[rows])
-        samples = self.sampler.sample(logits, inputs)
+        samples = self.sampler.sample(logits.cpu(), inputs)  # per-request generators and penalties live on the CPU
         return {row.request_id: sample for row, sample in zip(inputs, samples)}
 
     def release(self, request_id: str) -> None:

@@ -81,6 +81,7 @@ def serve_on_ray(settings: dict, host: str = "127.0.0.1", port: int = 8000, addr
     import signal
 
     from ray import serve as ray_serve
+    from ray.exceptions import RayError
 
     from rung.platform import cluster
     from rung.serving.ray_app import build
@@ -89,9 +90,12 @@ def serve_on_ray(settings: dict, host: str = "127.0.0.1", port: int = 8000, addr
     cluster.connect(address)
     stopping = []  # SIGTERM from here on (Ray installs its own handler at connect) means: delete the app, exit 0
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    ray_serve.start(http_options={"host": host, "port": port})
     replicas = settings.get("autoscaling") or settings.get("num_replicas", 1)
-    ray_serve.run(build(settings), name="rung", route_prefix="/")
+    try:
+        ray_serve.start(http_options={"host": host, "port": port})
+        ray_serve.run(build(settings), name="rung", route_prefix="/")
+    except RayError as err:  # a proxy or replica that died starting: say which, without Ray's traceback
+        raise RungError(f"Ray Serve could not start the application: {' '.join(str(err).split())[:300]}") from None
     url = f"http://{host}:{port}"
     print(f"serve: {config.model_name} on Ray Serve ({'autoscaling ' if settings.get('autoscaling') else ''}"
           f"replicas: {replicas}); OpenAI API at {url}/v1, metrics at {url}/metrics (per replica)", flush=True)

@@ -32,7 +32,7 @@ from rung.serving.protocol import (ChatCompletionRequest, CompletionRequest, Det
                                    TokenizeRequest)
 
 BACKENDS = ("rung", "vllm")
-RUNG_ONLY = ("nano_batches", "deterministic")  # engine settings vLLM has no counterpart for
+RUNG_ONLY = ("nano_batches", "deterministic", "device")  # engine settings vLLM has no counterpart for
 DISCARD_LIMIT = 64 << 20  # an oversized body up to this size is read and dropped before the 413
 OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/openapi.json", "/docs")
 

@@ -21,32 +21,37 @@ import torch
 CANDIDATES = (1, 2, 3, 4)
 
 
-def default_nano_batches() -> int:
+def default_nano_batches(device: torch.device) -> int:
     """Untuned: overlap two nano-batches on a GPU; one batch on a CPU, where the parts cannot overlap."""
-    return 2 if torch.cuda.is_available() else 1
+    return 2 if device.type == "cuda" else 1
 
 
-def device_key() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name().replace(" ", "-")
+def device_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
     return f"cpu-{platform.machine()}-{os.cpu_count()}cores-{torch.get_num_threads()}threads"
 
 
-def tune_path(model_dir: str | Path) -> Path:
+def tune_path(model_dir: str | Path, device: torch.device) -> Path:
     config = (Path(model_dir) / "config.json").read_bytes()
     model = hashlib.sha256(config).hexdigest()[:12]
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rung" / "tune"
-    return root / f"{device_key()}-{Path(model_dir).resolve().name}-{model}.json"
+    return root / f"{device_key(device)}-{Path(model_dir).resolve().name}-{model}.json"
 
 
-def tuned_nano_batches(model_dir: str | Path) -> int | None:
-    path = tune_path(model_dir)
+def tuned_nano_batches(model_dir: str | Path, device: torch.device) -> int | None:
+    path = tune_path(model_dir, device)
     if not path.is_file():
         return None
     try:
         return int(json.loads(path.read_text())["nano_batches"])
     except (ValueError, KeyError):
         return None  # a damaged file is ignored (and rewritten by the next --tune)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _synthetic_step(engine, num_tokens: int):
@@ -67,7 +72,7 @@ def _synthetic_step(engine, num_tokens: int):
         positions.append(torch.arange(context - rows, context))
         slots.append(context_slots[-rows:])
         first += rows
-    return StepInputs(torch.cat(token_ids), torch.cat(positions), torch.cat(slots), spans)
+    return StepInputs(torch.cat(token_ids), torch.cat(positions), torch.cat(slots), spans).to(engine.model.device)
 
 
 def tune(model_dir: str | Path, engine_config, repeats: int = 5, log=print) -> dict:
@@ -84,20 +89,18 @@ def tune(model_dir: str | Path, engine_config, repeats: int = 5, log=print) -> d
             engine.model.forward(step, engine.runner.cache, parts)  # warm-up
             times = []
             for _ in range(repeats):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
+                _synchronize(engine.model.device)
                 started = time.perf_counter()
                 engine.model.forward(step, engine.runner.cache, parts)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
+                _synchronize(engine.model.device)
                 times.append(time.perf_counter() - started)
             profile[str(num_tokens)][str(parts)] = statistics.median(times) * 1000
         log(f"tune: {num_tokens} tokens: " + ", ".join(f"{p} part{'s' if p != '1' else ''} {ms:.2f} ms"
                                                          for p, ms in profile[str(num_tokens)].items()))
     chosen = min(CANDIDATES, key=lambda p: sum(row[str(p)] for row in profile.values()))
-    result = {"device": device_key(), "model": str(Path(model_dir).resolve()), "nano_batches": chosen,
+    result = {"device": device_key(engine.model.device), "model": str(Path(model_dir).resolve()), "nano_batches": chosen,
               "step_ms": profile}
-    path = tune_path(model_dir)
+    path = tune_path(model_dir, engine.model.device)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps(result, indent=2))
