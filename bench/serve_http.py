@@ -1,6 +1,7 @@
-"""HTTP serving benchmark (`make bench`): `rung bench serve` against `rung serve` and against vLLM's OpenAI server
-(the CPU build, from its own venv) on the same ~10M-parameter folder, fp32, one compute thread each, at
-concurrency 1, 8, 32 and 64. Writes OUT/serve_http.json and OUT/serve_http.png; ratios are rung / vLLM.
+"""HTTP serving benchmark (`make bench`): `rung bench serve` against `rung serve`, against vLLM's OpenAI server
+(the CPU build, from its own venv) and against `rung serve --engine vllm` (vLLM's engine behind rung's server) on
+the same ~10M-parameter folder, fp32, one compute thread each, at concurrency 1, 8, 32 and 64. Writes
+OUT/serve_http.json and OUT/serve_http.png; ratios are rung / vLLM.
 """
 
 from __future__ import annotations
@@ -84,12 +85,16 @@ def main() -> None:
         servers["vllm"] = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder),
                            "--served-model-name", "m", "--dtype", "float32", "--enforce-eager", "--max-num-seqs",
                            "64", "--max-model-len", "1024", "--host", "127.0.0.1"]
+        # vLLM's engine behind rung's server (`--engine vllm`): what rung's API layer costs over vLLM's own
+        servers["rung+vllm-engine"] = [args.vllm_python, "-m", "rung.cli", "serve", str(folder), "--engine", "vllm",
+                                       "--served-model-name", "m", "--max-num-seqs", "64", "--max-model-len", "1024"]
     results: dict = {}
     for name, command in servers.items():
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server_env = {**env, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_HOST_IP": "127.0.0.1",
-                      "VLLM_CPU_OMP_THREADS_BIND": "0"} if name == "vllm" else env
+                      "VLLM_CPU_OMP_THREADS_BIND": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])
+                      } if "vllm" in name else env
         try:
             process = start([*command, "--port", str(port)], url, out / f"http-{name}.log", server_env)
         except RuntimeError as err:
