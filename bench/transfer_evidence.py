@@ -41,6 +41,8 @@ def main() -> None:
                         help="run points in N local processes instead of Ray tasks (a GPU box without Ray)")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU (train.use_gpu)")
     parser.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step (ladder budgets scale)")
+    parser.add_argument("--depth-params", default="completep,depth-mup,sp",
+                        help="parametrizations of the depth sweep (SP is the control)")
     parser.add_argument("--lr-grid", default="lr=2^-11:2^-4:x2^0.5",
                         help="the LR grid of the sweeps (an octave grid halves a CPU run's hours)")
     args = parser.parse_args()
@@ -58,10 +60,11 @@ def main() -> None:
                             processes=args.processes)
         evidence["width"] = {p: verdict(summary, p) for p in ("mup", "sp")}
     if "depth" in args.parts:
-        summary = run_sweep(load_run_config("tiny", common), lrs, ["completep", "depth-mup", "sp"], None,
+        depth_params = args.depth_params.split(",")
+        summary = run_sweep(load_run_config("tiny", common), lrs, depth_params, None,
                             [2, 4] if args.quick else [2, 4, 8, 16], None, seeds, str(out / "depth"),
                             processes=args.processes)
-        evidence["depth"] = {p: verdict(summary, p) for p in ("completep", "depth-mup", "sp")}
+        evidence["depth"] = {p: verdict(summary, p) for p in depth_params}
     if "moe" in args.parts:
         summary = run_sweep(load_run_config("tiny-moe", [*common, "model.moe.top_k=1"]), lrs, ["mup"], None, None,
                             [2, 4] if args.quick else [2, 4, 8], seeds, str(out / "moe"),
