@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step (ladder budgets scale)")
     parser.add_argument("--depth-params", default="completep,depth-mup,sp",
                         help="parametrizations of the depth sweep (SP is the control)")
+    parser.add_argument("--depths", default="2,4,8,16", help="depths of the depth sweep")
     parser.add_argument("--lr-grid", default="lr=2^-11:2^-4:x2^0.5",
                         help="the LR grid of the sweeps (an octave grid halves a CPU run's hours)")
     args = parser.parse_args()
@@ -62,7 +63,8 @@ def main() -> None:
     if "depth" in args.parts:
         depth_params = args.depth_params.split(",")
         summary = run_sweep(load_run_config("tiny", common), lrs, depth_params, None,
-                            [2, 4] if args.quick else [2, 4, 8, 16], None, seeds, str(out / "depth"),
+                            [2, 4] if args.quick else [int(d) for d in args.depths.split(",")], None, seeds,
+                            str(out / "depth"),
                             processes=args.processes)
         evidence["depth"] = {p: verdict(summary, p) for p in depth_params}
     if "moe" in args.parts:
