@@ -58,13 +58,13 @@ class RequestClock:
     def token(self, scheduled: float | None = None) -> None:
         """A token reached the server; `scheduled`: when the step that made it started, if known."""
         now, m = time.monotonic(), self.metrics
-        if m and self.last_token is None:
-            m.labels(m.ttft).observe(now - self.arrival)
-            if scheduled is not None:
-                m.labels(m.queue_time).observe(max(scheduled - self.arrival, 0.0))
-        elif m:
-            m.labels(m.itl).observe(now - self.last_token)
         if m:
+            if self.last_token is None:
+                m.labels(m.ttft).observe(now - self.arrival)
+                if scheduled is not None:
+                    m.labels(m.queue_time).observe(max(scheduled - self.arrival, 0.0))
+            else:
+                m.labels(m.itl).observe(now - self.last_token)
             m.labels(m.generation_tokens).inc()
         self.last_token = now
 

@@ -111,7 +111,7 @@ class KVCacheManager:
         for block_id in prefix:
             self._take(block_id)
         current.blocks.extend(prefix)
-        if needed > 0 and not current.room:
+        if table is None and needed > 0:  # placed once, at admission: never a scan per decode block
             current.room = self._place(-(-max(expected_tokens, total) // self.block_size) - len(current.blocks),
                                        needed)
         for _ in range(max(needed, 0)):
