@@ -46,6 +46,10 @@ def main() -> None:
     parser.add_argument("--depths", default="2,4,8,16", help="depths of the depth sweep")
     parser.add_argument("--lr-grid", default="lr=2^-11:2^-4:x2^0.5",
                         help="the LR grid of the sweeps (an octave grid halves a CPU run's hours)")
+    parser.add_argument("--budgets", default="1e5,2e5,4e5",
+                        help="the ladder's token budgets at batch 8 (scaled with --batch)")
+    parser.add_argument("--ladder-lr", type=float, default=None,
+                        help="the ladder's LR (default: the width part's μP proxy optimum, else 0.01)")
     args = parser.parse_args()
     out = Path(args.out)
     steps, seeds = ("40", 1) if args.quick else ("300", args.seeds)
@@ -74,8 +78,8 @@ def main() -> None:
         evidence["moe"] = {"mup": verdict(summary, "mup")}
     if "ladder" in args.parts:
         # the ladder trains at the LR the width sweep found for its proxy (μP transfers it), else a fixed one
-        lr = 2 ** evidence["width"]["mup"]["optimum_log2_lr"][0] if "width" in evidence else 0.01
-        budgets = [b * args.batch / 8 for b in ([2e4, 4e4] if args.quick else [1e5, 2e5, 4e5])]
+        lr = args.ladder_lr or (2 ** evidence["width"]["mup"]["optimum_log2_lr"][0] if "width" in evidence else 0.01)
+        budgets = [float(b) * args.batch / 8 for b in ("2e4,4e4" if args.quick else args.budgets).split(",")]
         fit = run_ladder(load_run_config("tiny", [*common, "param.base_width=32", f"train.lr={lr}"]),
                          [32, 64] if args.quick else [32, 48, 64, 96, 128], [2], None, budgets, str(out / "ladder"),
                          processes=args.processes)
