@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -16,7 +17,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from rung.errors import RungError
+from rung.serving import kernels
 from rung.serving.model_spec import ModelSpec
+
+
+@dataclass
+class DecodeBatch:
+    """The step's single-token spans as the decode kernel reads them: their rows in the batch and their contexts
+    as runs of pool slots (request r's runs are offsets[r]..offsets[r+1]-1)."""
+
+    rows: torch.Tensor | slice  # a slice when they lead the batch, as the scheduler puts decodes first
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    offsets: torch.Tensor
 
 
 @dataclass
@@ -31,6 +44,21 @@ class StepInputs:
     # a decode reads a context of a few runs in place, one product per run; off, every context of several runs is
     # copied into one first, so a request's arithmetic never depends on where its blocks sit (deterministic mode)
     read_in_place: bool = True
+
+    @cached_property
+    def decodes(self) -> DecodeBatch | None:
+        """Built once per step (not per layer) for the decode kernel; None when no span is a single token."""
+        rows, starts, lengths, offsets = [], [], [], [0]
+        for first, count, runs in self.spans:
+            if count == 1:
+                rows.append(first)
+                starts.extend(run.start for run in runs)
+                lengths.extend(run.stop - run.start for run in runs)
+                offsets.append(len(starts))
+        if not rows:
+            return None
+        return DecodeBatch(slice(0, len(rows)) if rows[-1] == len(rows) - 1 else torch.tensor(rows),
+                           torch.tensor(starts), torch.tensor(lengths), torch.tensor(offsets))
 
     def to(self, device: torch.device) -> StepInputs:
         """The same step with its index tensors on `device` (runs are plain slices)."""
@@ -127,6 +155,16 @@ def _attend(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor
     return tiles[0] if len(tiles) == 1 else torch.cat(tiles)
 
 
+def _grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows ends[e-1]..ends[e]-1 of x times weights[e] ([in, out]) for every expert e. On a CPU, torch's grouped
+    GEMM (one call for all experts, any float dtype, rows of a multiple of 16 bytes); elsewhere one product per
+    expert over its slice, since the CUDA grouped GEMM takes bf16 on recent GPUs only."""
+    if x.device.type == "cpu" and all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, weights)):
+        return torch._grouped_mm(x, weights, offs=ends)
+    bounds = [0, *ends.tolist()]
+    return torch.cat([x[start:stop] @ weights[e] for e, (start, stop) in enumerate(zip(bounds, bounds[1:]))])
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x = x.float()
@@ -151,6 +189,8 @@ class InferenceModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                  device: torch.device = torch.device("cpu")):
         self.spec, self.device = spec, device
+        # decodes on a CPU go through the compiled kernel when it is built; elsewhere (and without it) PyTorch's
+        self.decode_kernel = device.type == "cpu" and kernels.decode_kernel_loaded()
         self.last_nano_batches = 0
         self.w = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
         expected = _expected_shapes(spec)
@@ -164,40 +204,58 @@ class InferenceModel:
             raise RungError(f"the weights do not match the config: {'; '.join(wrong[:3])}")
         self.lm_head = self.w["model.embed_tokens.weight"] if spec.tie_word_embeddings else self.w["lm_head.weight"]
         self.experts = [self._experts(i) for i in range(spec.num_layers)] if spec.num_experts else None
+        self._fuse_projections()
 
-    def _experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(router [E, d], gate [E, f, d], up [E, f, d], down [E, d, f]) from either folder layout."""
+    def _fuse_projections(self) -> None:
+        """One GEMM for q, k and v and one for gate and up (as vLLM does): fewer, larger products per layer."""
+        for layer in range(self.spec.num_layers):
+            prefix = f"model.layers.{layer}."
+            groups = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}
+            if not self.spec.num_experts:
+                groups["mlp.gate_up_proj"] = ["mlp.gate_proj", "mlp.up_proj"]
+            for fused, parts in groups.items():
+                for kind in ("weight", "bias"):
+                    if f"{prefix}{parts[0]}.{kind}" in self.w:
+                        self.w[f"{prefix}{fused}.{kind}"] = torch.cat([self.w.pop(f"{prefix}{part}.{kind}")
+                                                                       for part in parts])
+
+    def _experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router [E, d], gate and up [E, d, 2f], down [E, f, d]) from either folder layout, stored as the
+        grouped GEMM reads them (input features first)."""
         prefix = f"model.layers.{layer}.block_sparse_moe."
         if self.spec.family == "granite":
-            gate, up = self.w[prefix + "input_linear.weight"].chunk(2, dim=1)
-            return self.w[prefix + "router.layer.weight"], gate, up, self.w[prefix + "output_linear.weight"]
-        experts = range(self.spec.num_experts)
-        stack = lambda name: torch.stack([self.w[f"{prefix}experts.{e}.{name}.weight"] for e in experts])  # noqa
-        return self.w[prefix + "gate.weight"], stack("w1"), stack("w3"), stack("w2")
+            gate_up, down = self.w.pop(prefix + "input_linear.weight"), self.w.pop(prefix + "output_linear.weight")
+            router = self.w[prefix + "router.layer.weight"]
+        else:
+            experts = range(self.spec.num_experts)
+            stack = lambda name: torch.stack([self.w.pop(f"{prefix}experts.{e}.{name}.weight")  # noqa: E731
+                                              for e in experts])
+            gate_up, down, router = torch.cat([stack("w1"), stack("w3")], dim=1), stack("w2"), \
+                self.w[prefix + "gate.weight"]
+        return router, gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
     def _moe(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Top-k routing with renormalised gates; each expert runs once on all of its tokens."""
-        router, gate, up, down = self.experts[layer]
+        """Top-k routing with renormalised gates; the (token, expert) pairs sorted by expert go through one
+        grouped GEMM per projection, each expert's rows against its own weights."""
+        router, gate_up, down = self.experts[layer]
         probs = torch.softmax(F.linear(x, router).float(), dim=-1)
         weights, chosen = probs.topk(self.spec.num_experts_per_tok, dim=-1)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)
-        for expert in chosen.unique().tolist():
-            rows, slot = torch.nonzero(chosen == expert, as_tuple=True)
-            h = x[rows]
-            y = F.linear(F.silu(F.linear(h, gate[expert])) * F.linear(h, up[expert]), down[expert])
-            out.index_add_(0, rows, y * weights[rows, slot, None])
-        return out
+        order = chosen.flatten().argsort(stable=True)
+        tokens = order // self.spec.num_experts_per_tok
+        ends = torch.bincount(chosen.flatten(), minlength=self.spec.num_experts).cumsum(0).to(torch.int32)
+        gate, up = _grouped_matmul(x[tokens], gate_up, ends).chunk(2, dim=-1)
+        y = _grouped_matmul(F.silu(gate) * up, down, ends) * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, tokens, y)
 
     def _mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         prefix = f"model.layers.{layer}."
         if not self.spec.num_experts:
-            return self._linear(F.silu(self._linear(x, prefix + "mlp.gate_proj")) * self._linear(x, prefix +
-                                                                                                 "mlp.up_proj"),
-                                prefix + "mlp.down_proj")
+            gate, up = self._linear(x, prefix + "mlp.gate_up_proj").chunk(2, dim=-1)
+            return self._linear(F.silu(gate) * up, prefix + "mlp.down_proj")
         out = self._moe(x, layer)
         if self.spec.shared_intermediate_size:
             gate, up = self._linear(x, prefix + "shared_mlp.input_linear").chunk(2, dim=-1)
@@ -207,17 +265,27 @@ class InferenceModel:
     def _attention(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,
                    rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec, prefix = self.spec, f"model.layers.{layer}.self_attn."
-        q = _rope(self._linear(x, prefix + "q_proj").view(-1, spec.num_heads, spec.head_dim), *rope)
-        k = _rope(self._linear(x, prefix + "k_proj").view(-1, spec.num_kv_heads, spec.head_dim), *rope)
-        v = self._linear(x, prefix + "v_proj").view(-1, spec.num_kv_heads, spec.head_dim)
+        qkv = self._linear(x, prefix + "qkv_proj").view(-1, spec.num_heads + 2 * spec.num_kv_heads, spec.head_dim)
+        qk = _rope(qkv[:, :spec.num_heads + spec.num_kv_heads], *rope)  # one rotation for queries and keys
+        q, k, v = qk[:, :spec.num_heads], qk[:, spec.num_heads:], qkv[:, spec.num_heads + spec.num_kv_heads:]
         keys = cache[layer, 0].view(spec.num_kv_heads, spec.head_dim, -1)  # [kv heads, head dim, slots]
         values = cache[layer, 1].view(spec.num_kv_heads, -1, spec.head_dim)  # [kv heads, slots, head dim]
         keys[:, :, step.slots] = k.permute(1, 2, 0)  # the whole step's KV first: a span may read another's new blocks
         values[:, step.slots] = v.transpose(0, 1)
         q = q * spec.attention_scale
-        out = torch.cat([_attend(q[first:first + rows], [keys[:, :, run] for run in runs],
-                                 [values[:, run] for run in runs], step.read_in_place)
-                         for first, rows, runs in step.spans])
+        decodes = step.decodes if self.decode_kernel else None
+        if decodes is None:
+            out = torch.cat([_attend(q[first:first + rows], [keys[:, :, run] for run in runs],
+                                     [values[:, run] for run in runs], step.read_in_place)
+                             for first, rows, runs in step.spans])
+        else:
+            out = q.new_empty(len(q), spec.num_heads * spec.head_dim)
+            out[decodes.rows] = kernels.decode_attention(q[decodes.rows], keys, values, decodes.starts,
+                                                         decodes.lengths, decodes.offsets).flatten(1)
+            for first, rows, runs in step.spans:
+                if rows > 1:
+                    out[first:first + rows] = _attend(q[first:first + rows], [keys[:, :, run] for run in runs],
+                                                      [values[:, run] for run in runs], step.read_in_place)
         return self._linear(out, prefix + "o_proj")
 
     @torch.inference_mode()

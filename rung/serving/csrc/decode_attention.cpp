@@ -1,0 +1,229 @@
+// Decode attention over rung's paged KV pool: every single-token span of a step in one call.
+//
+// In PyTorch a decode's attention is three small operators per layer per request, each paying ~15 us of dispatch
+// on a CPU: at 64 requests that is half of a decode step. Here one call walks each request's runs of pool slots.
+//
+// The arithmetic of a request depends only on its own context in order — scores go into a buffer indexed by context
+// position and every sum runs in context order — so the result is the same wherever the KV manager put its blocks
+// and whatever else is in the batch (the engine's deterministic mode relies on it).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace rung {
+namespace {
+
+// exp(x) for x <= 0 (scores minus their maximum), Cephes' single-precision polynomial (about 1 ulp). Rounding by
+// the 1.5 * 2^23 trick and bit casts instead of library calls, so that the loops calling it vectorize.
+inline float exp_nonpositive(float x) {
+  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  x = std::max(x, -87.0f);
+  const float shifted = x * 1.44269504088896341f + kShift;
+  const float n = shifted - kShift;
+  int32_t shifted_bits, shift_bits;
+  std::memcpy(&shifted_bits, &shifted, 4);
+  std::memcpy(&shift_bits, &kShift, 4);
+  const int32_t exponent = shifted_bits - shift_bits;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t scale_bits = (exponent + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &scale_bits, 4);
+  return p * scale;
+}
+
+constexpr int64_t kLanes = 16;  // floats in one Vec: a block of positions or features, the softmax sum's lanes
+constexpr int64_t kMaxGroup = 8;  // query heads computed together over one pass of a KV head's context
+// GCC/Clang vector extension: one AVX-512 register, two AVX2 ones or four NEON ones — whatever the target has
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+// kLanes values from src as floats; a partial block (Full false) reads only the first n and pads with zeros.
+template <typename T, bool Full>
+inline Vec load(const T* src, int64_t n) {
+  Vec v;
+  if constexpr (Full && std::is_same_v<T, float>) {
+    std::memcpy(&v, src, sizeof v);  // one unaligned vector load
+  } else {
+    for (int64_t l = 0; l < kLanes; ++l) v[l] = (Full || l < n) ? static_cast<float>(src[l]) : 0.0f;
+  }
+  return v;
+}
+
+// The first n (at most W * kLanes) lanes of W vectors.
+template <int64_t W>
+inline void store(const Vec (&acc)[W], int64_t n, float* dst) {
+  for (int64_t w = 0; w < W; ++w)
+    for (int64_t l = 0; l < kLanes && w * kLanes + l < n; ++l) dst[w * kLanes + l] = acc[w][l];
+}
+
+// scores[g, l] = q_g . k_l for the n <= W * kLanes positions of one block. Keys are stored [head_dim, slots], so
+// a block is a short contiguous row per feature, read once for all G query heads; its G * W independent
+// accumulators stay in registers, which keeps the FMA units busy rather than waiting on one chain.
+template <typename T, int64_t G, int64_t W, bool Full>
+inline void score_block(const float* q, int64_t head_dim, const T* keys, int64_t key_row_stride, int64_t n,
+                        float* scores, int64_t context) {
+  Vec acc[G][W] = {};
+  for (int64_t d = 0; d < head_dim; ++d) {
+    const T* src = keys + d * key_row_stride;
+    Vec k[W];
+    for (int64_t w = 0; w < W; ++w) k[w] = load<T, Full>(src + w * kLanes, n - w * kLanes);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t w = 0; w < W; ++w) acc[g][w] += q[g * head_dim + d] * k[w];
+  }
+  for (int64_t g = 0; g < G; ++g) store<W>(acc[g], n, scores + g * context);
+}
+
+// out[g, l] = sum over the context, in order, of p[g, c] * v_c[l] for the n <= W * kLanes features of one block.
+template <typename T, int64_t G, int64_t W, bool Full>
+inline void value_block(const float* probs, int64_t context, const T* values, int64_t value_row_stride,
+                        const int64_t* starts, const int64_t* lengths, int64_t runs, int64_t n, float* out,
+                        int64_t head_dim) {
+  Vec acc[G][W] = {};
+  for (int64_t run = 0, offset = 0; run < runs; offset += lengths[run], ++run) {
+    for (int64_t i = 0; i < lengths[run]; ++i) {
+      const T* src = values + (starts[run] + i) * value_row_stride;
+      Vec v[W];
+      for (int64_t w = 0; w < W; ++w) v[w] = load<T, Full>(src + w * kLanes, n - w * kLanes);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t w = 0; w < W; ++w) acc[g][w] += probs[g * context + offset + i] * v[w];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) store<W>(acc[g], n, out + g * head_dim);
+}
+
+// G <= kMaxGroup query heads (q scaled, as floats) over one KV head's context.
+template <typename T, int64_t G>
+void attend_heads(const float* q, int64_t head_dim, const T* keys, int64_t key_row_stride,
+                  const T* values, int64_t value_row_stride, const int64_t* starts, const int64_t* lengths,
+                  int64_t runs, int64_t context, std::vector<float>& scores, float* out) {
+  scores.resize(G * context);
+  constexpr int64_t W = G <= 4 ? 2 : 1;  // vectors per block: as many accumulators as registers allow
+  constexpr int64_t block = W * kLanes;
+  for (int64_t run = 0, offset = 0; run < runs; offset += lengths[run], ++run) {
+    for (int64_t i = 0; i < lengths[run]; i += block) {
+      const int64_t n = std::min(block, lengths[run] - i);
+      (n == block ? score_block<T, G, W, true> : score_block<T, G, W, false>)(
+          q, head_dim, keys + starts[run] + i, key_row_stride, n, scores.data() + offset + i, context);
+    }
+  }
+  float inverse[G];
+  for (int64_t g = 0; g < G; ++g) {  // softmax numerators in place, and 1 / denominator
+    float* row = scores.data() + g * context;
+    float top = row[0];
+    for (int64_t c = 1; c < context; ++c) top = std::max(top, row[c]);
+    float partial[kLanes] = {};
+    int64_t c = 0;
+    for (; c + kLanes <= context; c += kLanes) {
+      for (int64_t lane = 0; lane < kLanes; ++lane) {
+        row[c + lane] = exp_nonpositive(row[c + lane] - top);
+        partial[lane] += row[c + lane];
+      }
+    }
+    for (; c < context; ++c) {
+      row[c] = exp_nonpositive(row[c] - top);
+      partial[c % kLanes] += row[c];
+    }
+    float total = 0.0f;
+    for (int64_t lane = 0; lane < kLanes; ++lane) total += partial[lane];
+    inverse[g] = 1.0f / total;
+  }
+  for (int64_t d = 0; d < head_dim; d += block) {
+    const int64_t n = std::min(block, head_dim - d);
+    (n == block ? value_block<T, G, W, true> : value_block<T, G, W, false>)(
+        scores.data(), context, values + d, value_row_stride, starts, lengths, runs, n, out + d, head_dim);
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] *= inverse[g];
+}
+
+// attend_heads for a group size known only at run time.
+template <typename T>
+void attend_group(int64_t group, const float* q, int64_t head_dim, const T* keys, int64_t key_row_stride,
+                  const T* values, int64_t value_row_stride, const int64_t* starts, const int64_t* lengths,
+                  int64_t runs, int64_t context, std::vector<float>& scores, float* out) {
+  using Fn = void (*)(const float*, int64_t, const T*, int64_t, const T*, int64_t, const int64_t*, const int64_t*,
+                      int64_t, int64_t, std::vector<float>&, float*);
+  static constexpr Fn by_group[kMaxGroup] = {attend_heads<T, 1>, attend_heads<T, 2>, attend_heads<T, 3>,
+                                             attend_heads<T, 4>, attend_heads<T, 5>, attend_heads<T, 6>,
+                                             attend_heads<T, 7>, attend_heads<T, 8>};
+  by_group[group - 1](q, head_dim, keys, key_row_stride, values, value_row_stride, starts, lengths, runs, context,
+                      scores, out);
+}
+
+// q [requests, heads, head_dim], already scaled; keys [kv_heads, head_dim, slots] and values [kv_heads, slots,
+// head_dim], views of the pool; request r's context is runs offsets[r] .. offsets[r+1]-1, run k covering slots
+// starts[k] .. starts[k] + lengths[k] - 1 in context order. Returns [requests, heads, head_dim].
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                            const at::Tensor& starts, const at::Tensor& lengths, const at::Tensor& offsets) {
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "q, keys and values must be 3-d");
+  TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(), "a CPU kernel");
+  TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(), "one dtype");
+  TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "the pool's innermost dimension must be contiguous");
+  const int64_t requests = q.size(0), heads = q.size(1), head_dim = q.size(2), kv_heads = keys.size(0);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(keys.size(1) == head_dim && values.size(2) == head_dim && values.size(0) == kv_heads,
+              "keys [kv_heads, head_dim, slots] and values [kv_heads, slots, head_dim]");
+  TORCH_CHECK(offsets.numel() == requests + 1, "offsets needs one entry per request plus one");
+  const at::Tensor query = q.contiguous();
+  const at::Tensor run_starts = starts.to(at::kLong).contiguous(), run_lengths = lengths.to(at::kLong).contiguous();
+  const at::Tensor run_offsets = offsets.to(at::kLong).contiguous();
+  const int64_t* start = run_starts.data_ptr<int64_t>();
+  const int64_t* length = run_lengths.data_ptr<int64_t>();
+  const int64_t* offset = run_offsets.data_ptr<int64_t>();
+  const int64_t slots = keys.size(2);
+  for (int64_t k = 0; k < run_starts.numel(); ++k)
+    TORCH_CHECK(start[k] >= 0 && length[k] >= 0 && start[k] + length[k] <= slots, "a run outside the pool");
+  for (int64_t r = 0; r < requests; ++r)
+    TORCH_CHECK(offset[r] <= offset[r + 1] && offset[r + 1] <= run_starts.numel(), "offsets out of order");
+  at::Tensor out = at::empty_like(query);
+  const int64_t group = heads / kv_heads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
+    const scalar_t* q_data = query.data_ptr<scalar_t>();
+    const scalar_t* k_data = keys.data_ptr<scalar_t>();
+    const scalar_t* v_data = values.data_ptr<scalar_t>();
+    scalar_t* out_data = out.data_ptr<scalar_t>();
+    at::parallel_for(0, requests * kv_heads, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores, query(group * head_dim), result(group * head_dim);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r = task / kv_heads, h = task % kv_heads;
+        const int64_t first = offset[r], runs = offset[r + 1] - first;
+        int64_t context = 0;
+        for (int64_t k = first; k < first + runs; ++k) context += length[k];
+        const int64_t row = (r * heads + h * group) * head_dim;
+        for (int64_t i = 0; i < group * head_dim; ++i) query[i] = static_cast<float>(q_data[row + i]);
+        std::fill(result.begin(), result.end(), 0.0f);
+        for (int64_t g = 0; g < group && context > 0; g += kMaxGroup)
+          attend_group<scalar_t>(std::min(kMaxGroup, group - g), query.data() + g * head_dim, head_dim,
+                                 k_data + h * keys.stride(0), keys.stride(1), v_data + h * values.stride(0),
+                                 values.stride(1), start + first, length + first, runs, context, scores,
+                                 result.data() + g * head_dim);
+        for (int64_t i = 0; i < group * head_dim; ++i) out_data[row + i] = static_cast<scalar_t>(result[i]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace rung
+
+TORCH_LIBRARY(rung, m) {
+  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor starts, Tensor lengths, Tensor offsets)"
+        " -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(rung, CPU, m) { m.impl("decode_attention", &rung::decode_attention); }
