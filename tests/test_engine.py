@@ -104,19 +104,19 @@ def test_n_samples_share_the_prompt_and_seeds_reproduce_in_a_busy_batch(tmp_path
     assert engine.kv.prefix_hits > 0 and engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
-def use_decodes(engine: LLM, decodes: str) -> None:
-    """Decodes through the compiled kernel (which `make install` builds) or through PyTorch's operators."""
-    assert engine.engine.model.decode_kernel, "the decode kernel is not built: run `make install`"
-    engine.engine.model.decode_kernel = decodes == "kernel"
+def use_ops(engine: LLM, ops: str) -> None:
+    """rung's compiled kernels (which `make install` builds) or PyTorch's operators."""
+    assert engine.engine.model.use_kernels, "rung's kernels are not built: run `make install`"
+    engine.engine.model.use_kernels = ops == "kernels"
 
 
-@pytest.mark.parametrize("decodes", ["kernel", "pytorch"])
-def test_deterministic_mode_is_batch_invariant_to_the_bit(decodes, tmp_path):
+@pytest.mark.parametrize("ops", ["kernels", "pytorch"])
+def test_deterministic_mode_is_batch_invariant_to_the_bit(ops, tmp_path):
     cls, config = MODELS["mixtral"]
     torch.manual_seed(0)
     cls(config).save_pretrained(tmp_path)
     engine = LLM(tmp_path, num_blocks=128, block_size=4, max_num_batched_tokens=32, deterministic=True)
-    use_decodes(engine, decodes)
+    use_ops(engine, ops)
     prompt = list(range(1, 45))  # longer than a chunk: chunked at the same boundaries alone and in company
     params = SamplingParams(max_tokens=10, temperature=0.8, seed=5, ignore_eos=True)
     alone = engine.generate([prompt], params)[0][0]
@@ -155,14 +155,14 @@ def test_half_precision_serving_tracks_fp32(dtype, tmp_path):
         assert abs(a[0].logprobs[0] - b[0].logprobs[0]) < 0.1
 
 
-@pytest.mark.parametrize("decodes", ["kernel", "pytorch"])
+@pytest.mark.parametrize("ops", ["kernels", "pytorch"])
 @pytest.mark.parametrize("nano_batches", [1, 3])
 @pytest.mark.parametrize("name", ["llama-headdim24", "mixtral"])
-def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano_batches, decodes, tmp_path,
+def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano_batches, ops, tmp_path,
                                                                       monkeypatch):
     """The acceptance matrix: 32 requests at once, prompts of 1-300 tokens (some sharing a prefix), chunked prefill
-    forced small, prefix caching on, and a KV pool far smaller than the batch needs (preemption), with decodes
-    through the compiled kernel and through PyTorch. Contexts sit in one run of consecutive blocks, in a few (read
+    forced small, prefix caching on, and a KV pool far smaller than the batch needs (preemption), through rung's
+    compiled kernels and through PyTorch's operators. Contexts sit in one run of consecutive blocks, in a few (read
     in place by PyTorch) and in many (copied into one by PyTorch; the kernel walks them all)."""
     from rung.serving.runner import ModelRunner
 
@@ -184,7 +184,7 @@ def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano
     assert len(prompts) == 32 and min(map(len, prompts)) == 1 and max(map(len, prompts)) == 300
     engine = LLM(tmp_path, num_blocks=160, block_size=4, max_num_seqs=16, max_num_batched_tokens=64,
                  nano_batches=nano_batches)
-    use_decodes(engine, decodes)
+    use_ops(engine, ops)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     for prompt, output in zip(prompts, outputs):
         with torch.no_grad():

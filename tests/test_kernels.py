@@ -1,6 +1,7 @@
-"""The compiled decode-attention kernel against the PyTorch path it replaces: the same attention over contexts in
-one run, a few and many; the same bits wherever a context sits in the pool and whatever shares its call; and a
-clear error for runs outside the pool. `make install` builds it, so these tests require it."""
+"""rung's compiled CPU kernels against the PyTorch code they replace: decode attention over contexts in one run, a
+few and many (the same bits wherever a context sits in the pool and whatever shares its call, and a clear error
+for runs outside the pool), the fused rotary embedding and RMSNorm. `make install` builds them, so these tests
+require them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from rung.serving import kernels
-from rung.serving.model import _attend
+from rung.serving.model import _attend, _rms_norm, _rope, _rope_tables
 
 
 def pool(kv_heads: int, head_dim: int, slots: int, dtype: torch.dtype, seed: int = 0):
@@ -37,8 +38,8 @@ def call(q, keys, values, contexts: list[list[slice]]) -> torch.Tensor:
                                     torch.tensor(offsets))
 
 
-def test_the_kernel_is_built():
-    assert kernels.decode_kernel_loaded(), "run `make install`: it builds rung's decode-attention kernel"
+def test_the_kernels_are_built():
+    assert kernels.loaded(), "run `make install`: it builds rung's kernels"
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
@@ -83,3 +84,33 @@ def test_kernel_rejects_runs_outside_the_pool():
         call(q, keys, values, [[slice(500, 520)]])
     with pytest.raises(RuntimeError, match="offsets needs one entry per request"):
         kernels.decode_attention(q, keys, values, torch.tensor([0]), torch.tensor([4]), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+def test_rotary_and_rms_norm_equal_pytorch(dtype, tolerance):
+    rng = torch.Generator().manual_seed(3)
+    qkv = torch.randn(37, 10, 24, generator=rng).to(dtype)  # the rotated q/k heads are a view of a wider output
+    cos, sin = _rope_tables(torch.randint(0, 4000, (37,), generator=rng), 24, 10000.0)
+    expected = _rope(qkv[:, :6], cos, sin)
+    untouched = qkv[:, 6:].clone()
+    rotated = kernels.rotary_(qkv[:, :6], cos, sin)
+    torch.testing.assert_close(rotated.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    assert torch.equal(qkv[:, 6:], untouched) and rotated.data_ptr() == qkv.data_ptr()  # in place, in bounds
+    x, weight = torch.randn(37, 200, generator=rng).to(dtype), torch.randn(200, generator=rng).to(dtype)
+    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5).float(), _rms_norm(x, weight, 1e-5).float(),
+                               atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_places_keys_and_values_as_indexing_does(dtype):
+    keys, values = pool(2, 24, 512, dtype)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    rng = torch.Generator().manual_seed(4)
+    kv = torch.randn(9, 6, 24, generator=rng).to(dtype)  # k and v are views of one projection's output
+    k, v, slots = kv[:, 2:4], kv[:, 4:], torch.tensor([3, 4, 5, 6, 100, 101, 300, 511, 0])
+    expected_keys[:, :, slots] = k.permute(1, 2, 0)
+    expected_values[:, slots] = v.transpose(0, 1)
+    kernels.write_kv(k, v, keys, values, slots)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    with pytest.raises(RuntimeError, match="a slot outside the pool"):
+        kernels.write_kv(k, v, keys, values, slots + 1)

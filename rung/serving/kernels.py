@@ -1,12 +1,14 @@
-"""rung's compiled CPU kernel: attention for every decoding request of a step in one call.
+"""rung's compiled CPU kernels (`csrc/`): attention for every decoding request of a step in one call, the writes
+of a step's keys and values into the paged pool, and the layers' RMSNorm and rotary embedding in one pass each.
 
-A decode's attention in PyTorch is three small operators per layer per request, and on a CPU each costs ~15 µs
-of dispatch — half of a 64-request decode step. `csrc/decode_attention.cpp` does them all in one call.
+Why: a decode's attention in PyTorch is three small operators per layer per request, and RMSNorm and RoPE are five
+and six passes over the hidden states; on a CPU that is per-operator dispatch and memory traffic the arithmetic
+does not need. vLLM's CPU backend has the same ops in C++.
 
-`make install` builds it (`python -m rung.serving.kernels`) with torch's extension builder into a folder keyed
-by the source's hash, torch's version and the compiler flags, so a stale or foreign build is never loaded; the
-engine only loads what is there and never compiles at serve time. Without a build, or with RUNG_DECODE_KERNEL=0,
-the engine runs the PyTorch path (the same math, and the reference the kernel's tests compare against).
+`make install` builds them (`python -m rung.serving.kernels`) with torch's extension builder into a folder keyed
+by the sources' hash, torch's version and the compiler flags, so a stale or foreign build is never loaded; the
+engine only loads what is there and never compiles at serve time. Without a build, or with RUNG_KERNELS=0, the
+engine runs the PyTorch path (the same math, and the reference the kernels' tests compare against).
 """
 
 from __future__ import annotations
@@ -22,37 +24,38 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
-# -march=native: the kernel is built on the machine that runs it (an image build sets its own target)
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+# -march=native: the kernels are built on the machine that runs them (an image build sets its own target)
 CFLAGS = os.environ.get("RUNG_KERNEL_CFLAGS", "-O3 -march=native").split()
 LIBRARY = "rung_kernels"
 
 
 def build_dir() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CFLAGS).encode())
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + torch.__version__.encode()
+                         + " ".join(CFLAGS).encode())
     return Path(__file__).parent / "_build" / key.hexdigest()[:16]
 
 
 def build(verbose: bool = False) -> Path:
-    """Compiles the kernel (about a minute) and returns the shared library's path."""
+    """Compiles the kernels (tens of seconds) and returns the shared library's path."""
     from torch.utils.cpp_extension import load
 
     folder = build_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    load(name=LIBRARY, sources=[str(SOURCE)], build_directory=str(folder), extra_cflags=CFLAGS,
+    load(name=LIBRARY, sources=[str(s) for s in SOURCES], build_directory=str(folder), extra_cflags=CFLAGS,
          is_python_module=False, verbose=verbose)
     return folder / f"{LIBRARY}.so"
 
 
 @cache
-def decode_kernel_loaded() -> bool:
-    """Whether torch.ops.rung.decode_attention is there to call: loads a matching build if one exists."""
-    if os.environ.get("RUNG_DECODE_KERNEL", "1") == "0":
+def loaded() -> bool:
+    """Whether torch.ops.rung.* are there to call: loads a matching build if one exists."""
+    if os.environ.get("RUNG_KERNELS", "1") == "0":
         return False
     library = build_dir() / f"{LIBRARY}.so"
     if not library.is_file():
-        log.warning("rung's decode-attention kernel is not built (`make install` or `python -m "
-                    "rung.serving.kernels` builds it): decodes run the slower PyTorch path")
+        log.warning("rung's CPU kernels are not built (`make install` or `python -m rung.serving.kernels` builds "
+                    "them): the engine runs the slower PyTorch path")
         return False
     torch.ops.load_library(str(library))
     return True
@@ -66,8 +69,24 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return torch.ops.rung.decode_attention(q, keys, values, starts, lengths, offsets)
 
 
+def write_kv(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+    """k, v [tokens, kv_heads, head_dim] into the pool views keys [kv_heads, head_dim, slots] and values [kv_heads,
+    slots, head_dim], token t at slots[t]."""
+    torch.ops.rung.write_kv(k, v, keys, values, slots)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x [tokens, heads, head_dim] in place by fp32 tables cos, sin [tokens, (1,) head_dim]; returns x."""
+    torch.ops.rung.rotary_(x, cos, sin)
+    return x
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.ops.rung.rms_norm(x, weight, eps)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build rung's CPU decode-attention kernel.")
+    parser = argparse.ArgumentParser(description="Build rung's CPU kernels.")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     print(f"built {build(args.verbose)}")

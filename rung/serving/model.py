@@ -189,8 +189,9 @@ class InferenceModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                  device: torch.device = torch.device("cpu")):
         self.spec, self.device = spec, device
-        # decodes on a CPU go through the compiled kernel when it is built; elsewhere (and without it) PyTorch's
-        self.decode_kernel = device.type == "cpu" and kernels.decode_kernel_loaded()
+        # on a CPU, decode attention, RMSNorm and RoPE go through rung's compiled kernels when they are built;
+        # elsewhere (and without them) through PyTorch's operators
+        self.use_kernels = device.type == "cpu" and kernels.loaded()
         self.last_nano_batches = 0
         self.w = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
         expected = _expected_shapes(spec)
@@ -207,7 +208,8 @@ class InferenceModel:
         self._fuse_projections()
 
     def _fuse_projections(self) -> None:
-        """One GEMM for q, k and v and one for gate and up (as vLLM does): fewer, larger products per layer."""
+        """One GEMM for q, k and v (queries scaled by the attention scale on the way) and one for gate and up, as
+        vLLM does: fewer, larger products per layer, and no pass to scale the queries."""
         for layer in range(self.spec.num_layers):
             prefix = f"model.layers.{layer}."
             groups = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}
@@ -218,6 +220,10 @@ class InferenceModel:
                     if f"{prefix}{parts[0]}.{kind}" in self.w:
                         self.w[f"{prefix}{fused}.{kind}"] = torch.cat([self.w.pop(f"{prefix}{part}.{kind}")
                                                                        for part in parts])
+            for kind in ("weight", "bias"):  # queries come out scaled for attention (RoPE is linear)
+                name = f"{prefix}self_attn.qkv_proj.{kind}"
+                if name in self.w:
+                    self.w[name][:self.spec.num_heads * self.spec.head_dim] *= self.spec.attention_scale
 
     def _experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router [E, d], gate and up [E, d, 2f], down [E, f, d]) from either folder layout, stored as the
@@ -233,6 +239,9 @@ class InferenceModel:
             gate_up, down, router = torch.cat([stack("w1"), stack("w3")], dim=1), stack("w2"), \
                 self.w[prefix + "gate.weight"]
         return router, gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+
+    def _norm(self, x: torch.Tensor, weight: str) -> torch.Tensor:
+        return (kernels.rms_norm if self.use_kernels else _rms_norm)(x, self.w[weight], self.spec.rms_norm_eps)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
@@ -266,14 +275,17 @@ class InferenceModel:
                    rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         spec, prefix = self.spec, f"model.layers.{layer}.self_attn."
         qkv = self._linear(x, prefix + "qkv_proj").view(-1, spec.num_heads + 2 * spec.num_kv_heads, spec.head_dim)
-        qk = _rope(qkv[:, :spec.num_heads + spec.num_kv_heads], *rope)  # one rotation for queries and keys
+        qk = qkv[:, :spec.num_heads + spec.num_kv_heads]  # one rotation for queries and keys
+        qk = kernels.rotary_(qk, *rope) if self.use_kernels else _rope(qk, *rope)
         q, k, v = qk[:, :spec.num_heads], qk[:, spec.num_heads:], qkv[:, spec.num_heads + spec.num_kv_heads:]
         keys = cache[layer, 0].view(spec.num_kv_heads, spec.head_dim, -1)  # [kv heads, head dim, slots]
         values = cache[layer, 1].view(spec.num_kv_heads, -1, spec.head_dim)  # [kv heads, slots, head dim]
-        keys[:, :, step.slots] = k.permute(1, 2, 0)  # the whole step's KV first: a span may read another's new blocks
-        values[:, step.slots] = v.transpose(0, 1)
-        q = q * spec.attention_scale
-        decodes = step.decodes if self.decode_kernel else None
+        if self.use_kernels:  # the whole step's KV first: a span may read another's new blocks
+            kernels.write_kv(k, v, keys, values, step.slots)
+        else:
+            keys[:, :, step.slots] = k.permute(1, 2, 0)
+            values[:, step.slots] = v.transpose(0, 1)
+        decodes = step.decodes if self.use_kernels else None
         if decodes is None:
             out = torch.cat([_attend(q[first:first + rows], [keys[:, :, run] for run in runs],
                                      [values[:, run] for run in runs], step.read_in_place)
@@ -307,15 +319,15 @@ class InferenceModel:
                 for rows, sub in parts:
                     x[rows] = self._attention_block(x[rows], layer, sub, cache, (cos[rows], sin[rows]))
                     x[rows] = self._mlp_block(x[rows], layer)
-        return _rms_norm(x, self.w["model.norm.weight"], spec.rms_norm_eps)
+        return self._norm(x, "model.norm.weight")
 
     def _attention_block(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,
                          rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h = _rms_norm(x, self.w[f"model.layers.{layer}.input_layernorm.weight"], self.spec.rms_norm_eps)
+        h = self._norm(x, f"model.layers.{layer}.input_layernorm.weight")
         return torch.add(x, self._attention(h, layer, step, cache, rope), alpha=self.spec.residual_multiplier)
 
     def _mlp_block(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        h = _rms_norm(x, self.w[f"model.layers.{layer}.post_attention_layernorm.weight"], self.spec.rms_norm_eps)
+        h = self._norm(x, f"model.layers.{layer}.post_attention_layernorm.weight")
         return torch.add(x, self._mlp(h, layer), alpha=self.spec.residual_multiplier)
 
     def _overlapped_layers(self, x: torch.Tensor, parts: list[tuple[slice, StepInputs]], cache: torch.Tensor,

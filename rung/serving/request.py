@@ -33,18 +33,20 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose KV is in the cache
     num_preemptions: int = 0
     status: Status = Status.WAITING
+    # prompt then output, kept as tokens arrive: the scheduler reads it every step, so it is never rebuilt
+    all_token_ids: list[int] = field(init=False)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def __post_init__(self) -> None:
+        self.all_token_ids = self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.all_token_ids)
 
     def append(self, token_id: int) -> None:
         """Add a sampled token and finish the request if a stop rule says so."""
         self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
         produced, p = len(self.output_token_ids), self.params
         stops = token_id in p.stop_token_ids or (token_id in self.eos_token_ids and not p.ignore_eos)
         if stops and produced >= p.min_tokens:

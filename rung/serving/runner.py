@@ -46,28 +46,30 @@ class ModelRunner:
         return runs
 
     @staticmethod
-    def _slots(runs: list[slice], start: int, stop: int) -> torch.Tensor:
+    def _slots(runs: list[slice], start: int, stop: int) -> list[int]:
         """The slots of tokens start..stop-1."""
         pieces, offset = [], 0
         for run in runs:
             low, high = max(start, offset), min(stop, offset + run.stop - run.start)
             if low < high:
-                pieces.append(torch.arange(run.start + low - offset, run.start + high - offset))
+                pieces.extend(range(run.start + low - offset, run.start + high - offset))
             offset += run.stop - run.start
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return pieces
 
     def prepare(self, plan: StepPlan) -> StepInputs:
+        """Plain Python lists first and one tensor each at the end: a decode step has one token per request, and a
+        tensor per request would cost more than the lists."""
         token_ids, positions, slots, spans, first = [], [], [], [], 0
         for span in plan.spans:
             end = span.start + span.num_tokens
             runs = self._runs(span.block_table, end)
             token_ids.extend(span.token_ids)
-            positions.append(torch.arange(span.start, end))
-            slots.append(self._slots(runs, span.start, end))
+            positions.extend(range(span.start, end))
+            slots.extend(self._slots(runs, span.start, end))
             spans.append((first, span.num_tokens, runs))
             first += span.num_tokens
-        return StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.cat(positions),
-                          slots=torch.cat(slots), spans=spans, read_in_place=not self.deterministic
+        return StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.tensor(positions),
+                          slots=torch.tensor(slots), spans=spans, read_in_place=not self.deterministic
                           ).to(self.model.device)
 
     def run(self, plan: StepPlan) -> dict[str, Sample]:

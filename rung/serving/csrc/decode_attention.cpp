@@ -218,12 +218,62 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const a
   return out;
 }
 
+// Writes a step's new keys and values k, v [tokens, kv_heads, head_dim] into the pool views read above, token t
+// at slot slots[t]: the key transposed into keys [kv_heads, head_dim, slots], the value as a row of values
+// [kv_heads, slots, head_dim]. PyTorch's indexed assignment into the transposed keys is ~5x slower.
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor keys, at::Tensor values, const at::Tensor& slots) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "k and v must both be [tokens, kv_heads, head_dim]");
+  TORCH_CHECK(keys.device().is_cpu() && keys.scalar_type() == k.scalar_type() &&
+              values.scalar_type() == k.scalar_type() && v.scalar_type() == k.scalar_type(), "one CPU dtype");
+  TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "the pool's innermost dimension must be contiguous");
+  TORCH_CHECK(keys.size(0) == k.size(1) && keys.size(1) == k.size(2) && values.size(2) == k.size(2),
+              "keys [kv_heads, head_dim, slots] and values [kv_heads, slots, head_dim]");
+  const at::Tensor slot = slots.to(at::kLong).contiguous();
+  const int64_t tokens = k.size(0), kv_heads = k.size(1), head_dim = k.size(2), pool = keys.size(2);
+  TORCH_CHECK(slot.numel() == tokens, "one slot per token");
+  const int64_t* where = slot.data_ptr<int64_t>();
+  for (int64_t t = 0; t < tokens; ++t) TORCH_CHECK(where[t] >= 0 && where[t] < pool, "a slot outside the pool");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "write_kv", [&] {
+    const scalar_t* k_data = k.data_ptr<scalar_t>();
+    const scalar_t* v_data = v.data_ptr<scalar_t>();
+    scalar_t* key_pool = keys.data_ptr<scalar_t>();
+    scalar_t* value_pool = values.data_ptr<scalar_t>();
+    // strides as locals: read through the tensors, the compiler would reload them after every store
+    const int64_t k_token = k.stride(0), k_head = k.stride(1), k_dim = k.stride(2);
+    const int64_t v_token = v.stride(0), v_head = v.stride(1), v_dim = v.stride(2);
+    const int64_t key_head = keys.stride(0), key_row = keys.stride(1);
+    const int64_t value_head = values.stride(0), value_row = values.stride(1);
+    constexpr int64_t kTile = 64;  // tokens whose keys are transposed together: short contiguous rows per feature
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t first = 0; first < tokens;) {
+        int64_t last = first + 1;  // [first, last): consecutive tokens at consecutive slots, at most a tile
+        while (last < tokens && last - first < kTile && where[last] == where[last - 1] + 1) ++last;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          scalar_t* row = key_pool + h * key_head + d * key_row + where[first];
+          const scalar_t* src = k_data + h * k_head + d * k_dim;
+          for (int64_t t = first; t < last; ++t) row[t - first] = src[t * k_token];
+        }
+        for (int64_t t = first; t < last; ++t) {
+          const scalar_t* value = v_data + t * v_token + h * v_head;
+          scalar_t* dst = value_pool + h * value_head + where[t] * value_row;
+          for (int64_t d = 0; d < head_dim; ++d) dst[d] = value[d * v_dim];
+        }
+        first = last;
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace rung
 
-TORCH_LIBRARY(rung, m) {
+TORCH_LIBRARY_FRAGMENT(rung, m) {
   m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor starts, Tensor lengths, Tensor offsets)"
         " -> Tensor");
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor slots) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(rung, CPU, m) { m.impl("decode_attention", &rung::decode_attention); }
+TORCH_LIBRARY_IMPL(rung, CPU, m) {
+  m.impl("decode_attention", &rung::decode_attention);
+  m.impl("write_kv", &rung::write_kv);
+}
