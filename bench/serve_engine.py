@@ -1,7 +1,8 @@
 """Engine benchmarks (`make bench`): offline output tokens/s of rung's engine against transformers' `generate` in
 static batches of 32 (padded) and against vLLM's CPU build (run from its own venv, when present), the effect of
-the compute-thread overlap and of nano-batching, and decode step time against batch size with the share of the
-machine's measured matmul FLOP/s it reaches. All ratios come from the same run on the same machine.
+overlapping compute with serving (compute thread, engine process) and of nano-batching, and decode step time
+against batch size with the share of the machine's measured matmul FLOP/s it reaches. All ratios come from the
+same run on the same machine.
 
 Workload (seeded): N requests, prompt lengths uniform in [16, 512], output lengths uniform in [16, 256], ignore-eos,
 on a ~10M-parameter Llama folder and a tiny Mixtral folder made with transformers (random weights), fp32, one
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 from rung.platform.runtime import _measured_matmul_flops  # noqa: E402
 from rung.serving.async_engine import AsyncEngine  # noqa: E402
 from rung.serving.engine import Engine, EngineConfig  # noqa: E402
+from rung.serving.engine_core import ProcessCore  # noqa: E402
 from rung.serving.llm import LLM  # noqa: E402
 from rung.serving.params import SamplingParams  # noqa: E402
 
@@ -75,18 +77,20 @@ def rung_offline(folder: Path, prompts, outputs, nano_batches: int = 1) -> float
     return produced / (time.perf_counter() - started)
 
 
-def rung_served(folder: Path, prompts, outputs, overlap: bool, nano_batches: int) -> float:
-    """Through the AsyncEngine with detokenization (the serving path): compute on its own thread (overlap) or the
-    same steps and detokenization in one thread, one after the other."""
+def rung_served(folder: Path, prompts, outputs, mode: str, nano_batches: int) -> float:
+    """Through the AsyncEngine with detokenization (the serving path): steps in an engine process (as `rung serve`
+    runs them) or on a compute thread, or the same steps and detokenization in one thread one after the other
+    (mode "process", "thread" or "serial")."""
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
         {f"t{i}": i for i in range(VOCAB)}, unk_token="t0")))
-    engine = Engine(folder, EngineConfig(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-                                         nano_batches=nano_batches))
+    config = EngineConfig(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+                          nano_batches=nano_batches)
+    engine = ProcessCore(folder, config) if mode == "process" else Engine(folder, config)
     params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outputs]
-    if not overlap:
+    if mode == "serial":
         from rung.serving.detokenizer import TextStream
 
         streams = {f"r{i}": TextStream(tokenizer) for i in range(len(prompts))}
@@ -249,9 +253,10 @@ def main() -> None:
     llama = models["llama-10m"]
     subset = (prompts[:64], outputs[:64])
     results["overlap"] = {
-        "serial (no compute thread), 1 nano-batch": rung_served(llama, *subset, overlap=False, nano_batches=1),
-        "compute thread, 1 nano-batch": rung_served(llama, *subset, overlap=True, nano_batches=1),
-        "compute thread, 2 nano-batches": rung_served(llama, *subset, overlap=True, nano_batches=2)}
+        "serial (no compute thread), 1 nano-batch": rung_served(llama, *subset, "serial", nano_batches=1),
+        "compute thread, 1 nano-batch": rung_served(llama, *subset, "thread", nano_batches=1),
+        "compute thread, 2 nano-batches": rung_served(llama, *subset, "thread", nano_batches=2),
+        "engine process, 1 nano-batch": rung_served(llama, *subset, "process", nano_batches=1)}
     print("bench: overlap: " + ", ".join(f"{k} {v:.1f}" for k, v in results["overlap"].items()), flush=True)
     results["decode_steps"] = decode_step_times(llama)
     for row in results["decode_steps"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -282,6 +283,28 @@ def test_sigterm_drains_in_flight_requests(model_dir, tmp_path):
     status, body = results[0]
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 100
     assert "draining" in (tmp_path / "serve.log").read_text()
+
+
+def test_a_dead_engine_process_fails_health_and_answers_503(model_dir, tmp_path):
+    """`rung serve` steps the engine in a process of its own: if it dies, the server says so instead of hanging."""
+    server = Server(model_dir, tmp_path / "serve.log")
+    try:
+        children = subprocess.run(["pgrep", "-a", "-P", str(server.process.pid)], capture_output=True,
+                                  text=True).stdout.splitlines()
+        engines = [line for line in children if "spawn_main" in line]
+        assert len(engines) == 1, children
+        assert http("GET", f"{server.url}/health")[0] == 200
+        os.kill(int(engines[0].split()[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while http("GET", f"{server.url}/health")[0] != 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert http("GET", f"{server.url}/health")[0] == 503
+        status, _, text = http("POST", f"{server.url}/v1/completions", {"model": "tiny", "prompt": "def",
+                                                                        "max_tokens": 4})
+        assert status == 503 and json.loads(text)["error"]["type"] == "service_unavailable", text
+        assert "engine process stopped" in json.loads(text)["error"]["message"]
+    finally:
+        server.stop()
 
 
 def test_bad_serve_invocations_fail_cleanly(model_dir, tmp_path):

@@ -1,25 +1,24 @@
-"""The engine behind the HTTP server: the model runs on a compute thread while the asyncio thread serves HTTP,
-detokenizes and streams (torch releases the GIL inside its kernels, so on CPU one core computes while the other
-does everything else).
+"""The engine behind the HTTP server: the model steps in an engine core (its own process under `rung serve`, a
+compute thread for an Engine built by the caller; engine_core.py) while the asyncio thread serves HTTP, detokenizes
+and streams — on a CPU one core computes while the other does everything else.
 
-    asyncio thread:  request → validate → inbox ──┐            ┌─► per-request queue → detokenize/stop → stream
-    compute thread:                    drain inbox → step() ─┘ (events handed back with call_soon_threadsafe)
+    asyncio thread:  request → validate → send ──┐              ┌─► per-request queue → detokenize/stop → stream
+    engine core:                     messages → step() → StepReport (tokens, stats)
 
-Only the compute thread touches the Engine's mutable state (scheduler, cache); the asyncio side talks to it through
-the inbox, so a request added or aborted mid-step takes effect at the next step boundary.
+Only the core touches the Engine's mutable state (scheduler, cache); the asyncio side talks to it by messages, so a
+request added or aborted mid-step takes effect at the next step boundary.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field, replace
 
 from rung.serving.detokenizer import Decoder, TextStream
-from rung.serving.engine import Engine, TokenEvent
+from rung.serving.engine import Engine, TokenEvent, validate_request
+from rung.serving.engine_core import ProcessCore, StepReport, ThreadCore
 from rung.serving.metrics import ServeMetrics
 from rung.serving.params import SamplingParams
 from rung.serving.request import Status
@@ -87,35 +86,37 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, tokenizer: Decoder, metrics: ServeMetrics | None = None):
-        self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
-        self._inbox: deque[tuple] = deque()
-        self._wake = threading.Event()
+    def __init__(self, core: Engine | ThreadCore | ProcessCore, tokenizer: Decoder,
+                 metrics: ServeMetrics | None = None):
+        """`core`: where steps run; a bare Engine runs on a compute thread of this process."""
+        self.core = ThreadCore(core) if isinstance(core, Engine) else core
+        self.tokenizer, self.metrics = tokenizer, metrics
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._running = 0
-        self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._failure: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._busy_window = (time.monotonic(), 0.0)  # (start, seconds of steps in it): the compute-busy gauge
         self.last_progress = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._compute_loop, name="rung-compute", daemon=True)
-        self._thread.start()
+        self._loop = loop = asyncio.get_running_loop()
+
+        def post(callback, argument) -> None:  # from the core's thread to the asyncio thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(callback, argument)
+
+        self.core.start(lambda report: post(self._on_report, report), lambda reason: post(self._on_failure, reason))
 
     def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        self.core.stop()
 
     @property
     def healthy(self) -> bool:
-        """The compute thread is alive and, when there is work, finishing steps."""
-        alive = self._thread is not None and self._thread.is_alive()
-        return alive and (not self._streams or time.monotonic() - self.last_progress < STALL_SECONDS)
+        """The engine core is alive and, when there is work, finishing steps."""
+        return self.core.alive and self._failure is None and (
+            not self._streams or time.monotonic() - self.last_progress < STALL_SECONDS)
 
     @property
     def num_unfinished(self) -> int:
@@ -133,24 +134,27 @@ class AsyncEngine:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.max_model_len
+        return self.core.limits.max_model_len
 
     @property
     def vocab_size(self) -> int:
-        return self.engine.spec.vocab_size
+        return self.core.limits.vocab_size
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.engine.validate(prompt_token_ids, params)
+        limits = self.core.limits
+        validate_request(prompt_token_ids, params, limits.max_model_len, limits.vocab_size, limits.kv_blocks)
 
     def describe(self) -> str:
-        return f"rung engine, {self.engine.kv.num_blocks} KV blocks of {self.engine.kv.block_size} tokens"
+        return self.core.description
 
     # -- the asyncio side ------------------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | tuple = (),
                  priority: int = 0) -> RequestHandle:
         """Queue one request now and return the async iterator of its outputs. Raises SamplingError, before
         anything is queued, if it can never run. `handle.abort()` (a client that went away) frees its blocks."""
-        self.engine.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params)
+        if self._failure is not None:
+            raise EngineFailure(self._failure)
         request_id = f"r{next(self._ids)}"
         stream = _Stream(TextStream(self.tokenizer, stop), asyncio.Queue(), RequestClock(self.metrics,
                                                                                          len(prompt_token_ids)))
@@ -176,55 +180,39 @@ class AsyncEngine:
         return Output(text, token_ids, samples, reason, event.num_prompt_tokens, len(stream.text.token_ids))
 
     def _send(self, message: tuple) -> None:
-        self._inbox.append(message)
-        self._wake.set()
+        self.core.send(message)
 
-    def _dispatch(self, events: list[TokenEvent], step_started: float) -> None:
-        for event in events:
+    def _on_report(self, report: StepReport) -> None:
+        """A step finished (or the engine went idle): hand out its tokens and record its metrics."""
+        now = time.monotonic()
+        self.last_progress = now
+        self._running = report.stats.running
+        for event in report.events:
             stream = self._streams.get(event.request_id)
             if stream is not None:
-                stream.queue.put_nowait((event, step_started))
+                stream.queue.put_nowait((event, report.started))
+        m = self.metrics
+        if m is None:
+            return
+        if report.tokens:
+            m.labels(m.step_time).observe(report.elapsed)
+            m.labels(m.step_tokens).observe(report.tokens)
+            m.labels(m.nano_batches).observe(report.nano_batches)
+        start, busy = self._busy_window
+        busy += report.elapsed
+        if now - start >= 1.0:
+            m.labels(m.compute_busy).set(min(busy / (now - start), 1.0))
+            start, busy = now, 0.0
+        self._busy_window = (start, busy)
+        stats = report.stats
+        m.observe_engine(stats.running, self.num_waiting, stats.kv_usage, stats.prefix_queries, stats.prefix_hits,
+                         stats.preemptions)
 
-    # -- the compute thread ----------------------------------------------------------------------------------------
-    def _compute_loop(self) -> None:
-        window_start, busy = time.monotonic(), 0.0
-        while not self._stopping:
-            self._drain_inbox()
-            if self.engine.has_work:
-                started = time.monotonic()
-                events = self.engine.step()
-                elapsed = time.monotonic() - started
-                busy += elapsed
-                self.last_progress = time.monotonic()
-                self._running = len(self.engine.scheduler.running)
-                if events:
-                    self._loop.call_soon_threadsafe(self._dispatch, events, started)
-                if self.metrics:
-                    self.metrics.labels(self.metrics.step_time).observe(elapsed)
-                    self.metrics.labels(self.metrics.step_tokens).observe(self.engine.last_step_tokens)
-                    self.metrics.labels(self.metrics.nano_batches).observe(self.engine.model.last_nano_batches)
-            else:
-                self._running = 0
-                self.last_progress = time.monotonic()
-                self._wake.wait(0.05)
-                self._wake.clear()
-            now = time.monotonic()
-            if self.metrics and now - window_start >= 1.0:
-                self.metrics.labels(self.metrics.compute_busy).set(busy / (now - window_start))
-                window_start, busy = now, 0.0
-            if self.metrics:
-                stats = self.engine.stats()
-                self.metrics.observe_engine(stats.running, self.num_waiting, stats.kv_usage, stats.prefix_queries,
-                                            stats.prefix_hits, stats.preemptions)
-
-    def _drain_inbox(self) -> None:
-        while self._inbox:
-            kind, request_id, *rest = self._inbox.popleft()
-            if kind == "add":
-                prompt, params, priority = rest
-                self.engine.add(request_id, prompt, params, priority)
-            else:
-                self.engine.abort(request_id, rest[0])
+    def _on_failure(self, reason: str) -> None:
+        """The engine core died: every open request ends with EngineFailure (503), and /health fails."""
+        self._failure = reason
+        for stream in self._streams.values():
+            stream.queue.put_nowait(None)
 
 
 class RequestHandle:
@@ -244,6 +232,10 @@ class RequestHandle:
         events = [await queue.get()]
         while not queue.empty():  # catch up in one Output when the client reads slowly
             events.append(queue.get_nowait())
+        if None in events:  # the engine core failed
+            self.finished = True
+            self.engine._streams.pop(self.request_id, None)
+            raise EngineFailure(self.engine._failure or "the engine failed")
         output = self.engine._output(self.request_id, self.stream, events)
         if output.finish_reason is not None:
             self.finished = True

@@ -26,6 +26,7 @@ from rung import __version__
 from rung.errors import ConfigError, RungError
 from rung.serving.async_engine import AsyncEngine, EngineFailure, Output, RequestHandle, seeded
 from rung.serving.engine import Engine, EngineConfig
+from rung.serving.engine_core import ProcessCore
 from rung.serving.metrics import ServeMetrics
 from rung.serving.params import SamplingError
 from rung.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, Sampling,
@@ -106,7 +107,7 @@ class State:
 
             self.engine = VLLMAsyncEngine(config.model_dir, config.engine, self.metrics)
         else:
-            self.engine = AsyncEngine(engine or Engine(config.model_dir, config.engine), tokenizer, self.metrics)
+            self.engine = AsyncEngine(engine or ProcessCore(config.model_dir, config.engine), tokenizer, self.metrics)
         self.ready = False
         self.draining = False
 
