@@ -61,7 +61,7 @@ def start(command: list[str], url: str, log: Path, env: dict) -> subprocess.Pope
 def load(url: str, model: str, concurrency: int, out: Path, name: str) -> dict:
     path = out / f"http-{name}-c{concurrency}.json"
     subprocess.run([sys.executable, "-m", "rung.cli", "bench", "serve", "--base-url", f"{url}/v1", "--model", model,
-                    "--num-prompts", str(max(16, 4 * concurrency)), "--max-concurrency", str(concurrency),
+                    "--num-prompts", str(max(32, 8 * concurrency)), "--max-concurrency", str(concurrency),
                     "--random-input-len", "128", "--random-output-len", "64", "--seed", "0", "--json", str(path)],
                    check=True, capture_output=True, text=True)
     summary = json.loads(path.read_text())
