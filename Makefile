@@ -17,7 +17,7 @@ export DS_BUILD_OPS ?= 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile $(wildcard rung/serving/csrc/*.cpp)
+$(STAMP): pyproject.toml Makefile $(wildcard rung/serving/csrc/*)
 	# Debian's prometheus package: promtool lints expositions and rules, the server runs dashboards' queries live.
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }

@@ -1,12 +1,13 @@
 """rung's compiled CPU kernels against the PyTorch code they replace: decode attention over contexts in one run, a
 few and many (the same bits wherever a context sits in the pool and whatever shares its call, and a clear error
-for runs outside the pool), the fused rotary embedding and RMSNorm. `make install` builds them, so these tests
+for runs outside the pool), the KV writes, and the fused rotary embedding, RMSNorm and SwiGLU activation. `make install` builds them, so these tests
 require them."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rung.serving import kernels
 from rung.serving.model import _attend, _rms_norm, _rope, _rope_tables
@@ -87,7 +88,7 @@ def test_kernel_rejects_runs_outside_the_pool():
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
-def test_rotary_and_rms_norm_equal_pytorch(dtype, tolerance):
+def test_rotary_rms_norm_and_swiglu_equal_pytorch(dtype, tolerance):
     rng = torch.Generator().manual_seed(3)
     qkv = torch.randn(37, 10, 24, generator=rng).to(dtype)  # the rotated q/k heads are a view of a wider output
     cos, sin = _rope_tables(torch.randint(0, 4000, (37,), generator=rng), 24, 10000.0)
@@ -98,6 +99,10 @@ def test_rotary_and_rms_norm_equal_pytorch(dtype, tolerance):
     assert torch.equal(qkv[:, 6:], untouched) and rotated.data_ptr() == qkv.data_ptr()  # in place, in bounds
     x, weight = torch.randn(37, 200, generator=rng).to(dtype), torch.randn(200, generator=rng).to(dtype)
     torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5).float(), _rms_norm(x, weight, 1e-5).float(),
+                               atol=tolerance, rtol=tolerance)
+    gate_up = (torch.randn(37, 2 * 90, generator=rng) * 30).to(dtype)  # wide enough to reach exp's clamps
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_and_mul(gate_up).float(), (F.silu(gate) * up).float(),
                                atol=tolerance, rtol=tolerance)
 
 

@@ -1,9 +1,10 @@
 """rung's compiled CPU kernels (`csrc/`): attention for every decoding request of a step in one call, the writes
-of a step's keys and values into the paged pool, and the layers' RMSNorm and rotary embedding in one pass each.
+of a step's keys and values into the paged pool, and the layers' RMSNorm, rotary embedding and SwiGLU activation
+in one pass each.
 
-Why: a decode's attention in PyTorch is three small operators per layer per request, and RMSNorm and RoPE are five
-and six passes over the hidden states; on a CPU that is per-operator dispatch and memory traffic the arithmetic
-does not need. vLLM's CPU backend has the same ops in C++.
+Why: a decode's attention in PyTorch is three small operators per layer per request, and RMSNorm, RoPE and SwiGLU
+are several passes over the hidden states each; on a CPU that is per-operator dispatch and memory traffic the
+arithmetic does not need. vLLM's CPU backend has the same ops in C++.
 
 `make install` builds them (`python -m rung.serving.kernels`) with torch's extension builder into a folder keyed
 by the sources' hash, torch's version and the compiler flags, so a stale or foreign build is never loaded; the
@@ -25,14 +26,15 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 # -march=native: the kernels are built on the machine that runs them (an image build sets its own target)
 CFLAGS = os.environ.get("RUNG_KERNEL_CFLAGS", "-O3 -march=native").split()
 LIBRARY = "rung_kernels"
 
 
 def build_dir() -> Path:
-    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + torch.__version__.encode()
-                         + " ".join(CFLAGS).encode())
+    sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(sources + torch.__version__.encode() + " ".join(CFLAGS).encode())
     return Path(__file__).parent / "_build" / key.hexdigest()[:16]
 
 
@@ -83,6 +85,11 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.rung.rms_norm(x, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [tokens, 2f] = [gate | up]."""
+    return torch.ops.rung.silu_and_mul(gate_up)
 
 
 def main() -> None:

@@ -243,6 +243,13 @@ class InferenceModel:
     def _norm(self, x: torch.Tensor, weight: str) -> torch.Tensor:
         return (kernels.rms_norm if self.use_kernels else _rms_norm)(x, self.w[weight], self.spec.rms_norm_eps)
 
+    def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a fused gate/up projection's output [tokens, 2f]."""
+        if self.use_kernels:
+            return kernels.silu_and_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
@@ -256,19 +263,18 @@ class InferenceModel:
         order = chosen.flatten().argsort(stable=True)
         tokens = order // self.spec.num_experts_per_tok
         ends = torch.bincount(chosen.flatten(), minlength=self.spec.num_experts).cumsum(0).to(torch.int32)
-        gate, up = _grouped_matmul(x[tokens], gate_up, ends).chunk(2, dim=-1)
-        y = _grouped_matmul(F.silu(gate) * up, down, ends) * weights.flatten()[order, None]
+        y = _grouped_matmul(self._swiglu(_grouped_matmul(x[tokens], gate_up, ends)), down, ends)
+        y = y * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
     def _mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         prefix = f"model.layers.{layer}."
         if not self.spec.num_experts:
-            gate, up = self._linear(x, prefix + "mlp.gate_up_proj").chunk(2, dim=-1)
-            return self._linear(F.silu(gate) * up, prefix + "mlp.down_proj")
+            return self._linear(self._swiglu(self._linear(x, prefix + "mlp.gate_up_proj")), prefix + "mlp.down_proj")
         out = self._moe(x, layer)
         if self.spec.shared_intermediate_size:
-            gate, up = self._linear(x, prefix + "shared_mlp.input_linear").chunk(2, dim=-1)
-            out = out + self._linear(F.silu(gate) * up, prefix + "shared_mlp.output_linear")
+            shared = self._swiglu(self._linear(x, prefix + "shared_mlp.input_linear"))
+            out = out + self._linear(shared, prefix + "shared_mlp.output_linear")
         return out
 
     def _attention(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,

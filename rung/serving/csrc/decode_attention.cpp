@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -20,31 +22,6 @@
 
 namespace rung {
 namespace {
-
-// exp(x) for x <= 0 (scores minus their maximum), Cephes' single-precision polynomial (about 1 ulp). Rounding by
-// the 1.5 * 2^23 trick and bit casts instead of library calls, so that the loops calling it vectorize.
-inline float exp_nonpositive(float x) {
-  constexpr float kShift = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  x = std::max(x, -87.0f);
-  const float shifted = x * 1.44269504088896341f + kShift;
-  const float n = shifted - kShift;
-  int32_t shifted_bits, shift_bits;
-  std::memcpy(&shifted_bits, &shifted, 4);
-  std::memcpy(&shift_bits, &kShift, 4);
-  const int32_t exponent = shifted_bits - shift_bits;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t scale_bits = (exponent + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &scale_bits, 4);
-  return p * scale;
-}
 
 constexpr int64_t kLanes = 16;  // floats in one Vec: a block of positions or features, the softmax sum's lanes
 constexpr int64_t kMaxGroup = 8;  // query heads computed together over one pass of a KV head's context
@@ -129,12 +106,12 @@ void attend_heads(const float* q, int64_t head_dim, const T* keys, int64_t key_r
     int64_t c = 0;
     for (; c + kLanes <= context; c += kLanes) {
       for (int64_t lane = 0; lane < kLanes; ++lane) {
-        row[c + lane] = exp_nonpositive(row[c + lane] - top);
+        row[c + lane] = fast_exp(row[c + lane] - top);
         partial[lane] += row[c + lane];
       }
     }
     for (; c < context; ++c) {
-      row[c] = exp_nonpositive(row[c] - top);
+      row[c] = fast_exp(row[c] - top);
       partial[c % kLanes] += row[c];
     }
     float total = 0.0f;
