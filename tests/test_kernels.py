@@ -1,7 +1,7 @@
 """rung's compiled CPU kernels against the PyTorch code they replace: decode attention over contexts in one run, a
 few and many (the same bits wherever a context sits in the pool and whatever shares its call, and a clear error
-for runs outside the pool), the KV writes, and the fused rotary embedding, RMSNorm and SwiGLU activation. `make install` builds them, so these tests
-require them."""
+for runs outside the pool), the KV writes, and the fused rotary embedding, RMSNorm and SwiGLU activation.
+`make install` builds them, so these tests require them."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 compute thread for an Engine built by the caller; engine_core.py) while the asyncio thread serves HTTP, detokenizes
 and streams — on a CPU one core computes while the other does everything else.
 
-    asyncio thread:  request → validate → send ──┐              ┌─► per-request queue → detokenize/stop → stream
-    engine core:                     messages → step() → StepReport (tokens, stats)
+    asyncio thread:  request → validate → send ─┐          ┌─► per-request queue → detokenize/stop → stream
+    engine core:                  messages → step() → StepReport (tokens, stats)
 
 Only the core touches the Engine's mutable state (scheduler, cache); the asyncio side talks to it by messages, so a
 request added or aborted mid-step takes effect at the next step boundary.

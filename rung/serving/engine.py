@@ -1,5 +1,6 @@
-"""The engine core: one `step()` is schedule → run the model → record the sampled tokens, and returns what each
-request gained. The offline `LLM` loops over it; the `AsyncEngine` runs it on a compute thread.
+"""The engine: one `step()` is schedule → run the model → record the sampled tokens, and returns what each
+request gained. The offline `LLM` loops over it; the `AsyncEngine` runs it on a thread or in a process of its
+own (engine_core.py).
 
 Requests are validated here, before anything is scheduled, so a bad one is refused with an error naming the field
 while the others keep running.

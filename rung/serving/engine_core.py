@@ -3,8 +3,8 @@
 The step loop is the same either way: take the messages that arrived (add, abort), step the Engine, report the
 step's tokens and stats as one plain-data StepReport. Only the transport differs:
 
-    ThreadCore:   asyncio thread ─ deque ─► compute thread ─ call_soon_threadsafe ─► asyncio thread
-    ProcessCore:  asyncio thread ─ pipe ──► engine process ─ pipe ─► reader thread ─ call_soon_threadsafe ─► asyncio
+    ThreadCore:   asyncio ─ deque ─► compute thread ─ call_soon_threadsafe ─► asyncio
+    ProcessCore:  asyncio ─ pipe ──► engine process ─ pipe ─► reader thread ─ call_soon_threadsafe ─► asyncio
 
 `rung serve` uses a ProcessCore (as vLLM runs its engine core in its own process): in one process the HTTP side's
 parsing, tokenization, detokenization and SSE writing hold the GIL that the model's operator dispatch also needs,

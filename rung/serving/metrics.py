@@ -27,7 +27,7 @@ class ServeMetrics:
         self.queue_limit = gauge("rung_serve_requests_waiting_limit",
                                  "Waiting requests beyond which new ones get 429 (--max-queued-requests).")
         self.compute_busy = gauge("rung_serve_compute_busy_ratio",
-                                  "Fraction of the last second the compute thread spent in engine steps.")
+                                  "Fraction of the last second the engine spent in steps (its thread or process).")
         self.prefix_queries = counter("rung_serve_prefix_cache_queries_total", "KV blocks looked up in the prefix "
                                       "cache.")
         self.prefix_hits = counter("rung_serve_prefix_cache_hits_total", "KV blocks found in the prefix cache.")

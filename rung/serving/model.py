@@ -159,7 +159,8 @@ def _grouped_matmul(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) 
     """Rows ends[e-1]..ends[e]-1 of x times weights[e] ([in, out]) for every expert e. On a CPU, torch's grouped
     GEMM (one call for all experts, any float dtype, rows of a multiple of 16 bytes); elsewhere one product per
     expert over its slice, since the CUDA grouped GEMM takes bf16 on recent GPUs only."""
-    if x.device.type == "cpu" and all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, weights)):
+    aligned = all(t.shape[-1] * t.element_size() % 16 == 0 for t in (x, weights))
+    if x.device.type == "cpu" and aligned and hasattr(torch, "_grouped_mm"):  # a private op: checked, not assumed
         return torch._grouped_mm(x, weights, offs=ends)
     bounds = [0, *ends.tolist()]
     return torch.cat([x[start:stop] @ weights[e] for e, (start, stop) in enumerate(zip(bounds, bounds[1:]))])
@@ -270,7 +271,8 @@ class InferenceModel:
     def _mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         prefix = f"model.layers.{layer}."
         if not self.spec.num_experts:
-            return self._linear(self._swiglu(self._linear(x, prefix + "mlp.gate_up_proj")), prefix + "mlp.down_proj")
+            hidden = self._swiglu(self._linear(x, prefix + "mlp.gate_up_proj"))
+            return self._linear(hidden, prefix + "mlp.down_proj")
         out = self._moe(x, layer)
         if self.spec.shared_intermediate_size:
             shared = self._swiglu(self._linear(x, prefix + "shared_mlp.input_linear"))
@@ -291,19 +293,21 @@ class InferenceModel:
         else:
             keys[:, :, step.slots] = k.permute(1, 2, 0)
             values[:, step.slots] = v.transpose(0, 1)
+
+        def attend(first: int, rows: int, runs: list[slice]) -> torch.Tensor:
+            return _attend(q[first:first + rows], [keys[:, :, run] for run in runs], [values[:, run] for run in runs],
+                           step.read_in_place)
+
         decodes = step.decodes if self.use_kernels else None
         if decodes is None:
-            out = torch.cat([_attend(q[first:first + rows], [keys[:, :, run] for run in runs],
-                                     [values[:, run] for run in runs], step.read_in_place)
-                             for first, rows, runs in step.spans])
-        else:
+            out = torch.cat([attend(*span) for span in step.spans])
+        else:  # every single-token span in one kernel call, the longer spans one by one
             out = q.new_empty(len(q), spec.num_heads * spec.head_dim)
             out[decodes.rows] = kernels.decode_attention(q[decodes.rows], keys, values, decodes.starts,
                                                          decodes.lengths, decodes.offsets).flatten(1)
             for first, rows, runs in step.spans:
                 if rows > 1:
-                    out[first:first + rows] = _attend(q[first:first + rows], [keys[:, :, run] for run in runs],
-                                                      [values[:, run] for run in runs], step.read_in_place)
+                    out[first:first + rows] = attend(first, rows, runs)
         return self._linear(out, prefix + "o_proj")
 
     @torch.inference_mode()
