@@ -95,13 +95,12 @@ class AsyncEngine:
         self._ids = itertools.count()
         self._running = 0
         self._failure: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._busy_window = (time.monotonic(), 0.0)  # (start, seconds of steps in it): the compute-busy gauge
         self.last_progress = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
 
         def post(callback, argument) -> None:  # from the core's thread to the asyncio thread
             if not loop.is_closed():
@@ -145,7 +144,8 @@ class AsyncEngine:
         validate_request(prompt_token_ids, params, limits.max_model_len, limits.vocab_size, limits.kv_blocks)
 
     def describe(self) -> str:
-        return self.core.description
+        blocks, size = self.core.limits.kv_blocks
+        return f"rung engine {self.core.place}, {blocks} KV blocks of {size} tokens"
 
     # -- the asyncio side ------------------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | tuple = (),

@@ -85,7 +85,7 @@ class ThreadCore:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.limits = EngineLimits.of(engine)
-        self.description = f"rung engine, {engine.kv.num_blocks} KV blocks of {engine.kv.block_size} tokens"
+        self.place = "on a compute thread"
         self._inbox: deque[tuple] = deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -139,8 +139,7 @@ def _engine_process(model_dir: str, config: EngineConfig, conn) -> None:
     except RungError as err:
         conn.send(("error", str(err)))
         return
-    conn.send(("hello", EngineLimits.of(engine),
-               f"rung engine in its own process, {engine.kv.num_blocks} KV blocks of {engine.kv.block_size} tokens"))
+    conn.send(("hello", EngineLimits.of(engine)))
     stopping = False
 
     def receive(timeout: float) -> list[tuple]:
@@ -187,7 +186,7 @@ class ProcessCore:
         if kind == "error":
             self._process.join(timeout=5)
             raise RungError(rest[0])
-        self.limits, self.description = rest
+        self.limits, self.place = rest[0], "in its own process"
         self._reader: threading.Thread | None = None
         self._send_lock = threading.Lock()
         self._stopping = False
