@@ -195,3 +195,14 @@ def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano
     assert engine.scheduler.num_preemptions > 0 and engine.kv.prefix_hits > 0
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
     assert {1, 2} <= counts and max(counts) > RUNS_READ_IN_PLACE, counts
+
+
+@pytest.mark.parametrize("width", [16, 6])  # 16 fp32 columns: torch's grouped GEMM; 6 (24-byte rows): per-expert
+def test_grouped_matmul_gives_each_expert_its_own_rows(width):
+    from rung.serving.model import _grouped_matmul
+
+    rng = torch.Generator().manual_seed(5)
+    x, weights = torch.randn(20, 8, generator=rng), torch.randn(3, 8, width, generator=rng)
+    ends = torch.tensor([5, 5, 20], dtype=torch.int32)  # expert 1 gets no rows
+    expected = torch.cat([x[:5] @ weights[0], x[5:] @ weights[2]])
+    torch.testing.assert_close(_grouped_matmul(x, weights, ends), expected)

@@ -190,8 +190,8 @@ class InferenceModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                  device: torch.device = torch.device("cpu")):
         self.spec, self.device = spec, device
-        # on a CPU, decode attention, RMSNorm and RoPE go through rung's compiled kernels when they are built;
-        # elsewhere (and without them) through PyTorch's operators
+        # on a CPU, decode attention, KV writes, RMSNorm, RoPE and SwiGLU go through rung's compiled kernels when
+        # they are built; elsewhere (and without them) through PyTorch's operators
         self.use_kernels = device.type == "cpu" and kernels.loaded()
         self.last_nano_batches = 0
         self.w = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
