@@ -7,6 +7,9 @@ port on every node, so a PodMonitor can name it) and Prometheus scrapes every ra
 
 from __future__ import annotations
 
+import errno
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from rung.errors import RungError
@@ -54,9 +57,17 @@ class TrainMetrics:
         self.moe_imbalance.set(row.moe_load_imbalance)
         self.tokens.inc(row.tokens // world_size)
 
-    def serve(self, port: int, host: str) -> None:
-        try:
-            start_http_server(port, addr=host, registry=self.registry)
-        except OSError as err:
-            raise RungError(f"cannot serve training metrics on {host}:{port} (train.metrics_port + local rank): "
-                            f"{err.strerror or err}") from None
+    def serve(self, port: int, host: str, wait_seconds: float = 30.0) -> None:
+        """Serve the registry; a port still in use is retried for `wait_seconds`, because after a failure the
+        restarted worker group can start while the old group's survivors are still being torn down and hold it."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                start_http_server(port, addr=host, registry=self.registry)
+                return
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                raise RungError(f"cannot serve training metrics on {host}:{port} (train.metrics_port + local rank): "
+                                f"{err.strerror or err}") from None
