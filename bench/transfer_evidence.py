@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=0,
                         help="run points in N local processes instead of Ray tasks (a GPU box without Ray)")
     parser.add_argument("--gpu", action="store_true", help="train on the GPU (train.use_gpu)")
+    parser.add_argument("--steps", type=int, default=300,
+                        help="optimizer steps per point (300 × 1k tokens was the shortest horizon that ranked LRs)")
     parser.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens per step (ladder budgets scale)")
     parser.add_argument("--depth-params", default="completep,depth-mup,sp",
                         help="parametrizations of the depth sweep (SP is the control)")
@@ -52,7 +54,7 @@ def main() -> None:
                         help="the ladder's LR (default: the width part's μP proxy optimum, else 0.01)")
     args = parser.parse_args()
     out = Path(args.out)
-    steps, seeds = ("40", 1) if args.quick else ("300", args.seeds)
+    steps, seeds = (40, 1) if args.quick else (args.steps, args.seeds)
     common = [f"train.use_gpu={str(args.gpu).lower()}", f"train.steps={steps}", "train.warmup_steps=10",
               "train.seq_len=128", f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}",
               "train.max_loss=10", "train.schedule=cosine"]  # 1k tokens per step at batch 8
