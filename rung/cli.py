@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "else 2 on a GPU and 1 on a CPU)")
     serve.add_argument("--deterministic", action="store_true",
                        help="batch-invariant outputs: a request's results do not depend on what else is running")
+    serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       help="schedule step i+1 while step i computes (default: rung's engine on a GPU only, "
+                            "vLLM's own choice with --engine vllm)")
     serve.add_argument("--tune", action="store_true",
                        help="profile step time per nano-batch split, store the best for this device and model, exit")
     serve.add_argument("--device", help="where rung's engine computes: cpu, cuda, cuda:N (default: the GPU when "
@@ -331,7 +334,8 @@ def _serve_command(args: argparse.Namespace) -> int:
                 "dtype": args.dtype, "block_size": args.block_size,
                 "kv_cache_memory": int(args.kv_cache_memory * (1 << 30)), "max_num_seqs": args.max_num_seqs,
                 "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
-                "nano_batches": args.nano_batches, "deterministic": args.deterministic, "device": args.device}
+                "nano_batches": args.nano_batches, "deterministic": args.deterministic, "device": args.device,
+                "async_scheduling": args.async_scheduling}
     if args.tune:
         from rung.serving.server import serve_config
         from rung.serving.tuning import tune

@@ -1,5 +1,6 @@
 """The engine's greedy outputs equal transformers' token for token, for several architectures and shapes, with
-chunked prefill forced small, prefix caching on and a KV pool small enough to force preemption."""
+chunked prefill forced small, prefix caching on and a KV pool small enough to force preemption, with async
+scheduling (the default) and without."""
 
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("nano_batches", [1, 3])
 @pytest.mark.parametrize("name", MODELS)
-def test_greedy_outputs_equal_transformers(name, nano_batches, tmp_path):
+def test_greedy_outputs_equal_transformers(name, nano_batches, async_scheduling, tmp_path):
     cls, config = MODELS[name]
     torch.manual_seed(0)
     reference = cls(config).eval()
@@ -51,7 +53,7 @@ def test_greedy_outputs_equal_transformers(name, nano_batches, tmp_path):
     prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (1, 3, 17, 40, 90)]
     prompts += [shared + [5], shared + [9, 9]]  # a shared prefix for the prefix cache
     engine = LLM(tmp_path, num_blocks=30, block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
-                 nano_batches=nano_batches)
+                 nano_batches=nano_batches, async_scheduling=async_scheduling)
     outputs = [c[0].token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
                                                                                 ignore_eos=True))]
     for prompt, output in zip(prompts, outputs):
@@ -155,11 +157,12 @@ def test_half_precision_serving_tracks_fp32(dtype, tmp_path):
         assert abs(a[0].logprobs[0] - b[0].logprobs[0]) < 0.1
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("ops", ["kernels", "pytorch"])
 @pytest.mark.parametrize("nano_batches", [1, 3])
 @pytest.mark.parametrize("name", ["llama-headdim24", "mixtral"])
-def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano_batches, ops, tmp_path,
-                                                                      monkeypatch):
+def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano_batches, ops, async_scheduling,
+                                                                      tmp_path, monkeypatch):
     """The acceptance matrix: 32 requests at once, prompts of 1-300 tokens (some sharing a prefix), chunked prefill
     forced small, prefix caching on, and a KV pool far smaller than the batch needs (preemption), through rung's
     compiled kernels and through PyTorch's operators. Contexts sit in one run of consecutive blocks, in a few (read
@@ -183,7 +186,7 @@ def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano
     prompts += [shared + [1], shared + [2, 3], shared[:40], shared + prompts[5][:10]]
     assert len(prompts) == 32 and min(map(len, prompts)) == 1 and max(map(len, prompts)) == 300
     engine = LLM(tmp_path, num_blocks=160, block_size=4, max_num_seqs=16, max_num_batched_tokens=64,
-                 nano_batches=nano_batches)
+                 nano_batches=nano_batches, async_scheduling=async_scheduling)
     use_ops(engine, ops)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     for prompt, output in zip(prompts, outputs):
@@ -206,3 +209,58 @@ def test_grouped_matmul_gives_each_expert_its_own_rows(width):
     ends = torch.tensor([5, 5, 20], dtype=torch.int32)  # expert 1 gets no rows
     expected = torch.cat([x[:5] @ weights[0], x[5:] @ weights[2]])
     torch.testing.assert_close(_grouped_matmul(x, weights, ends), expected)
+
+
+def test_async_scheduling_matches_sync_through_stops_penalties_seeds_and_aborts(tmp_path, monkeypatch):
+    """Step i+1 is planned before step i's tokens are known. Requests that stop at a stop token (planned into the
+    next step already), penalties that must see the token still in flight, seeded sampling, and aborts while a step
+    computes all give what the synchronous engine gives, and every block and sampler stream is returned."""
+    from rung.serving.scheduler import Scheduler
+
+    in_flight_preemptions, preempt = [], Scheduler._preempt
+    monkeypatch.setattr(Scheduler, "_preempt", lambda self, request, plan: (
+        preempt(self, request, plan), in_flight_preemptions.append(request.num_pending))[0])
+    cls, config = MODELS["llama-gqa1-tied"]
+    torch.manual_seed(0)
+    reference = cls(config)
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.mul_(4.0) if param.dim() > 1 else None
+    reference.save_pretrained(tmp_path)
+    rng = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (1, 5, 33, 70, 12, 9)]
+    greedy = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    free_run = LLM(tmp_path, num_blocks=64, block_size=4, async_scheduling=False).generate(prompts, greedy)
+    stops = [c[0].token_ids[3] for c in free_run]  # each request meets its stop token by its 4th token
+
+    def run(async_scheduling: bool) -> tuple[dict[str, list[int]], LLM]:
+        llm = LLM(tmp_path, num_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=24,
+                  async_scheduling=async_scheduling)
+        for index, prompt in enumerate(prompts):
+            llm.engine.add(f"stop{index}", prompt, SamplingParams(max_tokens=14, temperature=0,
+                                                                  stop_token_ids=[stops[index]]))
+            llm.engine.add(f"pen{index}", prompt, SamplingParams(max_tokens=9, temperature=0.9, seed=index,
+                                                                 repetition_penalty=1.3, presence_penalty=0.5,
+                                                                 frequency_penalty=0.4, ignore_eos=True))
+        llm.engine.add("aborted", prompts[3], greedy)
+        tokens: dict[str, list[int]] = {}
+        steps = 0
+        while llm.engine.has_work:
+            for event in llm.engine.step():
+                tokens.setdefault(event.request_id, []).append(event.token_id)
+            steps += 1
+            if len(tokens.get("aborted", [])) == 2:
+                llm.engine.abort("aborted")  # under async scheduling its next step is computing now
+        assert llm.kv.num_free_blocks == llm.kv.num_blocks and not llm.engine.runner.sampler._generators
+        return tokens, llm
+
+    sync, _ = run(False)
+    assert in_flight_preemptions and not any(in_flight_preemptions)  # synchronous: nothing is ever in flight
+    in_flight_preemptions.clear()
+    overlapped, _ = run(True)
+    assert any(in_flight_preemptions)  # preempted while a token of theirs was being sampled
+    assert overlapped.pop("aborted") == sync.pop("aborted") == free_run[3][0].token_ids[:2]
+    assert overlapped == sync
+    for index, completion in enumerate(free_run):
+        stopped = sync[f"stop{index}"]
+        assert stopped[-1] == stops[index] and len(stopped) <= 4 and stopped == completion[0].token_ids[:len(stopped)]

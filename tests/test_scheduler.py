@@ -9,7 +9,7 @@ import sys
 from rung.serving.kv_cache import KVCacheManager
 from rung.serving.params import SamplingParams
 from rung.serving.request import Request, Status
-from rung.serving.scheduler import Scheduler
+from rung.serving.scheduler import PENDING, Scheduler
 
 
 def run_step(scheduler: Scheduler, token: int = 7):
@@ -107,3 +107,18 @@ def test_prefix_cache_hits_skip_computation_and_every_block_returns():
         computed += plan.num_tokens
     assert kv.prefix_hits > 0 and computed < 12 * (29 + 3)  # cached prefix blocks were not recomputed
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_a_step_planned_while_the_last_computes_continues_from_its_pending_token():
+    """Async scheduling: the next plan is made before the step in flight has sampled."""
+    kv = KVCacheManager(num_blocks=16, block_size=4)
+    scheduler = Scheduler(kv)
+    scheduler.add(Request("a", [1, 2, 3], params=SamplingParams(max_tokens=2)))
+    first = scheduler.schedule()
+    second = scheduler.schedule()  # while the first computes
+    assert [(s.start, s.token_ids, s.samples) for s in second.spans] == [(3, (PENDING,), True)]
+    assert all(PENDING not in block.tokens for block in kv.blocks)  # an unknown token never keys the prefix cache
+    assert scheduler.schedule().spans == []  # the token the second step samples is its last (max_tokens=2)
+    assert scheduler.update(first, {"a": 8}) == []
+    assert [r.output_token_ids for r in scheduler.update(second, {"a": 9})] == [[8, 9]]
+    assert not scheduler.has_work and kv.num_free_blocks == kv.num_blocks

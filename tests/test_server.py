@@ -22,7 +22,9 @@ KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    server = Server(model_dir, tmp_path_factory.mktemp("log") / "serve.log", "--api-key", KEY)
+    """Async scheduling on (a GPU's default; a CPU's is off, which the servers the other tests start use): every
+    test on this server, stop strings and disconnects included, runs with a step in flight."""
+    server = Server(model_dir, tmp_path_factory.mktemp("log") / "serve.log", "--api-key", KEY, "--async-scheduling")
     yield server
     server.stop()
 

@@ -2,12 +2,26 @@
 request gained. The offline `LLM` loops over it; the `AsyncEngine` runs it on a thread or in a process of its
 own (engine_core.py).
 
+Async scheduling keeps the model busy between steps: the model runs on a compute thread, and while step i computes,
+step i+1 is scheduled and its inputs are built, its requests continuing from the tokens step i has yet to sample
+(filled in when they arrive); step i's outputs are returned while step i+1 computes. It is on by default on a GPU,
+as in vLLM: there the scheduler's Python runs while the GPU computes. On a CPU both threads need the one GIL
+between operators and the scheduling is ~3% of a step, so it measured no gain there (bench/RESULTS.md) and is off.
+
+    sync:   schedule i │ compute i │ record i │ schedule i+1 │ compute i+1 │ ...
+    async:  compute:         │ compute i          │ compute i+1        │
+            engine:  schedule i+1, prepare │ wait │ record i, launch i+1 │ events i │ schedule i+2 ...
+
+A request that stops at step i (a stop token) was already planned into step i+1: it is dropped from that plan
+before it launches, so no token past a stop is ever computed into another request's blocks.
+
 Requests are validated here, before anything is scheduled, so a bad one is refused with an error naming the field
 while the others keep running.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +35,8 @@ from rung.serving.params import SamplingError, SamplingParams
 from rung.serving.request import Request, Status
 from rung.serving.runner import ModelRunner
 from rung.serving.sampling import Sample
+from rung.serving.scheduler import Scheduler, StepPlan
 from rung.serving.tuning import default_nano_batches, tuned_nano_batches
-from rung.serving.scheduler import Scheduler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -38,6 +52,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context window
     nano_batches: int | None = None  # per step; None: a tuned value for this device and model, else the default
     deterministic: bool = False  # batch-invariant outputs (no prefix cache, request-only chunking, per-row GEMMs)
+    async_scheduling: bool | None = None  # plan step i+1 while step i computes; None: on a GPU only
     device: str | None = None  # where the model and KV cache live; None: the GPU when there is one, else the CPU
 
     def __post_init__(self) -> None:
@@ -119,6 +134,12 @@ class Engine:
         self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, self.nano_batches,
                                   config.deterministic)
         self.last_step_tokens = 0  # tokens computed by the latest step
+        # async scheduling: the step computing on the compute thread, and requests aborted meanwhile whose
+        # sampler state is freed once it returns (the compute thread may still be sampling for them)
+        overlapped = config.async_scheduling if config.async_scheduling is not None else device.type == "cuda"
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="rung-compute") if overlapped else None
+        self._in_flight: tuple[StepPlan, Future] | None = None
+        self._release_after_step: list[str] = []
         self.max_model_len = min(config.max_model_len or self.spec.max_position_embeddings,
                                  self.spec.max_position_embeddings)
 
@@ -135,16 +156,50 @@ class Engine:
     def abort(self, request_id: str, status: Status = Status.FINISHED_ABORTED) -> None:
         """Finish a request now and free its blocks (also how a matched stop string ends one)."""
         if self.scheduler.abort(request_id, status):
-            self.runner.release(request_id)
+            if self._in_flight is None:
+                self.runner.release(request_id)
+            else:
+                self._release_after_step.append(request_id)
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def step(self) -> list[TokenEvent]:
+        """What requests gained in one step: under async scheduling, the step that was computing when this was
+        called (the next one is launched before this returns)."""
         plan = self.scheduler.schedule()
-        samples = self.runner.run(plan)
-        finished = {r.request_id: r for r in self.scheduler.update(plan, {k: v.token_id for k, v in samples.items()})}
+        if self._compute is None:
+            samples = self.runner.run(plan)
+            return self._events(plan, samples, self._update(plan, samples))
+        prepared = self.runner.prepare(plan) if plan.spans else None
+        computed = None
+        if self._in_flight is not None:
+            computed, future = self._in_flight
+            self._in_flight = None
+            samples = future.result()
+            finished = self._update(computed, samples)
+            if any(span.request_id not in self.scheduler.requests for span in plan.spans):
+                plan.spans = [span for span in plan.spans if span.request_id in self.scheduler.requests]
+                prepared = self.runner.prepare(plan) if plan.spans else None  # without those that just stopped
+            if prepared is not None:
+                self.runner.fill(prepared, {request_id: sample.token_id for request_id, sample in samples.items()})
+        if prepared is not None:
+            self._in_flight = (plan, self._compute.submit(self.runner.execute, prepared))
+        if computed is None:
+            return []
+        for request_id in self._release_after_step:  # aborted while the step computed: its sampler is done
+            self.runner.release(request_id)
+        self._release_after_step.clear()
+        return self._events(computed, samples, finished)
+
+    def _update(self, plan: StepPlan, samples: dict[str, Sample]) -> dict[str, Request]:
+        """Give the scheduler a computed step's tokens; the requests that finished, by id."""
+        sampled = {request_id: sample.token_id for request_id, sample in samples.items()}
+        return {r.request_id: r for r in self.scheduler.update(plan, sampled)}
+
+    def _events(self, plan: StepPlan, samples: dict[str, Sample], finished: dict[str, Request]) -> list[TokenEvent]:
+        """What each request gained in a computed step; a finished request's sampler state is freed."""
         events = []
         for request_id, sample in samples.items():
             request = finished.get(request_id) or self.scheduler.requests.get(request_id)

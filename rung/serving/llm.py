@@ -22,12 +22,13 @@ class Completion:
 class LLM:
     def __init__(self, model_dir: str | Path, num_blocks: int | None = None, block_size: int = 16,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, dtype: str = "float32",
-                 nano_batches: int | None = None, deterministic: bool = False, device: str | None = None):
+                 nano_batches: int | None = None, deterministic: bool = False, device: str | None = None,
+                 async_scheduling: bool | None = None):
         self.engine = Engine(model_dir, EngineConfig(dtype=dtype, block_size=block_size, num_blocks=num_blocks,
                                                      max_num_seqs=max_num_seqs,
                                                      max_num_batched_tokens=max_num_batched_tokens,
                                                      nano_batches=nano_batches, deterministic=deterministic,
-                                                     device=device))
+                                                     device=device, async_scheduling=async_scheduling))
         self.spec, self.kv, self.scheduler = self.engine.spec, self.engine.kv, self.engine.scheduler
         self._next_id = 0
 

@@ -30,7 +30,8 @@ class Request:
     priority: int = 0  # lower runs first, as in vLLM; ties go first-come-first-served
     arrival: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache, or is being computed by a scheduled step
+    num_pending: int = 0  # tokens planned steps will sample, not yet known (up to 2: in flight and planned next)
     num_preemptions: int = 0
     status: Status = Status.WAITING
     # prompt then output, kept as tokens arrive: the scheduler reads it every step, so it is never rebuilt
@@ -42,6 +43,16 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Known tokens plus those a step in flight will sample: the length the next step continues from."""
+        return len(self.all_token_ids) + self.num_pending
+
+    @property
+    def ends_with_pending(self) -> bool:
+        """The token in flight is its last by length, so no later step needs it (a stop token can't be known)."""
+        return self.num_pending > 0 and len(self.output_token_ids) + self.num_pending >= self.params.max_tokens
 
     def append(self, token_id: int) -> None:
         """Add a sampled token and finish the request if a stop rule says so."""

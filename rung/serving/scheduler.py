@@ -5,6 +5,11 @@ preempted (its blocks freed, its tokens recomputed later), so the engine never f
 
 The scheduler imports no torch and decides nothing about how a step is computed (nano-batch splits, graphs): it
 hands the runner a StepPlan of plain data and takes back one sampled token per request that reached its end.
+
+A scheduled span counts as computed at once (`num_computed_tokens` moves when the span is planned, not when its step
+returns), and a span that samples leaves its request one *pending* token. So the next step can be planned while
+this one computes (async scheduling): a request continues from its pending token, which its span carries as
+PENDING for the engine to fill in once the step in flight has sampled it.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from rung.serving.kv_cache import KVCacheManager
 from rung.serving.params import SamplingParams
 from rung.serving.request import Request, Status
 
+PENDING = -1  # a token id the step in flight has yet to sample
+
 
 @dataclass(frozen=True)
 class Span:
     request_id: str
     start: int  # position of the first token to compute
     num_tokens: int
-    token_ids: tuple[int, ...]  # the tokens at positions start .. start + num_tokens - 1
+    token_ids: tuple[int, ...]  # the tokens at positions start .. start + num_tokens - 1 (the last may be PENDING)
     block_table: tuple[int, ...]
     samples: bool  # the span ends at the request's last token: the runner returns a sampled token for it
     params: SamplingParams | None = None  # sampling inputs, on sampling spans only
@@ -77,14 +84,14 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
-        decodes_first = sorted(self.running, key=lambda r: (r.num_tokens - r.num_computed_tokens > 1,
+        decodes_first = sorted(self.running, key=lambda r: (r.num_scheduled_tokens - r.num_computed_tokens > 1,
                                                               r.priority, r.arrival))
         for request in decodes_first:
-            if budget == 0 or request.status is not Status.RUNNING:
+            if budget == 0 or request.status is not Status.RUNNING or request.ends_with_pending:
                 continue
-            count = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self.deterministic and count < min(request.num_tokens - request.num_computed_tokens,
-                                                  self.max_num_batched_tokens):
+            remaining = request.num_scheduled_tokens - request.num_computed_tokens
+            count = min(remaining, budget)
+            if self.deterministic and count < min(remaining, self.max_num_batched_tokens):
                 continue  # its next whole chunk does not fit this step
             while not self.kv.allocate(request.request_id, request.all_token_ids, count):
                 victim = self._victim(exclude=request)
@@ -97,6 +104,8 @@ class Scheduler:
         for request in sorted(self.waiting, key=lambda r: (r.priority, r.arrival)):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if request.num_pending:
+                continue  # preempted while its token was in flight: it is recomputed once that token is known
             prefix = self.kv.lookup_prefix(request.all_token_ids)
             cached = len(prefix) * self.kv.block_size
             count = min(request.num_tokens - cached, budget)
@@ -105,7 +114,6 @@ class Scheduler:
             if not self.kv.allocate(request.request_id, request.all_token_ids, count, prefix=prefix,
                                     expected_tokens=len(request.prompt_token_ids) + request.params.max_tokens):
                 break  # admission control: wait for blocks rather than preempt for a newcomer
-            request.num_computed_tokens = cached
             request.status = Status.RUNNING
             self.waiting.remove(request)
             self.running.append(request)
@@ -114,26 +122,30 @@ class Scheduler:
         return plan
 
     def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
-        """Record a computed step and its sampled tokens; returns the requests that finished."""
+        """Record a computed step's sampled tokens; returns the requests that finished. A request preempted while
+        the step ran keeps its token (it is recomputed with it)."""
         finished = []
         for span in plan.spans:
             request = self.requests.get(span.request_id)
-            if request is None or request.status is not Status.RUNNING:
-                continue  # aborted while the step ran
-            request.num_computed_tokens = span.start + span.num_tokens
-            if span.samples:
-                request.append(sampled[span.request_id])
-                if request.status.finished:
-                    self.requests.pop(request.request_id)
-                    self._release(request, request.status)
-                    finished.append(request)
+            if request is None or not span.samples:
+                continue  # aborted while the step ran, or a prefill chunk short of the prompt's end
+            request.num_pending -= 1
+            request.append(sampled[span.request_id])
+            if request.status.finished:
+                self.requests.pop(request.request_id)
+                self._release(request, request.status)
+                finished.append(request)
         return finished
 
     def _span(self, request: Request, start: int, count: int) -> Span:
-        samples = start + count == request.num_tokens
+        """Plan tokens start..start+count-1 of `request`, counting them as computed from now on."""
+        samples = start + count == request.num_scheduled_tokens
+        known = request.all_token_ids[start:start + count]
         p = request.params
         penalised = samples and p.penalised
-        return Span(request.request_id, start, count, tuple(request.all_token_ids[start:start + count]),
+        request.num_computed_tokens = start + count
+        request.num_pending += samples
+        return Span(request.request_id, start, count, (*known, *[PENDING] * (count - len(known))),
                     tuple(self.kv.block_table(request.request_id)), samples=samples,
                     params=p if samples else None, num_prompt_tokens=len(request.prompt_token_ids),
                     history=tuple(request.all_token_ids) if penalised else ())
@@ -143,9 +155,11 @@ class Scheduler:
         return max(candidates, key=lambda r: (r.priority, r.arrival), default=None)
 
     def _preempt(self, request: Request, plan: StepPlan) -> None:
-        """Recompute later: free the blocks, keep the tokens, and queue it ahead of newer arrivals."""
+        """Recompute later: free the blocks, keep the tokens (a token in flight still arrives), and queue it
+        ahead of newer arrivals."""
         self.kv.free(request.request_id)
         self.running.remove(request)
+        request.num_pending -= sum(s.samples for s in plan.spans if s.request_id == request.request_id)
         request.status, request.num_computed_tokens = Status.WAITING, 0
         request.num_preemptions += 1
         self.num_preemptions += 1

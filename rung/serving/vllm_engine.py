@@ -69,7 +69,7 @@ class VLLMAsyncEngine:
         args = AsyncEngineArgs(model=str(model_dir), dtype=config.dtype, block_size=config.block_size,
                                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                                max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory,
-                               scheduling_policy="priority", seed=0)
+                               scheduling_policy="priority", seed=0, async_scheduling=config.async_scheduling)
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[Gauges])
         self.max_model_len: int = self.llm.model_config.max_model_len
         self.vocab_size: int = self.llm.model_config.get_vocab_size()
