@@ -97,7 +97,7 @@ def test_n_samples_share_the_prompt_and_seeds_reproduce_in_a_busy_batch(tmp_path
     cls(config).save_pretrained(tmp_path)
     engine = LLM(tmp_path, num_blocks=64, block_size=4)
     prompt = list(range(1, 30))
-    params = SamplingParams(max_tokens=8, temperature=1.0, seed=11, n=3, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=11, n=3, ignore_eos=True, logprobs=0)
     alone = engine.generate([prompt], params)[0]
     busy = engine.generate([list(range(50, 60)), prompt, [7] * 40], params)[1]
     assert [c.token_ids for c in alone] == [c.token_ids for c in busy]  # per-request streams: batch-invariant
@@ -120,7 +120,7 @@ def test_deterministic_mode_is_batch_invariant_to_the_bit(ops, tmp_path):
     engine = LLM(tmp_path, num_blocks=128, block_size=4, max_num_batched_tokens=32, deterministic=True)
     use_ops(engine, ops)
     prompt = list(range(1, 45))  # longer than a chunk: chunked at the same boundaries alone and in company
-    params = SamplingParams(max_tokens=10, temperature=0.8, seed=5, ignore_eos=True)
+    params = SamplingParams(max_tokens=10, temperature=0.8, seed=5, ignore_eos=True, logprobs=0)
     alone = engine.generate([prompt], params)[0][0]
     rng = torch.Generator().manual_seed(3)
     company = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (3, 30, 7, 60, 12)]

@@ -71,9 +71,12 @@ def test_penalties_and_logprobs():
     assert processed_logits(logits, row).tolist() == [1.0, 1.0, -2.0, 0.5]  # divide positives, multiply negatives
     row = SampleInput("r", SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25), (), (1, 1, 3))
     assert processed_logits(logits, row).tolist() == [1.0, 1.0, -1.0, -0.25]
-    sample = Sampler().sample(logits[None], [SampleInput("r", SamplingParams(temperature=0, logprobs=2), (), ())])[0]
+    silent, sample = Sampler().sample(torch.stack([logits.flip(0), logits]), [
+        SampleInput("q", SamplingParams(temperature=0), (), ()),
+        SampleInput("r", SamplingParams(temperature=0, logprobs=2), (), ())])
     assert sample.token_id == 1 and list(sample.top_logprobs) == [1, 0]
     assert sample.logprob == pytest.approx(torch.log_softmax(logits, -1)[1].item())
+    assert (silent.token_id, silent.logprob, silent.top_logprobs) == (2, None, {})  # logprobs unasked: none made
 
 
 @pytest.mark.parametrize("field, value", [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2),

@@ -165,6 +165,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         full = min(table.num_tokens, len(tokens)) // self.block_size
+        if full <= table.num_hashed:
+            return  # most decode steps: no block filled up
         previous = self.blocks[table.blocks[table.num_hashed - 1]].hash if table.num_hashed else None
         for index in range(table.num_hashed, full):
             chunk = tuple(tokens[index * self.block_size:(index + 1) * self.block_size])

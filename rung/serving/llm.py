@@ -15,7 +15,7 @@ from rung.serving.params import SamplingParams
 @dataclass
 class Completion:
     token_ids: list[int]
-    logprobs: list[float]  # of each chosen token under the model
+    logprobs: list[float] | None  # of each chosen token under the model, when SamplingParams.logprobs is set
     finish_reason: str  # "stop" or "length"
 
 
@@ -56,4 +56,6 @@ class LLM:
                 logprobs.setdefault(event.request_id, []).append(event.sample.logprob)
                 if event.finish_reason:
                     reasons[event.request_id] = event.finish_reason
-        return [[Completion(tokens[i], logprobs[i], reasons[i]) for i in siblings] for siblings in ids]
+        wanted = params.logprobs is not None
+        return [[Completion(tokens[i], logprobs[i] if wanted else None, reasons[i]) for i in siblings]
+                for siblings in ids]

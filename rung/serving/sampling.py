@@ -29,7 +29,7 @@ class SampleInput:
 @dataclass
 class Sample:
     token_id: int
-    logprob: float
+    logprob: float | None  # None unless the request asked for logprobs (as in vLLM: 0 asks for this one alone)
     top_logprobs: dict[int, float]  # the `params.logprobs` most likely tokens
 
 
@@ -53,8 +53,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SampleInput]) -> list[Sample]:
         """logits: [len(rows), vocab] fp32. Plain greedy rows (no penalties) take one batched argmax; the others
-        are processed row by row."""
-        logprobs = torch.log_softmax(logits, dim=-1)
+        are processed row by row. Log-probabilities are computed for the rows that asked for them only: for 64
+        rows of 8k logits, a log-softmax of all costs as much as the greedy pick."""
         greedy = logits.max(dim=-1).indices.tolist()  # the first maximum, as argmax, at a third of its cost
         tokens = []
         for index, row in enumerate(rows):
@@ -68,14 +68,19 @@ class Sampler:
             else:
                 probs = torch.softmax(scores, dim=-1)
                 tokens.append(int(torch.multinomial(probs, 1, generator=self._generator(row))))
-        chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+        wanted = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
+        logprobs, chosen = {}, {}
+        if wanted:
+            table = torch.log_softmax(logits[wanted], dim=-1)
+            picked = table.gather(1, torch.tensor([tokens[i] for i in wanted])[:, None])[:, 0].tolist()
+            logprobs, chosen = dict(zip(wanted, table)), dict(zip(wanted, picked))
         samples = []
         for index, (row, token) in enumerate(zip(rows, tokens)):
             top = {}
             if row.params.logprobs:
                 values, ids = logprobs[index].topk(row.params.logprobs)
                 top = dict(zip(ids.tolist(), values.tolist()))
-            samples.append(Sample(token, chosen[index], top))
+            samples.append(Sample(token, chosen.get(index), top))
         return samples
 
 

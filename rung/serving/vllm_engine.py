@@ -157,7 +157,7 @@ class VLLMRequestHandle:
             self.clock.token()
             ranked = completion.logprobs[index] if completion.logprobs else {}
             chosen = ranked.get(token_id)
-            samples.append(Sample(token_id, chosen.logprob if chosen else float("nan"),
+            samples.append(Sample(token_id, chosen.logprob if chosen else None,
                                   {t: lp.logprob for t, lp in ranked.items() if lp.rank is not None
                                    and lp.rank <= self.top}))
         self.num_output_tokens += len(completion.token_ids)
