@@ -1,8 +1,8 @@
 """Engine benchmarks (`make bench`): offline output tokens/s of rung's engine against transformers' `generate` in
-static batches of 32 (padded) and against vLLM's CPU build (run from its own venv, when present), the overlap's own effect (async scheduling
-and nano-batching off and on, offline and served from the engine process), and decode step time
-against batch size with the share of the machine's measured matmul FLOP/s it reaches. All ratios come from the
-same run on the same machine.
+static batches of 32 (padded) and against vLLM's CPU build (run from its own venv, when present), the overlap's
+own effect (async scheduling and nano-batching off and on, offline and served from the engine process), and decode
+step time against batch size with the share of the machine's measured matmul FLOP/s it reaches. All ratios come
+from the same run on the same machine.
 
 Workload (seeded): N requests, prompt lengths uniform in [16, 512], output lengths uniform in [16, 256], ignore-eos,
 on a ~10M-parameter Llama folder and a tiny Mixtral folder made with transformers (random weights), fp32, one
@@ -64,7 +64,8 @@ def workload(n: int, seed: int) -> tuple[list[list[int]], list[int]]:
     return prompts, [int(rng.integers(16, 257)) for _ in range(n)]
 
 
-def rung_offline(folder: Path, prompts, outputs, nano_batches: int = 1, async_scheduling: bool | None = None) -> float:
+def rung_offline(folder: Path, prompts, outputs, nano_batches: int = 1,
+                 async_scheduling: bool | None = None) -> float:
     llm = LLM(folder, max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
               nano_batches=nano_batches, async_scheduling=async_scheduling)
     started = time.perf_counter()

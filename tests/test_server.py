@@ -115,6 +115,7 @@ def test_async_clients_stream_concurrently(server):
 
     texts = asyncio.run(main())
     assert len(texts) == 16 and all(isinstance(t, str) for t in texts) and len(set(texts)) > 1
+    assert "async scheduling" in server.log.read_text()  # the flag reached the engine process
 
 
 def error(response: tuple[int, dict, str]) -> tuple[int, dict]:
@@ -284,7 +285,8 @@ def test_sigterm_drains_in_flight_requests(model_dir, tmp_path):
     assert late in (503, None)
     status, body = results[0]
     assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 100
-    assert "draining" in (tmp_path / "serve.log").read_text()
+    log = (tmp_path / "serve.log").read_text()
+    assert "draining" in log and "sync scheduling" in log  # a CPU's default
 
 
 def test_a_dead_engine_process_fails_health_and_answers_503(model_dir, tmp_path):

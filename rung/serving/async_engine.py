@@ -2,8 +2,8 @@
 compute thread for an Engine built by the caller; engine_core.py) while the asyncio thread serves HTTP, detokenizes
 and streams — on a CPU one core computes while the other does everything else.
 
-    asyncio thread:  request → validate → send ─┐          ┌─► per-request queue → detokenize/stop → stream
-    engine core:                  messages → step() → StepReport (tokens, stats)
+    asyncio thread:  request → validate → send ─┐        ┌─► per-request queue → detokenize/stop → stream
+    engine core:                messages → step() → StepReport (tokens, stats)
 
 Only the core touches the Engine's mutable state (scheduler, cache); the asyncio side talks to it by messages, so a
 request added or aborted mid-step takes effect at the next step boundary.
@@ -144,8 +144,10 @@ class AsyncEngine:
         validate_request(prompt_token_ids, params, limits.max_model_len, limits.vocab_size, limits.kv_blocks)
 
     def describe(self) -> str:
-        blocks, size = self.core.limits.kv_blocks
-        return f"rung engine {self.core.place}, {blocks} KV blocks of {size} tokens"
+        limits = self.core.limits
+        scheduling = "async scheduling" if limits.async_scheduling else "sync scheduling"
+        blocks, size = limits.kv_blocks
+        return f"rung engine {self.core.place}, {scheduling}, {blocks} KV blocks of {size} tokens"
 
     # -- the asyncio side ------------------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | tuple = (),

@@ -33,7 +33,7 @@ from rung.serving.model import InferenceModel, load_weights
 from rung.serving.model_spec import load_spec
 from rung.serving.params import SamplingError, SamplingParams
 from rung.serving.request import Request, Status
-from rung.serving.runner import ModelRunner
+from rung.serving.runner import ModelRunner, PreparedStep
 from rung.serving.sampling import Sample
 from rung.serving.scheduler import Scheduler, StepPlan
 from rung.serving.tuning import default_nano_batches, tuned_nano_batches
@@ -165,6 +165,10 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._in_flight is not None
 
+    @property
+    def async_scheduling(self) -> bool:
+        return self._compute is not None
+
     def step(self) -> list[TokenEvent]:
         """What requests gained in one step: under async scheduling, the step that was computing when this was
         called (the next one is launched before this returns)."""
@@ -173,25 +177,25 @@ class Engine:
             samples = self.runner.run(plan)
             return self._events(plan, samples, self._update(plan, samples))
         prepared = self.runner.prepare(plan) if plan.spans else None
-        computed = None
-        if self._in_flight is not None:
-            computed, future = self._in_flight
-            self._in_flight = None
-            samples = future.result()
-            finished = self._update(computed, samples)
-            if any(span.request_id not in self.scheduler.requests for span in plan.spans):
-                plan.spans = [span for span in plan.spans if span.request_id in self.scheduler.requests]
-                prepared = self.runner.prepare(plan) if plan.spans else None  # without those that just stopped
-            if prepared is not None:
-                self.runner.fill(prepared, {request_id: sample.token_id for request_id, sample in samples.items()})
-        if prepared is not None:
-            self._in_flight = (plan, self._compute.submit(self.runner.execute, prepared))
-        if computed is None:
+        if self._in_flight is None:
+            self._launch(plan, prepared)
             return []
-        for request_id in self._release_after_step:  # aborted while the step computed: its sampler is done
+        computed, future = self._in_flight
+        samples = future.result()
+        finished = self._update(computed, samples)
+        if any(span.request_id not in self.scheduler.requests for span in plan.spans):  # stopped by that step
+            plan.spans = [span for span in plan.spans if span.request_id in self.scheduler.requests]
+            prepared = self.runner.prepare(plan) if plan.spans else None
+        if prepared is not None:
+            self.runner.fill(prepared, samples)
+        self._launch(plan, prepared)
+        for request_id in self._release_after_step:  # aborted while that step computed: its sampler is done
             self.runner.release(request_id)
         self._release_after_step.clear()
         return self._events(computed, samples, finished)
+
+    def _launch(self, plan: StepPlan, prepared: PreparedStep | None) -> None:
+        self._in_flight = None if prepared is None else (plan, self._compute.submit(self.runner.execute, prepared))
 
     def _update(self, plan: StepPlan, samples: dict[str, Sample]) -> dict[str, Request]:
         """Give the scheduler a computed step's tokens; the requests that finished, by id."""

@@ -4,7 +4,7 @@ The step loop is the same either way: take the messages that arrived (add, abort
 step's tokens and stats as one plain-data StepReport. Only the transport differs:
 
     ThreadCore:   asyncio ─ deque ─► compute thread ─ call_soon_threadsafe ─► asyncio
-    ProcessCore:  asyncio ─ pipe ──► engine process ─ pipe ─► reader thread ─ call_soon_threadsafe ─► asyncio
+    ProcessCore:  asyncio ─ pipe ─► engine process ─ pipe ─► reader thread ─ call_soon_threadsafe ─► asyncio
 
 `rung serve` uses a ProcessCore (as vLLM runs its engine core in its own process): in one process the HTTP side's
 parsing, tokenization, detokenization and SSE writing hold the GIL that the model's operator dispatch also needs,
@@ -38,10 +38,12 @@ class EngineLimits:
     max_model_len: int
     vocab_size: int
     kv_blocks: tuple[int, int]  # (count, tokens per block)
+    async_scheduling: bool
 
     @classmethod
     def of(cls, engine: Engine) -> EngineLimits:
-        return cls(engine.max_model_len, engine.spec.vocab_size, (engine.kv.num_blocks, engine.kv.block_size))
+        return cls(engine.max_model_len, engine.spec.vocab_size, (engine.kv.num_blocks, engine.kv.block_size),
+                   engine.async_scheduling)
 
 
 @dataclass

@@ -53,9 +53,8 @@ class LLM:
         while self.engine.has_work:
             for event in self.engine.step():
                 tokens.setdefault(event.request_id, []).append(event.token_id)
-                logprobs.setdefault(event.request_id, []).append(event.sample.logprob)
+                if params.logprobs is not None:
+                    logprobs.setdefault(event.request_id, []).append(event.sample.logprob)
                 if event.finish_reason:
                     reasons[event.request_id] = event.finish_reason
-        wanted = params.logprobs is not None
-        return [[Completion(tokens[i], logprobs[i] if wanted else None, reasons[i]) for i in siblings]
-                for siblings in ids]
+        return [[Completion(tokens[i], logprobs.get(i), reasons[i]) for i in siblings] for siblings in ids]

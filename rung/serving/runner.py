@@ -97,21 +97,21 @@ class ModelRunner:
         return PreparedStep(step, rows, inputs, pending)
 
     @staticmethod
-    def fill(step: PreparedStep, sampled: dict[str, int]) -> None:
+    def fill(step: PreparedStep, samples: dict[str, Sample]) -> None:
         """Put the tokens the previous step sampled in place of the PENDING ones, in the inputs and in what the
         penalties see."""
         if not step.pending:
             return
         token_ids = step.inputs.token_ids
-        token_ids[list(step.pending.values())] = torch.tensor([sampled[r] for r in step.pending],
+        token_ids[list(step.pending.values())] = torch.tensor([samples[r].token_id for r in step.pending],
                                                               device=token_ids.device)
         for index, row in enumerate(step.sample_inputs):
             if row.request_id in step.pending and row.params.penalised:
                 step.sample_inputs[index] = replace(row, output_token_ids=(*row.output_token_ids,
-                                                                           sampled[row.request_id]))
+                                                                           samples[row.request_id].token_id))
 
     def execute(self, step: PreparedStep) -> dict[str, Sample]:
-        """A sampled token (with logprobs) for every span that reached its request's end."""
+        """A sampled token (with logprobs, when asked) for every span that reached its request's end."""
         parts = len(step.inputs.spans) if self.deterministic else self.nano_batches
         hidden = self.model.forward(step.inputs, self.cache, parts)
         rows = step.sample_rows
