@@ -31,7 +31,7 @@ def test_grid_syntax():
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("sweep")
-    result = run_rung("sweep", "tiny", "--grid", "lr=2^-8:2^4:x16", "--widths", "32,64", "--params", "mup",
+    result = run_rung("sweep", "tiny", "--grid", "lr=2^-8:2^4:x16", "--widths", "32,64", "--params", "mup,sp",
                       "--set", "train.steps=20", "--set", "train.warmup_steps=2", "--set", "train.max_loss=12",
                       "--set", f"data.cache_dir={data_cache}", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -41,14 +41,25 @@ def sweep(tmp_path_factory, data_cache):
 def test_sweep_runs_every_point_and_records_divergence(sweep):
     out, stdout = sweep
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 4
-    assert {(r["width"], r["hparams"]["train.lr"]) for r in rows} == {(w, 2.0**e) for w in (32, 64)
-                                                                      for e in (-8, -4, 0, 4)}
+    assert len(rows) == 2 * 2 * 4
+    assert {(r["param"], r["width"], r["hparams"]["train.lr"]) for r in rows} == {
+        (p, w, 2.0**e) for p in ("mup", "sp") for w in (32, 64) for e in (-8, -4, 0, 4)}
+    # at the base width μP and SP are one model: its four points train once, the wider ones twice
+    by_name = {r["name"]: r for r in rows}
+    shared = [r for r in rows if "same_run_as" in r]
+    assert {(r["param"], r["width"]) for r in shared} == {("sp", 32)}
+    assert len(shared) == 4 and "12 to train" in stdout
+    for row in shared:
+        twin = by_name[row["same_run_as"]]
+        assert (twin["param"], twin["width"], twin["hparams"]) == ("mup", 32, row["hparams"])
+        assert row["status"] == twin["status"] and row.get("loss") == twin.get("loss")
+    wide = {(r["param"], r["hparams"]["train.lr"]): r["loss"] for r in rows if r["width"] == 64 and r["status"] == "ok"}
+    assert wide[("mup", 2.0**-8)] != wide[("sp", 2.0**-8)]
     diverged = [r for r in rows if r["hparams"]["train.lr"] == 16.0]
     assert all(r["status"] == "diverged" and r["error"] for r in diverged)  # a failed row, not a failed sweep
     assert all(r["status"] == "ok" and math.isfinite(r["loss"]) for r in rows if r["hparams"]["train.lr"] <= 2**-4)
     summary = json.loads((out / "summary.json").read_text())
-    assert {(s["width"], s["param"]) for s in summary["shapes"]} == {(32, "mup"), (64, "mup")}
+    assert {(s["width"], s["param"]) for s in summary["shapes"]} == {(w, p) for w in (32, 64) for p in ("mup", "sp")}
     assert summary["transfer"]["mup"]["proxy"] == {"width": 32, "depth": 2, "experts": None}
     assert -8 <= summary["shapes"][0]["optimum_log2"]["train.lr"] <= 4
     assert "train.lr" in summary["spread_octaves"]["mup"]

@@ -22,7 +22,9 @@ import numpy as np
 from rung.config import from_dict, to_dict
 from rung.errors import ConfigError, RungError
 from rung.jobs.config import RunConfig
+from rung.jobs.parametrization import Parametrization
 from rung.jobs.progress import Progress
+from rung.jobs.roles import Role
 from rung.jobs.shapes import reshape
 
 
@@ -70,6 +72,18 @@ def make_points(base: RunConfig, params: list[str], widths: list[int], depths: l
         cfg.name = name
         points.append((Point(name, param, width, depth, expert, seed, hparams), from_dict(RunConfig, to_dict(cfg))))
     return points
+
+
+def training_identity(cfg: RunConfig) -> str:
+    """Everything a run's training depends on, with the parametrization given by its effect instead of its name.
+
+    At the base shape SP, μP, Depth-μP and CompleteP prescribe the same multipliers and group rules, so a sweep over
+    several of them would train the base shape's points once per parametrization for bit-identical losses."""
+    rules = Parametrization(cfg.param, cfg.model)
+    settings = to_dict(cfg)
+    del settings["name"], settings["param"]["name"]
+    return json.dumps([settings, asdict(rules.multipliers), {role.value: asdict(rules.rule(role)) for role in Role}],
+                      sort_keys=True)
 
 
 def _run_point(payload: dict) -> dict:
@@ -200,7 +214,15 @@ def run_sweep(base: RunConfig, grids: dict[str, list[float]], params: list[str],
     log(f"sweep {sweep_id}: {len(points)} runs ({len(params)} parametrizations × {len(widths)} widths × "
         f"{len(depths)} depths × {len(experts or [None])} expert counts × "
         f"{math.prod(len(v) for v in grids.values())} grid points × {seeds} seeds)")
-    rows = run_points(points, address, "sweep", log, processes)
+    first: dict[str, int] = {}
+    trained_as = [first.setdefault(training_identity(cfg), i) for i, (_, cfg) in enumerate(points)]
+    distinct = sorted(first.values())
+    if len(distinct) < len(points):
+        log(f"sweep: {len(points) - len(distinct)} points are the same model as another parametrization's (its base "
+            f"shape) and share its run: {len(distinct)} to train")
+    trained = dict(zip(distinct, run_points([points[i] for i in distinct], address, "sweep", log, processes)))
+    rows = [trained[i] if j == i else {**trained[j], **asdict(point), "same_run_as": trained[j]["name"]}
+            for i, ((point, _), j) in enumerate(zip(points, trained_as))]
     with (out / "results.jsonl").open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
