@@ -13,6 +13,7 @@ from rung.jobs.build import build_model
 from rung.jobs.grid import parse_grid
 from rung.jobs.loading import load_run_config
 from rung.jobs.scaling_laws import Chinchilla, PowerLaw, RoutedMoE, fit_chinchilla, fit_power_law, fit_routed_moe
+from rung.jobs.sweep import training_identity
 from rung.jobs.transfer import apply_transfer
 from tests.conftest import assert_clean_failure, run_rung
 
@@ -26,6 +27,21 @@ def test_grid_syntax():
     for bad in ("lr", "lr=", "lr=2^-4:2^-8:x2", "lr=1:2:3", "lr=a,b", "lr=1:2:x1"):
         with pytest.raises(ConfigError):
             parse_grid(bad)
+
+
+def test_training_identity_merges_parametrizations_only_at_the_base_shape():
+    def identity(param: str, width: int, depth: int, *overrides: str) -> str:
+        cfg = load_run_config("tiny", [f"param.name={param}", f"model.d_model={width}", f"model.n_heads={width // 16}",
+                                       f"model.n_layers={depth}", "param.base_width=32", "param.base_depth=2",
+                                       *overrides])
+        cfg.name = f"{param}-{width}-{depth}"
+        return training_identity(cfg)
+
+    params = ("sp", "mup", "depth-mup", "completep")
+    assert len({identity(p, 32, 2) for p in params}) == 1  # the base shape: one model under every rule
+    assert len({identity(p, 64, 2) for p in params}) == 2  # wider: SP apart from the three width-aware ones
+    assert len({identity(p, 32, 8) for p in params}) == 3  # deeper: SP = μP, Depth-μP, CompleteP
+    assert identity("mup", 32, 2) != identity("mup", 32, 2, "param.init_std=0.05")  # any other field counts
 
 
 @pytest.fixture(scope="module")
