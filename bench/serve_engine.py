@@ -27,11 +27,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from rung.platform.runtime import _measured_matmul_flops  # noqa: E402
-from rung.serving.async_engine import AsyncEngine  # noqa: E402
-from rung.serving.engine import Engine, EngineConfig  # noqa: E402
-from rung.serving.engine_core import ProcessCore  # noqa: E402
-from rung.serving.llm import LLM  # noqa: E402
-from rung.serving.params import SamplingParams  # noqa: E402
+from rung.serving.config import EngineConfig  # noqa: E402
+from rung.serving.core.params import SamplingParams  # noqa: E402
+from rung.serving.engine.async_engine import AsyncEngine  # noqa: E402
+from rung.serving.engine.core import ProcessCore  # noqa: E402
+from rung.serving.engine.engine import Engine  # noqa: E402
+from rung.serving.engine.llm import LLM  # noqa: E402
 
 VOCAB = 8192
 # both engines schedule with the same limits: 64 running sequences and vLLM's CPU default of 4,096 tokens per step
@@ -80,8 +81,8 @@ def rung_offline(folder: Path, prompts, outputs, nano_batches: int = 1,
 
 def rung_served(folder: Path, prompts, outputs, nano_batches: int, async_scheduling: bool) -> float:
     """Through the AsyncEngine with detokenization and the engine in its own process, as `rung serve` runs it."""
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
         {f"t{i}": i for i in range(VOCAB)}, unk_token="t0")))

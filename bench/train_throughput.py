@@ -20,12 +20,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from rung.jobs.build import build_model  # noqa: E402
 from rung.jobs.data.loader import SequenceLoader  # noqa: E402
+from rung.jobs.data.prepare import prepare_data  # noqa: E402
 from rung.jobs.loading import load_run_config  # noqa: E402
-from rung.jobs.model import language_model_loss  # noqa: E402
-from rung.jobs.schedule import lr_factor  # noqa: E402
-from rung.jobs.train import prepare_data, train  # noqa: E402
+from rung.jobs.model.build import build_model  # noqa: E402
+from rung.jobs.model.transformer import language_model_loss  # noqa: E402
+from rung.jobs.train.loop import train  # noqa: E402
+from rung.jobs.train.schedule import lr_factor  # noqa: E402
 from rung.platform import runtime  # noqa: E402
 
 WARMUP = 5  # steps left out of every rate

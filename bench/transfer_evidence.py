@@ -14,10 +14,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from rung.jobs.grid import parse_grid  # noqa: E402
-from rung.jobs.ladder import run_ladder  # noqa: E402
+from rung.jobs.experiments.grid import parse_grid  # noqa: E402
+from rung.jobs.experiments.ladder import run_ladder  # noqa: E402
+from rung.jobs.experiments.sweep import run_sweep  # noqa: E402
 from rung.jobs.loading import load_run_config  # noqa: E402
-from rung.jobs.sweep import run_sweep  # noqa: E402
 
 
 def verdict(summary: dict, param: str) -> dict:

@@ -12,7 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from rung.errors import RungError
+from rung.config import default
+from rung.errors import ConfigError, RungError
+from rung.jobs.pipeline import PipelineOptions
+from rung.serving.flags import add_serve_settings, flag_of, serve_settings
 
 
 def _add_config(parser: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -114,55 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline = commands.add_parser("pipeline", help="data → μP sweep → transfer to a wider model on Ray workers → "
                                                     "export → serve, with a chat completion as the smoke test")
     _add_config(pipeline, optional=True)
-    pipeline.add_argument("--out", default="runs/pipeline", help="where every stage writes (default: runs/pipeline)")
-    pipeline.add_argument("--sweep-grid", default="lr=2^-9:2^-5:x2", help="the proxy's LR grid "
-                          "(default: lr=2^-9:2^-5:x2)")
-    pipeline.add_argument("--sweep-steps", type=int, default=100, help="steps per sweep run (default: 100)")
-    pipeline.add_argument("--target-width-factor", type=int, default=2,
-                          help="the target is this many times the config's width (default: 2)")
-    pipeline.add_argument("--workers", type=int, default=2, help="DeepSpeed ZeRO-2 workers for the target (default: 2)")
+    options = lambda name: default(PipelineOptions, name)  # noqa: E731 - the flags' defaults are the options'
+    pipeline.add_argument("--out", default=options("out"),
+                          help=f"where every stage writes (default: {options('out')})")
+    pipeline.add_argument("--sweep-grid", default=options("sweep_grid"),
+                          help=f"the proxy's LR grid (default: {options('sweep_grid')})")
+    pipeline.add_argument("--sweep-steps", type=int, default=options("sweep_steps"),
+                          help=f"steps per sweep run (default: {options('sweep_steps')})")
+    pipeline.add_argument("--target-width-factor", type=int, default=options("target_width_factor"),
+                          help=f"the target is this many times the config's width (default: "
+                               f"{options('target_width_factor')})")
+    pipeline.add_argument("--workers", type=int, default=options("workers"),
+                          help=f"DeepSpeed ZeRO-2 workers for the target (default: {options('workers')})")
     pipeline.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
-    pipeline.add_argument("--host", default="127.0.0.1", help="where to serve (default: 127.0.0.1)")
-    pipeline.add_argument("--port", type=int, default=8000, help="serving port; a free one if taken (default: 8000)")
+    pipeline.add_argument("--host", default=options("host"), help=f"where to serve (default: {options('host')})")
+    pipeline.add_argument("--port", type=int, default=options("port"),
+                          help=f"serving port; a free one if taken (default: {options('port')})")
     pipeline.add_argument("--exit", action="store_true", help="stop after the smoke request instead of serving on")
 
     serve = commands.add_parser("serve", help="serve a Hugging Face model folder over an OpenAI-compatible API")
     serve.add_argument("model_dir", help="a Hugging Face model folder (rung's exports or a supported third party)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
-    serve.add_argument("--api-key", default=os.environ.get("RUNG_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $RUNG_API_KEY)")
-    serve.add_argument("--max-num-seqs", type=int, default=64, help="most requests running at once (default: 64)")
-    serve.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                       help="tokens per engine step: decodes first, then chunked prefill (default: 2048)")
-    serve.add_argument("--max-queued-requests", type=int, default=256,
-                       help="waiting requests before new ones get 429 (default: 256)")
-    serve.add_argument("--max-queued-tokens", type=int,
-                       help="prompt tokens of waiting requests before new ones get 429 (default: no bound)")
-    serve.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="weights and KV cache dtype (default: float32)")
-    serve.add_argument("--kv-cache-memory", type=float, default=0.25, metavar="GIB",
-                       help="memory for the preallocated KV-cache pool in GiB (default: 0.25)")
-    serve.add_argument("--block-size", type=int,
-                       help="tokens per KV-cache block (default: 16; with --engine vllm, vLLM's choice)")
-    serve.add_argument("--grace-period", type=float, default=30.0,
-                       help="seconds in-flight requests may take to finish after SIGTERM (default: 30)")
-    serve.add_argument("--nano-batches", type=int,
-                       help="nano-batches per engine step (default: the --tune result for this device and model, "
-                            "else 2 on a GPU and 1 on a CPU)")
-    serve.add_argument("--deterministic", action="store_true",
-                       help="batch-invariant outputs: a request's results do not depend on what else is running")
-    serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
-                       help="schedule step i+1 while step i computes (default: rung's engine on a GPU only, "
-                            "vLLM's own choice with --engine vllm)")
+    add_serve_settings(serve)
     serve.add_argument("--tune", action="store_true",
                        help="profile step time per nano-batch split, store the best for this device and model, exit")
-    serve.add_argument("--device", help="where rung's engine computes: cpu, cuda, cuda:N (default: the GPU when "
-                                        "there is one, else the CPU)")
-    serve.add_argument("--engine", dest="backend", default="rung", choices=["rung", "vllm"],
-                       help="what computes: rung's engine, or vLLM's (needs the vllm extra; default: rung)")
     serve.add_argument("--ray", action="store_true", help="run as a Ray Serve application (replicas on Ray)")
     scale = serve.add_mutually_exclusive_group()
     scale.add_argument("--replicas", type=int, default=1, help="with --ray: fixed number of replicas (default: 1)")
@@ -224,7 +203,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "pipeline":
         return _pipeline_command(args)
     if args.command == "bench":
-        from rung.serving.bench import bench_serve
+        from rung.serving.loadgen import bench_serve
 
         if args.num_prompts < 1:
             raise RungError("--num-prompts must be at least 1")
@@ -233,7 +212,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                               args.goodput, args.api_key, args.json_path, args.plot)
         return 0 if summary["successful_requests"] else 1
     if args.command == "export":
-        from rung.jobs.export import export
+        from rung.jobs.export.hf_folder import export
 
         out = export(args.source, args.out, fmt=args.format, dtype=args.dtype, overwrite=args.overwrite,
                      allow_dropless=args.allow_dropless, max_shard_bytes=args.max_shard_size)
@@ -246,30 +225,30 @@ def _dispatch(args: argparse.Namespace) -> int:
         overrides.append(f"train.workers={args.workers}")
     cfg = load_run_config(args.config, overrides)
     if args.command == "data":
-        from rung.jobs.train import prepare_data
+        from rung.jobs.data.prepare import prepare_data
 
         data = prepare_data(cfg)
         print(f"data: {data.num_tokens:,} tokens, vocabulary {data.vocab_size}, in {data.path}")
     elif args.command == "sweep":
-        from rung.jobs.grid import parse_grid
-        from rung.jobs.sweep import run_sweep
+        from rung.jobs.experiments.grid import parse_grid
+        from rung.jobs.experiments.sweep import run_sweep
 
         grids = dict(parse_grid(spec) for spec in args.grid)
         run_sweep(cfg, grids, [p for p in args.params.split(",") if p], args.widths, args.depths, args.experts,
                   args.seeds, args.out, address=args.address)
     elif args.command == "ladder":
-        from rung.jobs.grid import number
-        from rung.jobs.ladder import run_ladder
+        from rung.jobs.experiments.grid import number
+        from rung.jobs.experiments.ladder import run_ladder
 
         if args.hparams_from:
-            from rung.jobs.transfer import apply_transfer
+            from rung.jobs.experiments.transfer import apply_transfer
 
             cfg, _ = apply_transfer(cfg, args.hparams_from)
         budgets = [number(t) for t in args.tokens.split(",") if t.strip()]
         run_ladder(cfg, args.widths, args.depths or [cfg.model.n_layers], args.experts, budgets, args.out,
                    address=args.address)
     elif args.command == "plan":
-        from rung.jobs.ladder import plan
+        from rung.jobs.experiments.ladder import plan
 
         path = Path(args.fit)
         if not path.is_file():
@@ -280,10 +259,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise RungError(f"--fit {path} is not JSON") from None
         print(json.dumps(plan(args.budget, fit, cfg), indent=2))
     elif args.command == "train":
-        from rung.jobs.train import train
+        from rung.jobs.train.loop import train
 
         if args.hparams_from:
-            from rung.jobs.transfer import apply_transfer
+            from rung.jobs.experiments.transfer import apply_transfer
 
             cfg, record = apply_transfer(cfg, args.hparams_from)
             print(f"train: transferred {record['values']} from sweep {record['sweep_id']} "
@@ -294,11 +273,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"train: done, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f} after {rows[-1]['step']} steps, "
               f"run dir {cfg.out_dir}/{cfg.name}")
     elif args.command == "count":
-        from rung.jobs.counting import count
+        from rung.jobs.model.counting import count
 
         print(json.dumps(count(cfg.model, cfg.train.seq_len).as_dict(), indent=2))
     elif args.command == "coordcheck":
-        from rung.jobs.coordcheck import run_coordcheck
+        from rung.jobs.experiments.coordcheck import run_coordcheck
 
         params = [p for p in args.params.split(",") if p]
         axis, sizes = ("depth", args.depths) if args.depths else ("width", args.widths or [32, 64, 128, 256, 512])
@@ -326,29 +305,28 @@ def _pipeline_command(args: argparse.Namespace) -> int:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
-    from rung.serving.serve import serve, serve_on_ray
+    from rung.serving.config import serve_config
 
-    settings = {"model_dir": args.model_dir, "served_model_name": args.served_model_name, "api_key": args.api_key,
-                "max_queued_requests": args.max_queued_requests, "max_queued_tokens": args.max_queued_tokens,
-                "grace_seconds": args.grace_period, "backend": args.backend,
-                "dtype": args.dtype, "block_size": args.block_size,
-                "kv_cache_memory": int(args.kv_cache_memory * (1 << 30)), "max_num_seqs": args.max_num_seqs,
-                "max_num_batched_tokens": args.max_num_batched_tokens, "max_model_len": args.max_model_len,
-                "nano_batches": args.nano_batches, "deterministic": args.deterministic, "device": args.device,
-                "async_scheduling": args.async_scheduling}
+    settings = serve_settings(args)
+    try:
+        config = serve_config(settings)
+    except ConfigError as err:
+        raise flag_of(err) from None
     if args.tune:
-        from rung.serving.server import serve_config
-        from rung.serving.tuning import tune
+        from rung.serving.worker.tuning import tune
 
         if not os.path.isdir(args.model_dir):
             raise RungError(f"model folder not found: {args.model_dir}")
-        tune(args.model_dir, serve_config(settings).engine)
-        return 0
-    if args.ray:
+        tune(args.model_dir, config.engine)
+    elif args.ray:
+        from rung.serving.deploy.ray_app import serve_on_ray
+
         placement = {"autoscaling": args.autoscale} if args.autoscale else {"num_replicas": args.replicas}
         serve_on_ray({**settings, **placement}, host=args.host, port=args.port, address=args.address)
     else:
-        serve(settings, host=args.host, port=args.port)
+        from rung.serving.api.server import serve
+
+        serve(config, host=args.host, port=args.port)
     return 0
 
 

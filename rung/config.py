@@ -1,7 +1,9 @@
-"""Typed configs from YAML and `--set a.b=value` overrides.
+"""Typed configs from YAML and `--set a.b=value` overrides, and the one way to change them.
 
-Every component config is a plain dataclass; this module is the one place that turns untyped data (YAML, command
-lines) into those dataclasses, so every field is checked against its annotation and an error always names the field.
+Every component config is a plain (frozen) dataclass; this module is the one place that turns untyped data (YAML,
+command lines, Ray Serve args) into those dataclasses, so every field is checked against its annotation and by its
+`__post_init__`, and an error always names the field. A config is changed with `evolve`, which builds it again
+through `from_dict`, so every sub-config's checks run on the new values as well.
 """
 
 from __future__ import annotations
@@ -41,6 +43,35 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain data (tuples as lists) for YAML/JSON records of a config."""
     return _plain(dataclasses.asdict(config))
+
+
+def evolve(config: T, changes: dict[str, Any]) -> T:
+    """A copy of `config` with dotted fields changed (`{"train.lr": 1e-3, "model.d_model": 128}`), validated as a
+    whole: every `__post_init__` of every sub-config runs again. An unknown field is a ConfigError naming it."""
+    data = to_dict(config)
+    for key, value in changes.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise ConfigError(key, "no such config section")
+        if leaf not in node:
+            raise ConfigError(key, "no such config field")
+        node[leaf] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return from_dict(type(config), data)
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of field `name` of dataclass `cls` (what a CLI flag defaults to, so the two never differ)."""
+    spec = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if spec is None:
+        raise KeyError(f"{cls.__name__} has no field {name!r}")
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    raise KeyError(f"{cls.__name__}.{name} has no default")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -61,3 +61,55 @@ def test_override_syntax_error():
 ])
 def test_cli_rejects_bad_config_without_traceback(args, needle):
     assert_clean_failure(run_rung(*args), needle)
+
+
+def test_evolve_validates_the_whole_config_again_and_configs_are_frozen():
+    import dataclasses
+
+    from rung.config import evolve
+
+    cfg = load_run_config("tiny")
+    wider = evolve(cfg, {"model.d_model": 128, "model.n_heads": 8, "train.lr": 1e-3})
+    assert (wider.model.d_model, wider.model.n_heads, wider.train.lr) == (128, 8, 1e-3)
+    assert cfg.model.d_model == 64  # the original is untouched
+    with pytest.raises(ConfigError, match="^model.d_model: 64 is not divisible by n_heads"):
+        evolve(cfg, {"model.n_heads": 3})  # a sub-config's own check runs again
+    with pytest.raises(ConfigError, match="^param.base_width: 128 is larger than model.d_model"):
+        evolve(cfg, {"param.base_width": 128})  # and the constraints between sub-configs
+    with pytest.raises(ConfigError, match="^train.nope: no such config field"):
+        evolve(cfg, {"train.nope": 1})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+
+
+def test_serve_settings_go_through_the_config_loader():
+    from rung.serving.config import EngineConfig, serve_config
+
+    config = serve_config({"model_dir": "m", "max_num_seqs": 8, "api_key": "k", "dtype": "bfloat16"})
+    assert config.engine == EngineConfig(max_num_seqs=8, dtype="bfloat16") and config.api_key == "k"
+    for settings, field in (({"max_num_seqs": 0}, "engine.max_num_seqs"), ({"block_size": -2}, "engine.block_size"),
+                            ({"max_num_seqs": "8"}, "engine.max_num_seqs"), ({"dtype": "int8"}, "engine.dtype"),
+                            ({"max_queued_requests": 0}, "max_queued_requests"), ({"num_gpus": 1}, "num_gpus"),
+                            ({"backend": "vllm", "deterministic": True}, "engine.deterministic")):
+        with pytest.raises(ConfigError) as caught:
+            serve_config({"model_dir": "m", **settings})
+        assert caught.value.field == field, (settings, str(caught.value))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--max-num-seqs", "0", "must be at least 1, got 0"), ("--block-size", "0", "must be at least 1, got 0"),
+    ("--nano-batches", "0", "must be at least 1, got 0"), ("--max-num-batched-tokens", "-1", "must be at least 1, got -1"),
+    ("--max-queued-requests", "0", "must be at least 1, got 0"), ("--device", "tpu", "must be cpu, cuda or cuda:N")])
+def test_bad_serve_flags_exit_2_naming_the_flag(tmp_path, flag, value, message):
+    result = run_rung("serve", str(tmp_path), flag, value)
+    assert result.returncode == 2
+    assert_clean_failure(result, f"rung: error: {flag}: {message}")
+
+
+def test_the_serve_flags_default_to_the_config_defaults():
+    from rung.cli import build_parser
+    from rung.serving.config import serve_config
+    from rung.serving.flags import serve_settings
+
+    args = build_parser().parse_args(["serve", "folder"])
+    assert serve_config(serve_settings(args)) == serve_config({"model_dir": "folder"})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rung.serving.detokenizer import TextStream
+from rung.serving.engine.detokenizer import TextStream
 
 
 class Decoder:

@@ -31,11 +31,12 @@ def args_for(out: Path, data_cache: Path, name: str, overrides, workers: int, ex
 
 def train(out: Path, data_cache: Path, name: str, *overrides: str, workers: int = 1, extra=(),
           preset: str = "tiny") -> list[dict]:
-    from rung.jobs.train import read_metrics
+    from rung.jobs.run_dir import RunDir
+    from rung.jobs.train.metrics import read_metrics
 
     result = run_rung(*args_for(out, data_cache, name, overrides, workers, extra, preset))
     assert result.returncode == 0, result.stderr[-4000:]
-    return read_metrics(out / name)
+    return read_metrics(RunDir(out / name))
 
 
 def assert_same_curve(a: list[dict], b: list[dict], rel: float) -> None:
@@ -156,9 +157,10 @@ def test_killed_worker_restarts_from_checkpoint_and_metrics_pass_promtool(tmp_pa
             process.kill()
     assert process.returncode == 0, output[-4000:]
     assert "resumed from" in output
-    from rung.jobs.train import read_metrics
+    from rung.jobs.run_dir import RunDir
+    from rung.jobs.train.metrics import read_metrics
 
-    assert_same_curve(baseline, read_metrics(run_dir), rel=1e-4)
+    assert_same_curve(baseline, read_metrics(RunDir(run_dir)), rel=1e-4)
     for name in ("rung_train_loss", "rung_train_tokens_per_second", "rung_train_mfu_ratio", "rung_train_tokens_total",
                  "rung_train_grad_norm", "rung_train_learning_rate", "rung_train_step_duration_seconds"):
         assert f"\n{name}{{" in exposition, name

@@ -11,9 +11,9 @@ from transformers import (GraniteConfig, GraniteForCausalLM, GraniteMoeConfig, G
                           MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from rung.errors import RungError
-from rung.serving.llm import LLM
-from rung.serving.model import RUNS_READ_IN_PLACE
-from rung.serving.params import SamplingParams
+from rung.serving.core.params import SamplingParams
+from rung.serving.engine.llm import LLM
+from rung.serving.worker.ops.torch_ops import RUNS_READ_IN_PLACE
 
 COMMON = dict(vocab_size=211, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -78,6 +78,10 @@ def test_bad_requests_and_folders(tmp_path):
         engine.generate([[1, 500]])
     with pytest.raises(RungError, match="no config.json"):
         LLM(tmp_path / "nowhere")
+    with pytest.raises(RungError, match="^max_num_seqs: must be at least 1, got 0"):  # checked as every config is
+        LLM(tmp_path, max_num_seqs=0)
+    with pytest.raises(RungError, match="^nano_batch: unknown field"):
+        LLM(tmp_path, nano_batch=2)
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(tmp_path / "model.safetensors"))
@@ -108,8 +112,11 @@ def test_n_samples_share_the_prompt_and_seeds_reproduce_in_a_busy_batch(tmp_path
 
 def use_ops(engine: LLM, ops: str) -> None:
     """rung's compiled kernels (which `make install` builds) or PyTorch's operators."""
-    assert engine.engine.model.use_kernels, "rung's kernels are not built: run `make install`"
-    engine.engine.model.use_kernels = ops == "kernels"
+    from rung.serving.worker.ops.cpu_ops import CpuKernelOps
+    from rung.serving.worker.ops.torch_ops import TorchOps
+
+    assert isinstance(engine.engine.model.ops, CpuKernelOps), "rung's kernels are not built: run `make install`"
+    engine.engine.model.ops = CpuKernelOps() if ops == "kernels" else TorchOps()
 
 
 @pytest.mark.parametrize("ops", ["kernels", "pytorch"])
@@ -131,7 +138,7 @@ def test_deterministic_mode_is_batch_invariant_to_the_bit(ops, tmp_path):
 
 
 def test_nano_batches_split_whole_spans_in_order():
-    from rung.serving.model import StepInputs
+    from rung.serving.worker.model import StepInputs
 
     spans = [(0, 5, [slice(0, 5)]), (5, 1, [slice(8, 17)]), (6, 1, [slice(20, 23)]), (7, 9, [slice(30, 39)])]
     step = StepInputs(torch.arange(16), torch.arange(16), torch.arange(16), spans)
@@ -167,7 +174,7 @@ def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano
     forced small, prefix caching on, and a KV pool far smaller than the batch needs (preemption), through rung's
     compiled kernels and through PyTorch's operators. Contexts sit in one run of consecutive blocks, in a few (read
     in place by PyTorch) and in many (copied into one by PyTorch; the kernel walks them all)."""
-    from rung.serving.runner import ModelRunner
+    from rung.serving.worker.runner import ModelRunner
 
     counts, runs = set(), ModelRunner._runs
     monkeypatch.setattr(ModelRunner, "_runs", lambda self, *a: counts.add(len(found := runs(self, *a))) or found)
@@ -202,20 +209,20 @@ def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano
 
 @pytest.mark.parametrize("width", [16, 6])  # 16 fp32 columns: torch's grouped GEMM; 6 (24-byte rows): per-expert
 def test_grouped_matmul_gives_each_expert_its_own_rows(width):
-    from rung.serving.model import _grouped_matmul
+    from rung.serving.worker.ops.torch_ops import grouped_matmul
 
     rng = torch.Generator().manual_seed(5)
     x, weights = torch.randn(20, 8, generator=rng), torch.randn(3, 8, width, generator=rng)
     ends = torch.tensor([5, 5, 20], dtype=torch.int32)  # expert 1 gets no rows
     expected = torch.cat([x[:5] @ weights[0], x[5:] @ weights[2]])
-    torch.testing.assert_close(_grouped_matmul(x, weights, ends), expected)
+    torch.testing.assert_close(grouped_matmul(x, weights, ends), expected)
 
 
 def test_async_scheduling_matches_sync_through_stops_penalties_seeds_and_aborts(tmp_path, monkeypatch):
     """Step i+1 is planned before step i's tokens are known. Requests that stop at a stop token (planned into the
     next step already), penalties that must see the token still in flight, seeded sampling, and aborts while a step
     computes all give what the synchronous engine gives, and every block and sampler stream is returned."""
-    from rung.serving.scheduler import Scheduler
+    from rung.serving.core.scheduler import Scheduler
 
     in_flight_preemptions, preempt = [], Scheduler._preempt
     monkeypatch.setattr(Scheduler, "_preempt", lambda self, request, plan: (

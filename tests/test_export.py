@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rung.jobs.build import build_model
 from rung.jobs.config import DataConfig, RunConfig
-from rung.jobs.export import export, find_checkpoint
-from rung.jobs.model import greedy_decode
+from rung.jobs.export.hf_folder import export, find_checkpoint
+from rung.jobs.model.build import build_model
+from rung.jobs.model.transformer import greedy_decode
 from tests.conftest import assert_clean_failure, run_rung
 
 # Non-base shapes: width 64 over base 32 (m = 2), depth 2 over base 1 (m_L = 2), an embedding multiplier, and

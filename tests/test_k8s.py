@@ -21,8 +21,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
 from conftest import REPO, Server, free_port, http
+
 from rung.cli import build_parser
 
 K8S = REPO / "k8s"
@@ -144,9 +144,9 @@ def test_embedded_ray_yaml_parses_with_rays_schemas(rendered):
     from ray.runtime_env import RuntimeEnv
     from ray.serve.schema import ServeDeploySchema
 
-    from rung.serving.ray_app import build  # noqa: F401 — the import path the RayService names must exist
-    from rung.serving.serve import PLACEMENT_ARGS
-    from rung.serving.server import serve_config
+    from rung.serving.config import serve_config
+    from rung.serving.deploy.ray_app import build  # noqa: F401 — the import path the RayService names must exist
+    from rung.serving.deploy.ray_app import PLACEMENT_ARGS
 
     for objects in rendered.values():
         for job in named(objects, "RayJob"):
@@ -159,17 +159,18 @@ def test_embedded_ray_yaml_parses_with_rays_schemas(rendered):
             assert set(raw) <= set(type(parsed).model_fields)
             for app in raw["applications"]:
                 assert set(app) <= set(type(parsed.applications[0]).model_fields)
-                assert app["import_path"] == "rung.serving.ray_app:build"
+                assert app["import_path"] == "rung.serving.deploy.ray_app:build"
                 serve_config({k: v for k, v in app["args"].items() if k not in PLACEMENT_ARGS})
-    packaged = yaml.safe_load((REPO / "rung" / "serving" / "serve_config.yaml").read_text())
+    packaged = yaml.safe_load((REPO / "rung" / "serving" / "deploy" / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(packaged)
 
 
 def app_paths() -> set[str]:
-    from rung.serving.server import ServeConfig, create_app
+    from rung.serving.api.app import create_app
+    from rung.serving.config import ServeConfig
 
-    app = create_app(ServeConfig("unused"), engine=object(), tokenizer=object())  # routes only; nothing loads
-    return {route.path for route in app.routes}
+    app = create_app(ServeConfig(model_dir="unused"), engine=object(), tokenizer=object())  # routes only; nothing loads
+    return {*app.openapi()["paths"], app.openapi_url, app.docs_url}
 
 
 def container_ports(template: dict) -> dict[str, int]:
@@ -227,7 +228,7 @@ def test_cross_references_hold(rendered):
 
 def declared_metrics() -> set[str]:
     """Every sample name rung's metric modules expose (histograms with _bucket/_sum/_count), plus `up`."""
-    from rung.jobs.train_metrics import TrainMetrics
+    from rung.jobs.train.metrics import TrainMetrics
     from rung.serving.metrics import ServeMetrics
 
     names = {"up"}

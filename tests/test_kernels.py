@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rung.serving import kernels
-from rung.serving.model import _attend, _rms_norm, _rope, _rope_tables
+from rung.serving.worker.ops import cpu_kernels as kernels
+from rung.serving.worker.ops.torch_ops import attend, rms_norm, rope, rope_tables
 
 
 def pool(kv_heads: int, head_dim: int, slots: int, dtype: torch.dtype, seed: int = 0):
@@ -54,7 +54,7 @@ def test_kernel_equals_the_pytorch_path(heads, kv_heads, head_dim, dtype, tolera
     out = call(q, keys, values, contexts)
     assert out.shape == q.shape and out.dtype == dtype
     for index, runs in enumerate(contexts):
-        expected = _attend(q[index:index + 1], [keys[:, :, run] for run in runs], [values[:, run] for run in runs],
+        expected = attend(q[index:index + 1], [keys[:, :, run] for run in runs], [values[:, run] for run in runs],
                            in_place=False).view(heads, head_dim)
         torch.testing.assert_close(out[index].float(), expected.float(), atol=tolerance, rtol=tolerance)
 
@@ -91,14 +91,14 @@ def test_kernel_rejects_runs_outside_the_pool():
 def test_rotary_rms_norm_and_swiglu_equal_pytorch(dtype, tolerance):
     rng = torch.Generator().manual_seed(3)
     qkv = torch.randn(37, 10, 24, generator=rng).to(dtype)  # the rotated q/k heads are a view of a wider output
-    cos, sin = _rope_tables(torch.randint(0, 4000, (37,), generator=rng), 24, 10000.0)
-    expected = _rope(qkv[:, :6], cos, sin)
+    cos, sin = rope_tables(torch.randint(0, 4000, (37,), generator=rng), 24, 10000.0)
+    expected = rope(qkv[:, :6], cos, sin)
     untouched = qkv[:, 6:].clone()
     rotated = kernels.rotary_(qkv[:, :6], cos, sin)
     torch.testing.assert_close(rotated.float(), expected.float(), atol=tolerance, rtol=tolerance)
     assert torch.equal(qkv[:, 6:], untouched) and rotated.data_ptr() == qkv.data_ptr()  # in place, in bounds
     x, weight = torch.randn(37, 200, generator=rng).to(dtype), torch.randn(200, generator=rng).to(dtype)
-    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5).float(), _rms_norm(x, weight, 1e-5).float(),
+    torch.testing.assert_close(kernels.rms_norm(x, weight, 1e-5).float(), rms_norm(x, weight, 1e-5).float(),
                                atol=tolerance, rtol=tolerance)
     gate_up = (torch.randn(37, 2 * 90, generator=rng) * 30).to(dtype)  # wide enough to reach exp's clamps
     gate, up = gate_up.chunk(2, dim=-1)

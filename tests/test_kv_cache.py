@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from rung.serving.kv_cache import KVCacheManager
+from rung.serving.core.kv_cache import KVCacheManager
 
 
 def test_allocation_grows_block_by_block_and_refuses_without_changing_anything():

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from rung.jobs.build import build_model
 from rung.jobs.config import DataConfig, ModelConfig, MoEConfig, ParamConfig, RunConfig
-from rung.jobs.counting import count
-from rung.jobs.moe import expert_capacity, load_balance_loss, route
+from rung.jobs.model.build import build_model
+from rung.jobs.model.counting import count
+from rung.jobs.model.moe import expert_capacity, load_balance_loss, route
 
 SHAPES = {
     "dense": dict(),

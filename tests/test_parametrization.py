@@ -1,6 +1,6 @@
 """The scaling rules, checked against the reference table (hparam-transfer.md) at two widths and two depths.
 
-Expected values are written out from the table here, independently of rung.jobs.parametrization.
+Expected values are written out from the table here, independently of rung.jobs.params.parametrization.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from rung.jobs.build import build_model
+from rung.config import evolve
 from rung.jobs.config import DataConfig, ModelConfig, MoEConfig, ParamConfig, RunConfig, TrainConfig
-from rung.jobs.parametrization import Parametrization
-from rung.jobs.roles import Role
-from rung.jobs.schedule import lr_factor
+from rung.jobs.model.build import build_model
+from rung.jobs.params.parametrization import Parametrization
+from rung.jobs.params.roles import Role
+from rung.jobs.train.schedule import lr_factor
 
 SIGMA, LR, WD, EPS = 0.02, 1e-2, 0.1, 1e-8
 BASE_WIDTH, BASE_DEPTH, HEAD_DIM = 64, 2, 16
@@ -103,8 +104,7 @@ def test_untagged_parameter_is_refused():
 
 
 def test_zero_readout():
-    cfg = config("mup", 128, 2)
-    cfg.param.zero_readout = True
+    cfg = evolve(config("mup", 128, 2), {"param.zero_readout": True})
     model, _ = build_model(cfg)
     assert torch.count_nonzero(model.lm_head.weight) == 0
     assert Parametrization(cfg.param, cfg.model).rule(Role.READOUT).init_std == 0.0
@@ -112,8 +112,7 @@ def test_zero_readout():
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_schedules_scale_every_group_relatively(schedule):
-    cfg = config("mup", 256, 4)
-    cfg.train.schedule, cfg.train.steps, cfg.train.warmup_steps = schedule, 100, 10
+    cfg = evolve(config("mup", 256, 4), {"train.schedule": schedule, "train.steps": 100, "train.warmup_steps": 10})
     model, param = build_model(cfg)
     optimizer = torch.optim.AdamW(param.param_groups(model, LR, WD, EPS))
     base = [g["lr"] for g in optimizer.param_groups]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rung.serving.params import SamplingError, SamplingParams
-from rung.serving.sampling import SampleInput, Sampler, processed_logits
+from rung.serving.core.params import SamplingError, SamplingParams
+from rung.serving.worker.sampling import SampleInput, Sampler, processed_logits
 
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}  # chi-square quantiles at p = 0.999
 

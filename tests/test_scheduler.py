@@ -6,10 +6,10 @@ import random
 import subprocess
 import sys
 
-from rung.serving.kv_cache import KVCacheManager
-from rung.serving.params import SamplingParams
-from rung.serving.request import Request, Status
-from rung.serving.scheduler import PENDING, Scheduler
+from rung.serving.core.kv_cache import KVCacheManager
+from rung.serving.core.params import SamplingParams
+from rung.serving.core.request import Request, Status
+from rung.serving.core.scheduler import PENDING, Scheduler
 
 
 def run_step(scheduler: Scheduler, token: int = 7):
@@ -18,7 +18,7 @@ def run_step(scheduler: Scheduler, token: int = 7):
 
 
 def test_the_scheduler_imports_no_torch():
-    code = "import sys, rung.serving.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, rung.serving.core.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 

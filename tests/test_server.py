@@ -14,7 +14,6 @@ import time
 
 import openai
 import pytest
-
 from conftest import Server, http, run_rung
 
 KEY = "test-key"
@@ -58,8 +57,8 @@ def test_models_completions_and_chat_through_the_sdk(client):
 def test_greedy_http_output_equals_the_offline_engine(client, model_dir):
     from transformers import AutoTokenizer
 
-    from rung.serving.llm import LLM
-    from rung.serving.params import SamplingParams
+    from rung.serving.core.params import SamplingParams
+    from rung.serving.engine.llm import LLM
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompts = ["import os\n", "class Foo:\n    def", "x = [1, 2"]
@@ -377,10 +376,11 @@ def test_tune_stores_a_split_per_device_and_model_that_the_engine_uses(model_dir
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     result = run_rung("serve", str(model_dir), "--tune", "--max-num-batched-tokens", "128")
     assert result.returncode == 0, result.stderr[-2000:]
-    from rung.serving.engine import Engine, EngineConfig
-    from rung.serving.tuning import CANDIDATES, tune_path
+    from rung.serving.config import EngineConfig
+    from rung.serving.engine.engine import Engine, resolve_device
+    from rung.serving.worker.tuning import CANDIDATES, tune_path
 
-    path = tune_path(model_dir, EngineConfig().torch_device)
+    path = tune_path(model_dir, resolve_device(None))
     assert str(path).startswith(str(tmp_path)) and path.with_suffix(".png").stat().st_size > 1000
     tuned = json.loads(path.read_text())
     assert set(tuned["step_ms"]) == {"16", "64", "128"}

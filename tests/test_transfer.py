@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from rung.errors import ConfigError, RungError
-from rung.jobs.build import build_model
-from rung.jobs.grid import parse_grid
+from rung.jobs.experiments.grid import parse_grid
+from rung.jobs.experiments.scaling_laws import (Chinchilla, PowerLaw, RoutedMoE, fit_chinchilla, fit_power_law,
+                                                fit_routed_moe)
+from rung.jobs.experiments.sweep import training_identity
+from rung.jobs.experiments.transfer import apply_transfer
 from rung.jobs.loading import load_run_config
-from rung.jobs.scaling_laws import Chinchilla, PowerLaw, RoutedMoE, fit_chinchilla, fit_power_law, fit_routed_moe
-from rung.jobs.sweep import training_identity
-from rung.jobs.transfer import apply_transfer
+from rung.jobs.model.build import build_model
 from tests.conftest import assert_clean_failure, run_rung
 
 
@@ -33,8 +34,7 @@ def test_training_identity_merges_parametrizations_only_at_the_base_shape():
     def identity(param: str, width: int, depth: int, *overrides: str) -> str:
         cfg = load_run_config("tiny", [f"param.name={param}", f"model.d_model={width}", f"model.n_heads={width // 16}",
                                        f"model.n_layers={depth}", "param.base_width=32", "param.base_depth=2",
-                                       *overrides])
-        cfg.name = f"{param}-{width}-{depth}"
+                                       f"name={param}-{width}-{depth}", *overrides])
         return training_identity(cfg)
 
     params = ("sp", "mup", "depth-mup", "completep")

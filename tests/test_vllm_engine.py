@@ -15,7 +15,6 @@ import sys
 
 import openai
 import pytest
-
 from conftest import REPO, Server, assert_clean_failure, run_rung
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -37,7 +36,7 @@ def test_the_vllm_engine_without_vllm_is_refused_with_how_to_get_it(model_dir):
 
 def test_rung_only_settings_are_refused_with_the_vllm_engine(model_dir):
     result = run_rung("serve", str(model_dir), "--engine", "vllm", "--nano-batches", "2")
-    assert_clean_failure(result, "nano_batches", "rung's engine only")
+    assert_clean_failure(result, "--nano-batches", "rung's engine only")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +80,8 @@ def vllm_server(llama_dir, tmp_path_factory):
 def test_vllm_engine_serves_rung_api_with_rung_metrics(vllm_server, llama_dir):
     from transformers import AutoTokenizer
 
-    from rung.serving.llm import LLM
-    from rung.serving.params import SamplingParams
+    from rung.serving.core.params import SamplingParams
+    from rung.serving.engine.llm import LLM
 
     client = openai.OpenAI(base_url=f"{vllm_server.url}/v1", api_key="k", max_retries=0)
     prompts = ["import os\n", "class Foo:\n    def"]

@@ -1,1 +1,1 @@
-"""What runs on the platform: the model family, parametrizations, data, training and coordinate checks."""
+"""What runs on the platform: the model family, parametrizations, data, training, experiments and export."""

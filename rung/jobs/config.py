@@ -1,21 +1,24 @@
 """The run config schema: model shape, parametrization, data and training, validated field by field.
 
 Field comments are the documentation; `__post_init__` checks each component on its own, `RunConfig` checks the
-constraints between components (e.g. the tokenizer must fit the model's vocabulary).
+constraints between components (e.g. the tokenizer must fit the model's vocabulary). Configs are frozen: a changed
+config is made with `rung.config.evolve`, which validates the whole of it again.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rung.config import evolve
 from rung.errors import ConfigError
 
 Parametrization = Literal["sp", "mup", "depth-mup", "completep"]
 DType = Literal["float32", "bfloat16"]
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class MoEConfig:
     n_experts: int = 4
     top_k: int = 2
@@ -37,7 +40,7 @@ class MoEConfig:
                 raise ConfigError(name, "must be >= 0")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class ModelConfig:
     vocab_size: int = 4096
     d_model: int = 128  # width
@@ -82,7 +85,7 @@ class ModelConfig:
         return -(-raw // self.ffn_multiple_of) * self.ffn_multiple_of
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class ParamConfig:
     """How hyperparameters scale with the model's shape relative to a base (proxy) shape."""
 
@@ -95,6 +98,15 @@ class ParamConfig:
     output_mult: float = 1.0  # α_out: logits are multiplied by output_mult / m
     zero_readout: bool = False  # zero-init the readout (and router), as μP coord checks recommend
 
+    @property
+    def scales_width(self) -> bool:
+        """Whether the parametrization scales anything with width relative to the base shape (every one but SP)."""
+        return self.name != "sp"
+
+    def base_shape(self, model: ModelConfig) -> tuple[int, int]:
+        """(base width, base depth): the proxy the model scales up from; unset, the model's own shape (m = 1)."""
+        return self.base_width or model.d_model, self.base_depth or model.n_layers
+
     def __post_init__(self) -> None:
         for name in ("base_width", "base_depth", "base_head_dim"):
             value = getattr(self, name)
@@ -104,7 +116,7 @@ class ParamConfig:
             raise ConfigError("init_std", f"must be > 0, got {self.init_std}")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class DataConfig:
     # Text files, globs, or .jsonl files with a "text" field. Empty = the built-in corpus: the Python standard
     # library source of the running interpreter.
@@ -124,7 +136,7 @@ class DataConfig:
             raise ConfigError("shard_tokens", f"must be >= 1, got {self.shard_tokens}")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class TrainConfig:
     steps: int = 200
     seq_len: int = 128
@@ -178,7 +190,7 @@ class TrainConfig:
             raise ConfigError("adam_eps", f"must be > 0, got {self.adam_eps}")
 
 
-@dataclass(kw_only=True, slots=True)
+@dataclass(kw_only=True, slots=True, frozen=True)
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"  # the run directory is out_dir/name
@@ -188,7 +200,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        width_aware = self.param.name != "sp"
+        width_aware = self.param.scales_width
         if width_aware and self.param.base_width is not None and self.param.base_width > self.model.d_model:
             raise ConfigError("param.base_width", f"{self.param.base_width} is larger than model.d_model "
                               f"({self.model.d_model}); the base shape is the small proxy the model scales up from")
@@ -208,3 +220,11 @@ class RunConfig:
         if self.data.tokenizer is None and self.data.vocab_size > self.model.vocab_size:
             raise ConfigError("model.vocab_size", f"{self.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary (data.vocab_size = {self.data.vocab_size})")
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Paths resolved against this process's directory: Ray workers run elsewhere."""
+    data = cfg.data
+    return evolve(cfg, {"out_dir": os.path.abspath(cfg.out_dir), "data.cache_dir": os.path.abspath(data.cache_dir),
+                        "data.sources": [os.path.abspath(source) for source in data.sources],
+                        "data.tokenizer": os.path.abspath(data.tokenizer) if data.tokenizer is not None else None})

@@ -20,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rung.config import to_dict
+from rung.config import evolve, to_dict
 from rung.errors import RungError
-from rung.jobs.config import RunConfig
-from rung.jobs.shapes import reshape
+from rung.jobs.config import RunConfig, with_absolute_paths
+from rung.jobs.data.prepare import prepare_data
+from rung.jobs.experiments.shapes import reshape
+from rung.jobs.run_dir import RunDir
 from rung.platform.processes import wait_until_ready
 
 SMOKE_QUESTION = "Write a Python function that adds two numbers."
@@ -80,11 +82,11 @@ def pick_port(host: str, wanted: int, log=print) -> int:
 
 
 def run_pipeline(cfg: RunConfig, options: PipelineOptions, log=print) -> dict:
-    from rung.jobs.export import export
-    from rung.jobs.grid import parse_grid
-    from rung.jobs.sweep import run_sweep
-    from rung.jobs.train import prepare_data, train, with_absolute_paths
-    from rung.jobs.transfer import apply_transfer
+    from rung.jobs.experiments.grid import parse_grid
+    from rung.jobs.experiments.sweep import run_sweep
+    from rung.jobs.experiments.transfer import apply_transfer
+    from rung.jobs.export.hf_folder import export
+    from rung.jobs.train.loop import train
 
     out = Path(options.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -100,10 +102,10 @@ def run_pipeline(cfg: RunConfig, options: PipelineOptions, log=print) -> dict:
     stages.run("data", to_dict(cfg.data), data_stage, log)
 
     sweep_dir = out / "sweep"
-    proxy = reshape(cfg, width=width, depth=cfg.model.n_layers, base_width=width // 2,
-                    base_depth=cfg.model.n_layers)
-    proxy.train.steps = options.sweep_steps
-    proxy.train.warmup_steps = min(proxy.train.warmup_steps, options.sweep_steps // 5)
+    proxy = evolve(reshape(cfg, width=width, depth=cfg.model.n_layers, base_width=width // 2,
+                           base_depth=cfg.model.n_layers),
+                   {"train.steps": options.sweep_steps,
+                    "train.warmup_steps": min(cfg.train.warmup_steps, options.sweep_steps // 5)})
 
     def sweep_stage() -> dict:
         grids = dict([parse_grid(options.sweep_grid)])
@@ -121,19 +123,17 @@ def run_pipeline(cfg: RunConfig, options: PipelineOptions, log=print) -> dict:
     sweep = stages.run("sweep", {"config": to_dict(proxy), "grid": options.sweep_grid, "widths": proxy_widths},
                        sweep_stage, log)
 
-    target = reshape(cfg, width=width * options.target_width_factor, depth=cfg.model.n_layers,
-                     base_width=width // 2, base_depth=cfg.model.n_layers)
-    target.name = f"{cfg.name}-target"
-    target.out_dir = str(out / "runs")
-    target.train.workers = options.workers
-    target.train.zero_stage = 2
+    target = evolve(reshape(cfg, width=width * options.target_width_factor, depth=cfg.model.n_layers,
+                            base_width=width // 2, base_depth=cfg.model.n_layers),
+                    {"name": f"{cfg.name}-target", "out_dir": str(out / "runs"), "train.workers": options.workers,
+                     "train.zero_stage": 2})
     target, record = apply_transfer(target, sweep_dir / "summary.json")
 
     def train_stage() -> dict:
         rows = train(target, resume=True, address=options.address, log=log, transfer=record)
         tail = rows[-max(len(rows) // 10, 1):]
         tokens_per_s = sum(r["tokens"] for r in tail) / sum(r["seconds"] for r in tail)
-        return {"run_dir": str(out / "runs" / target.name), "loss": rows[-1]["loss"], "tokens_per_s": tokens_per_s,
+        return {"run_dir": str(RunDir.of(target).root), "loss": rows[-1]["loss"], "tokens_per_s": tokens_per_s,
                 "summary": f"width {target.model.d_model}, {options.workers} workers ZeRO-2, LR "
                            f"{target.train.lr:.4g} from the sweep: loss {rows[0]['loss']:.3f} -> "
                            f"{rows[-1]['loss']:.3f}, {tokens_per_s:,.0f} tokens/s"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rung.config import evolve
 from rung.jobs.config import DataConfig, ModelConfig, MoEConfig, ParamConfig, RunConfig, TrainConfig
 
 
@@ -20,10 +21,7 @@ def tiny() -> RunConfig:
 
 def tiny_moe() -> RunConfig:
     """The tiny model with 4 experts, top-2 routing and capacity factor 1.25."""
-    cfg = tiny()
-    cfg.name = "tiny-moe"
-    cfg.model.moe = MoEConfig(n_experts=4, top_k=2, capacity_factor=1.25)
-    return cfg
+    return evolve(tiny(), {"name": "tiny-moe", "model.moe": MoEConfig(n_experts=4, top_k=2, capacity_factor=1.25)})
 
 
 def small() -> RunConfig:

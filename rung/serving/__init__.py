@@ -1,4 +1,3 @@
-"""The inference engine and OpenAI-compatible server. Built so far: request state, the paged KV-cache manager,
-the continuous-batching scheduler (all torch-free), inference modules for Llama/Mistral/Qwen2/Mixtral/Granite
-folders over a paged cache, the runner and a greedy offline `LLM`. Sampling, async overlap, nano-batching and the
-HTTP API are the engine and serving issues' remaining work."""
+"""rung's inference engine and its OpenAI-compatible server: core (torch-free request state, KV accounting,
+scheduler), worker (the model on a device and its compute paths), engine (the step loop, its process, the async
+client), api (HTTP), backends (vLLM behind the same API), deploy (Ray Serve). Layout: docs/architecture.md."""

@@ -3,6 +3,8 @@ checked against this module). Each server owns a registry; every series carries 
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -77,3 +79,38 @@ class ServeMetrics:
             if total > self._last[key]:
                 self.labels(metric).inc(total - self._last[key])
                 self._last[key] = total
+
+
+@dataclass
+class RequestClock:
+    """One request's latency metrics as its tokens arrive: queue time and time to first token at the first,
+    inter-token latency after, end-to-end latency, lengths and outcome at the finish. Both backends keep one per
+    request, so `rung_serve_*` means the same whichever engine serves."""
+
+    metrics: ServeMetrics | None
+    prompt_tokens: int
+    arrival: float = field(default_factory=time.monotonic)
+    last_token: float | None = None
+
+    def token(self, scheduled: float | None = None) -> None:
+        """A token reached the server; `scheduled`: when the step that made it started, if known."""
+        now, m = time.monotonic(), self.metrics
+        if m:
+            if self.last_token is None:
+                m.labels(m.ttft).observe(now - self.arrival)
+                if scheduled is not None:
+                    m.labels(m.queue_time).observe(max(scheduled - self.arrival, 0.0))
+            else:
+                m.labels(m.itl).observe(now - self.last_token)
+            m.labels(m.generation_tokens).inc()
+        self.last_token = now
+
+    def finish(self, reason: str, output_tokens: int) -> None:
+        m = self.metrics
+        if not m:
+            return
+        m.labels(m.request_outcomes, finish_reason=reason).inc()
+        m.labels(m.prompt_tokens).inc(self.prompt_tokens)
+        m.labels(m.prompt_length).observe(self.prompt_tokens)
+        m.labels(m.generation_length).observe(output_tokens)
+        m.labels(m.e2e).observe(time.monotonic() - self.arrival)

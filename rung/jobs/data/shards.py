@@ -43,8 +43,12 @@ class PreparedData:
     def num_tokens(self) -> int:
         return self.manifest["num_tokens"]
 
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_FILE
+
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(str(self.path / TOKENIZER_FILE))
+        return Tokenizer.from_file(str(self.tokenizer_path))
 
 
 def prepare(cfg: DataConfig, log=print) -> PreparedData:

@@ -1,0 +1,161 @@
+"""Export a rung checkpoint as a standard Hugging Face model folder — the only interface between training and
+serving, so it must be exact. The weights' names and folded multipliers per format: `folding.py`.
+
+Mixtral has no shared expert and Qwen2-MoE's is sigmoid-gated, so a rung MoE with its (ungated) shared expert is
+exactly a GraniteMoeShared model: `--format granite`. Export refuses anything else it cannot represent exactly
+(capacity-factor token dropping, a head dim Granite cannot express) instead of writing a subtly different model.
+The folder is assembled in a temporary directory next to `--out` and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rung.config import from_dict, to_dict
+from rung.errors import RungError
+from rung.jobs.config import ModelConfig, ParamConfig
+from rung.jobs.data.shards import TOKENIZER_FILE
+from rung.jobs.data.tokenizer import EOS
+from rung.jobs.export.folding import check_exportable, granite_weights, hf_config, llama_weights
+from rung.jobs.params.parametrization import Multipliers, Parametrization
+from rung.jobs.run_dir import STATE, WEIGHTS, RunDir
+from rung.platform.checkpoint import MANIFEST, CheckpointStore, verify
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    run_dir: Path
+    state: dict
+    model: ModelConfig
+    param: ParamConfig
+
+
+def find_checkpoint(path: str | Path) -> Checkpoint:
+    """A checkpoint directory, or a run directory's newest verified checkpoint; damaged ones are refused."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        problem = verify(path)
+        if problem:
+            raise RungError(f"{path} is an incomplete or damaged checkpoint: {problem}")
+        checkpoint, run_dir = path, path.parent.parent
+    elif RunDir(path).checkpoints.is_dir():
+        found = CheckpointStore(RunDir(path).checkpoints).latest()
+        if found is None:
+            raise RungError(f"{path} has no complete, verified checkpoint")
+        checkpoint, run_dir = found[1], path
+    else:
+        raise RungError(f"{path} is neither a rung checkpoint (no {MANIFEST}) nor a run directory (no checkpoints/)")
+    state = json.loads((checkpoint / STATE).read_text())
+    return Checkpoint(path=checkpoint, run_dir=run_dir, state=state, model=from_dict(ModelConfig, state["model"]),
+                      param=from_dict(ParamConfig, state["param"]))
+
+
+def _write_tokenizer(run_dir: Path, out: Path, max_len: int) -> int:
+    from tokenizers import Tokenizer
+
+    source = RunDir(run_dir).tokenizer
+    if not source.is_file():
+        raise RungError(f"the run directory {run_dir} has no {TOKENIZER_FILE}")
+    tokenizer = Tokenizer.from_file(str(source))
+    eos_id = tokenizer.token_to_id(EOS)
+    if eos_id is None:
+        raise RungError(f"{source} has no {EOS} token")
+    shutil.copyfile(source, out / TOKENIZER_FILE)
+    chat = tokenizer.token_to_id("<|im_end|>") is not None
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len, "bos_token": EOS,
+              "eos_token": "<|im_end|>" if chat else EOS, "pad_token": EOS, "unk_token": None,
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}
+    if chat:
+        config["chat_template"] = CHAT_TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {k: config[k] for k in ("bos_token", "eos_token", "pad_token")}, indent=2))
+    stops = [tokenizer.token_to_id("<|im_end|>"), eos_id] if chat else [eos_id]
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": eos_id, "eos_token_id": stops, "pad_token_id": eos_id}, indent=2))
+    return eos_id
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for index, shard in enumerate(shards, 1):
+        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _model_card(ck: Checkpoint, fmt: str, architecture: str, mult: Multipliers) -> str:
+    transfer = RunDir(ck.run_dir).transfer
+    width, depth = ck.param.base_shape(ck.model)
+    provenance = transfer.read_text() if transfer.is_file() else "none (hyperparameters set directly)"
+    return (f"# {ck.run_dir.name}\n\nTrained with rung; exported as `{architecture}` (`--format {fmt}`).\n\n"
+            f"- checkpoint: `{ck.path}` (step {ck.state['step']}, {ck.state['tokens']:,} training tokens)\n"
+            f"- parametrization: `{ck.param.name}`, base shape width {width}, depth {depth}\n"
+            f"- forward multipliers: embedding {mult.embedding:g}, attention {mult.attention:g}, "
+            f"residual {mult.residual:g}, output {mult.output:g}, router {mult.router:g}"
+            f" ({'folded into the weights' if fmt == 'llama' else 'native Granite config fields'})\n\n"
+            f"## Hyperparameter transfer\n\n```\n{provenance}\n```\n\n## rung model config\n\n"
+            f"```json\n{json.dumps({'model': to_dict(ck.model), 'param': to_dict(ck.param)}, indent=2)}\n```\n")
+
+
+def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str = "float32",
+           overwrite: bool = False, allow_dropless: bool = False, max_shard_bytes: int = 5 << 30) -> Path:
+    """Write the Hugging Face folder for `source` (a checkpoint or run directory) at `out`; returns `out`."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise RungError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    ck = find_checkpoint(source)
+    check_exportable(ck.model, fmt, allow_dropless)
+    mult = Parametrization(ck.param, ck.model).multipliers
+    weights = load_file(str(ck.path / WEIGHTS))
+    if fmt == "llama":
+        tensors, tied = llama_weights(weights, ck.model, mult)
+    else:
+        tensors, tied = granite_weights(weights, ck.model, mult), ck.model.tie_embeddings
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tensors = {name: t.to(torch_dtype) for name, t in tensors.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        eos_id = _write_tokenizer(ck.run_dir, staging, ck.model.max_seq_len)
+        config = hf_config(ck.model, mult, fmt, tied, eos_id, dtype)
+        config.save_pretrained(staging)
+        _write_weights(tensors, staging, max_shard_bytes)
+        (staging / "README.md").write_text(_model_card(ck, fmt, config.architectures[0], mult))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,117 @@
+"""The rung model family: a pre-norm decoder-only transformer, dense or Mixture-of-Experts, readable top to bottom.
+
+Multipliers come in as numbers from the parametrization (rung.jobs.params.parametrization) and are only multiplied here;
+SP is simply the parametrization whose multipliers are one. Module names match Hugging Face Llama/Mixtral where
+they can, which keeps export a renaming rather than a translation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rung.jobs.config import ModelConfig
+from rung.jobs.model.expert_parallel import ExpertPlacement
+from rung.jobs.model.layers import Attention, RMSNorm, SwiGLU, rope_tables
+from rung.jobs.model.moe import MoEFeedForward, RouterStats
+from rung.jobs.params.parametrization import Multipliers
+from rung.jobs.params.roles import Role, tag
+
+
+class ModelOutput(NamedTuple):  # a NamedTuple so DeepSpeed ZeRO-3 hooks can find the tensors inside
+    logits: torch.Tensor  # [batch, seq, vocab]
+    router_loss: torch.Tensor  # weighted MoE auxiliary + z losses summed over layers (0 for dense models)
+    router_stats: list[RouterStats]  # one per MoE layer
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size: int, d_model: int, mult: float):
+        super().__init__()
+        self.mult = mult
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        tag(self, Role.EMBEDDING)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight) * self.mult
+
+
+class Readout(nn.Module):
+    """The LM head; with tied embeddings it owns no weight and reads the embedding's."""
+
+    def __init__(self, vocab_size: int, d_model: int, mult: float, tied: bool):
+        super().__init__()
+        self.mult = mult
+        self.weight = None if tied else nn.Parameter(torch.empty(vocab_size, d_model))
+        tag(self, Role.READOUT)
+
+    def forward(self, hidden: torch.Tensor, tied_weight: torch.Tensor) -> torch.Tensor:
+        weight = tied_weight if self.weight is None else self.weight
+        return F.linear(hidden, weight) * self.mult
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mult: Multipliers, placement: ExpertPlacement | None = None):
+        super().__init__()
+        self.residual = mult.residual
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, Role.BLOCK_NORM)
+        self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim,
+                                   mult.attention)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, Role.BLOCK_NORM)
+        self.mlp = (MoEFeedForward(cfg.d_model, cfg.ffn_hidden, cfg.moe, mult.router, placement) if cfg.moe
+                    else SwiGLU(cfg.d_model, cfg.ffn_hidden))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
+        x = x + self.residual * self.self_attn(self.input_layernorm(x), cos, sin)
+        ffn = self.mlp(self.post_attention_layernorm(x))
+        ffn, stats = ffn if isinstance(ffn, tuple) else (ffn, None)
+        return x + self.residual * ffn, stats
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mult: Multipliers, placement: ExpertPlacement | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.expert_placement = placement
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model, mult.embedding)
+        self.layers = nn.ModuleList(Block(cfg, mult, placement) for _ in range(cfg.n_layers))
+        self.residual_out = nn.Identity()  # the final residual stream, named so coordinate checks can hook it
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, Role.FINAL_NORM)
+        self.lm_head = Readout(cfg.vocab_size, cfg.d_model, mult.output, cfg.tie_embeddings)
+        cos, sin = rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> ModelOutput:
+        seq = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope_cos[:seq].to(x.dtype), self.rope_sin[:seq].to(x.dtype)
+        stats: list[RouterStats] = []
+        for layer in self.layers:
+            x, layer_stats = layer(x, cos, sin)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        logits = self.lm_head(self.norm(self.residual_out(x)), self.embed_tokens.weight)
+        router_loss = x.new_zeros((), dtype=torch.float32)
+        if self.cfg.moe is not None:
+            for s in stats:
+                router_loss = router_loss + self.cfg.moe.aux_loss_coef * s.aux_loss + self.cfg.moe.z_loss_coef * s.z_loss
+        return ModelOutput(logits=logits, router_loss=router_loss, router_stats=stats)
+
+
+def language_model_loss(output: ModelOutput, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to optimise, cross-entropy alone): next-token cross-entropy in fp32 plus the router losses."""
+    ce = F.cross_entropy(output.logits.float().flatten(0, 1), targets.flatten())
+    return ce + output.router_loss, ce
+
+
+@torch.no_grad()
+def greedy_decode(model: Transformer, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The reference decoder: argmax of a full forward pass per new token (no cache). prompt: [batch, seq]."""
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        next_token = model(tokens).logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens[:, prompt.shape[1]:]

@@ -1,0 +1,128 @@
+"""The one owner of the width/depth scaling rules (SP, μP, Depth-μP, CompleteP).
+
+Notation as in the reference tables: m = d_model / base_width, m_L = n_layers / base_depth, η/σ/λ/ε the base
+LR, init std, weight decay and Adam epsilon tuned at the base shape. For each parameter role this module gives the
+init std and the LR / weight-decay / epsilon multipliers; for the model it gives the forward multipliers. Training,
+sweeps, coordinate checks and export all ask this module; nothing else encodes a scaling rule.
+
+| role         | init std          | LR ×              | WD × | eps ×          | forward              |
+|--------------|-------------------|-------------------|------|----------------|----------------------|
+| embedding    | σ                 | 1                 | 1    | 1              | × embedding_mult     |
+| hidden       | σ/√m              | m⁻¹·m_L^(α−1)     | m    | m⁻¹·m_L^(−α)   | branch × m_L^(−α)    |
+| block norm   | 1                 | m_L^(α−1)         | 1    | 1              |                      |
+| final norm   | 1                 | 1                 | 1    | 1              |                      |
+| readout      | σ (or 0)          | 1                 | 1    | 1              | logits × α_out/m     |
+| router       | σ (or 0)          | 1                 | 1    | 1              | logits × 1/m         |
+
+Attention logits use attn_mult/d_head with attn_mult = √(base_head_dim), so the base shape equals SP's 1/√d_head.
+SP sets m = m_L = 1 in every rule (and keeps 1/√d_head); `mup` applies the width rules only; `depth-mup` (α = ½)
+and `completep` (α = 1) apply width and depth rules together. The reference does not say which groups take the
+epsilon correction: it is applied to hidden matrices, whose gradients shrink with width; the final norm sits outside
+every residual branch, so it keeps η.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rung.jobs.config import ModelConfig, ParamConfig
+from rung.jobs.params.roles import Role, role_of
+
+_DEPTH_ALPHA = {"sp": None, "mup": None, "depth-mup": 0.5, "completep": 1.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Multipliers:
+    """Forward-pass constants the model multiplies by; SP at the base shape is all ones except 1/√d_head."""
+
+    embedding: float  # on the embedding output
+    attention: float  # on q·k
+    residual: float  # on each residual branch
+    output: float  # on the logits
+    router: float  # on the router logits
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRule:
+    init_std: float | None  # None: norm gains, initialised to one
+    lr_mult: float
+    wd_mult: float
+    eps_mult: float
+
+
+class Parametrization:
+    """The scaling rules for one model shape relative to one base shape."""
+
+    def __init__(self, param: ParamConfig, model: ModelConfig):
+        self.config = param
+        self.name = param.name
+        self.width_aware = param.scales_width
+        self.alpha = _DEPTH_ALPHA[param.name]
+        base_width, base_depth = param.base_shape(model)
+        self.width_mult = model.d_model / base_width if self.width_aware else 1.0
+        self.depth_mult = model.n_layers / base_depth if self.alpha is not None else 1.0
+        self.head_dim = model.resolved_head_dim
+        self.base_head_dim = param.base_head_dim or self.head_dim
+
+    def _depth(self, exponent: float) -> float:
+        return self.depth_mult ** exponent if self.alpha is not None else 1.0
+
+    @property
+    def multipliers(self) -> Multipliers:
+        m = self.width_mult
+        attention = (math.sqrt(self.base_head_dim) / self.head_dim if self.width_aware
+                     else 1.0 / math.sqrt(self.head_dim))
+        return Multipliers(
+            embedding=self.config.embedding_mult,
+            attention=attention,
+            residual=self._depth(-self.alpha) if self.alpha is not None else 1.0,
+            output=self.config.output_mult / m,
+            router=1.0 / m,
+        )
+
+    def rule(self, role: Role) -> GroupRule:
+        """Init std and optimizer multipliers for one parameter role (the table in the module docstring)."""
+        sigma, m = self.config.init_std, self.width_mult
+        alpha = self.alpha if self.alpha is not None else 0.0
+        readout_std = 0.0 if self.config.zero_readout else sigma
+        rules = {
+            Role.EMBEDDING: GroupRule(sigma, 1.0, 1.0, 1.0),
+            Role.HIDDEN: GroupRule(sigma / math.sqrt(m), self._depth(alpha - 1) / m, m, self._depth(-alpha) / m),
+            Role.BLOCK_NORM: GroupRule(None, self._depth(alpha - 1), 1.0, 1.0),
+            Role.FINAL_NORM: GroupRule(None, 1.0, 1.0, 1.0),
+            Role.READOUT: GroupRule(readout_std, 1.0, 1.0, 1.0),
+            Role.ROUTER: GroupRule(readout_std, 1.0, 1.0, 1.0),
+        }
+        return rules[role]
+
+    @torch.no_grad()
+    def init_weights(self, model: nn.Module, seed: int) -> None:
+        """Initialise every parameter by its role from `seed` and its name alone, so a model that holds only
+        some of the parameters (an expert-parallel shard) draws exactly the values the whole model would."""
+        for name, param in model.named_parameters():
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            std = self.rule(role_of(name, param)).init_std
+            if std is None:
+                param.fill_(1.0)
+            elif std == 0.0:
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float, eps: float) -> list[dict]:
+        """AdamW parameter groups, one per role present. LR schedules must scale these relatively."""
+        by_role: dict[Role, list[nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                by_role.setdefault(role_of(name, param), []).append(param)
+        groups = []
+        for role, params in by_role.items():
+            rule = self.rule(role)
+            groups.append({"params": params, "name": role.value, "lr": lr * rule.lr_mult,
+                           "weight_decay": weight_decay * rule.wd_mult, "eps": eps * rule.eps_mult})
+        return groups

@@ -1,0 +1,1 @@
+"""The DeepSpeed training loop and its components: engine, step, guard, checkpointer, metrics."""

@@ -1,0 +1,75 @@
+"""The DeepSpeed engine a worker trains with: ZeRO stage, precision, gradient accumulation to a fixed global batch,
+torch's AdamW with one parameter group per parametrization role, the LR schedule, and expert placement.
+
+Gradient clipping: DeepSpeed's own optimizers (ZeRO 1-3, bf16) compute the global gradient norm, skip a step whose
+norm is not finite and clip. Under ZeRO-0 fp32 DeepSpeed steps torch's AdamW directly and reports no norm, so
+rung's DivergenceGuard computes the norm before the step, checks it and clips with it (`guard.py`), and DeepSpeed's
+clipping is off there.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from rung.errors import ConfigError
+from rung.jobs.config import RunConfig
+from rung.jobs.model.build import build_model
+from rung.jobs.model.expert_parallel import mark_expert_parameters, setup_expert_parallel
+from rung.jobs.train.schedule import lr_factor
+
+
+def rung_clips(cfg: RunConfig) -> bool:
+    """Whether rung (not DeepSpeed) computes the gradient norm and clips: ZeRO-0 with fp32 weights."""
+    return cfg.train.zero_stage == 0 and cfg.train.dtype == "float32"
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    train = cfg.train
+    per_step = train.micro_batch * world_size
+    if train.global_batch % per_step:
+        raise ConfigError("train.global_batch", f"{train.global_batch} is not a multiple of micro_batch × workers "
+                          f"({train.micro_batch} × {world_size})")
+    return {
+        "train_batch_size": train.global_batch,
+        "train_micro_batch_size_per_gpu": train.micro_batch,
+        "gradient_accumulation_steps": train.global_batch // per_step,
+        "gradient_clipping": 0.0 if rung_clips(cfg) else train.grad_clip,
+        "zero_optimization": {"stage": train.zero_stage},
+        # a non-finite gradient norm skips the step (and is reported as inf) before any weight changes
+        "bf16": {"enabled": train.dtype == "bfloat16", "check_grad_overflow": True},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's own optimizers JIT-compile on CPU
+        "steps_per_print": 1 << 30,
+    }
+
+
+def check_launchable(cfg: RunConfig, world_size: int) -> None:
+    """Reject what no worker group can run, before any worker starts."""
+    if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
+        raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
+    deepspeed_config(cfg, world_size)
+
+
+def build_engine(cfg: RunConfig, world_size: int = 1):
+    """The DeepSpeed engine for `cfg`, with one AdamW group per parametrization role and a relative schedule."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    check_launchable(cfg, world_size)
+    ep = cfg.train.expert_parallel
+    placement = setup_expert_parallel(ep, cfg.model.moe.n_experts) if ep > 1 else None
+    model, param = build_model(cfg, placement=placement)
+    groups = param.param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_eps)
+    if placement is not None:
+        mark_expert_parameters(model, placement)
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, betas=cfg.train.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg.train))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world_size))
+    if world_size == 1 and cfg.train.zero_stage == 0:
+        # One worker has nothing to all-reduce, yet DeepSpeed would still flatten, "reduce" and copy back every
+        # gradient each step (ZeRO 1-3 need that path to fill their partitions, ZeRO-0 does not).
+        engine.enable_backward_allreduce = False
+    return engine

@@ -1,0 +1,88 @@
+"""The OpenAI-compatible HTTP app (`rung serve`): the app factory — state, lifespan, the guard middleware (body size,
+API key, per-route counts), the error mapping (`errors.py`) and one router per API family:
+
+    completions.py  /v1/completions            chat.py   /v1/chat/completions
+    tokenize.py     /tokenize, /detokenize     admin.py  /health, /ready, /version, /metrics, /v1/models
+
+Routes see only an EngineClient (`engine/client.py`): rung's AsyncEngine or the vLLM backend.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import FastAPI, Request
+
+from rung import __version__
+from rung.serving.api import admin, chat, completions, tokenize
+from rung.serving.api.errors import APIError, error_response, install_error_handlers
+from rung.serving.api.state import ServerState, load_tokenizer
+from rung.serving.config import ServeConfig
+from rung.serving.engine.client import EngineClient
+from rung.serving.engine.engine import Engine
+from rung.serving.metrics import ServeMetrics
+
+DISCARD_LIMIT = 64 << 20  # an oversized body up to this size is read and dropped before the 413
+
+
+def engine_client(config: ServeConfig, tokenizer, metrics: ServeMetrics, engine: Engine | None) -> EngineClient:
+    """The engine `config.backend` names: vLLM's, or rung's in a process of its own (on a thread of this process
+    when the caller built the Engine)."""
+    if config.backend == "vllm":
+        from rung.serving.backends.vllm import VLLMAsyncEngine
+
+        return VLLMAsyncEngine(config.model_dir, config.engine, metrics)
+    from rung.serving.engine.async_engine import AsyncEngine
+    from rung.serving.engine.core import ProcessCore
+
+    return AsyncEngine(engine or ProcessCore(config.model_dir, config.engine), tokenizer, metrics)
+
+
+def create_app(config: ServeConfig, engine: Engine | EngineClient | None = None, tokenizer=None) -> FastAPI:
+    """The app. `engine`: an Engine to step on a thread here, or a ready EngineClient; by default the engine (and
+    the tokenizer) load from `config.model_dir`."""
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model_dir)
+    metrics = ServeMetrics(config.model_name)
+    metrics.labels(metrics.queue_limit).set(config.max_queued_requests)
+    client = engine if engine is not None and not isinstance(engine, Engine) else \
+        engine_client(config, tokenizer, metrics, engine)
+    state = ServerState(config, tokenizer, client, metrics)
+
+    async def lifespan(app: FastAPI):
+        state.engine.start()
+        state.ready = True
+        yield
+        state.ready = False
+        state.engine.stop()
+
+    app = FastAPI(title="rung", version=__version__, lifespan=lifespan)
+    app.state.rung = state
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        try:
+            length = int(request.headers.get("content-length") or 0)
+        except ValueError:
+            length = 0
+        if length > config.max_body_bytes:
+            if length <= DISCARD_LIMIT:  # read it away, so that clients still sending see the 413, not a reset
+                async for _ in request.stream():
+                    pass
+            response = error_response(APIError(413, f"the body is {length} bytes; the limit is "
+                                                    f"{config.max_body_bytes}", code="request_too_large"))
+        elif config.api_key and not request.url.path.startswith(admin.OPEN_PATHS) and not secrets.compare_digest(
+                request.headers.get("authorization", ""), f"Bearer {config.api_key}"):
+            response = error_response(APIError(401, "a missing or wrong API key (send Authorization: Bearer KEY)",
+                                               type_="authentication_error", code="invalid_api_key"))
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.labels(metrics.http_requests, route=route.path if route else "unmatched",
+                       status=str(response.status_code)).inc()
+        return response
+
+    for module in (admin, completions, chat, tokenize):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,72 @@
+"""`rung serve`: check the folder and the port, load the model, run the app under uvicorn, and drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import time
+
+from rung.errors import RungError
+from rung.serving.api.app import create_app
+from rung.serving.config import ServeConfig
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before the (slow) model load when the address is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            reason = "is already in use" if err.errno == errno.EADDRINUSE else f"cannot be bound ({err.strerror})"
+            raise RungError(f"port {port} on {host} {reason}; choose another with --port") from None
+
+
+def check_serveable(config: ServeConfig, host: str, port: int) -> None:
+    """Fail fast, before any model loads, on a missing folder, a taken port or a backend that cannot load."""
+    if not os.path.isdir(config.model_dir):
+        raise RungError(f"model folder not found: {config.model_dir}")
+    check_port(host, port)
+    if config.backend == "vllm":
+        from rung.serving.backends.vllm import import_vllm
+
+        import_vllm()
+
+
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    import uvicorn
+
+    from rung.platform.runtime import configure_process
+
+    check_serveable(config, host, port)
+    configure_process()
+    started = time.monotonic()
+    app = create_app(config)
+    state = app.state.rung
+
+    class DrainingServer(uvicorn.Server):
+        """First SIGTERM/SIGINT: stop being ready, refuse new work with 503, let in-flight requests finish
+        (up to the grace period), then shut down. A second signal exits at once."""
+
+        def handle_exit(self, sig, frame) -> None:
+            if state.draining:
+                return super().handle_exit(sig, frame)
+            state.draining = True
+            print(f"serve: draining ({state.engine.num_unfinished} requests in flight, grace "
+                  f"{config.grace_seconds:g} s)", flush=True)
+            asyncio.get_event_loop().call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+        async def _drain(self) -> None:
+            deadline = time.monotonic() + config.grace_seconds
+            while state.engine.num_unfinished and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            self.should_exit = True
+
+    server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=int(config.grace_seconds) + 1))
+    url = f"http://{host}:{port}"
+    print(f"serve: {config.model_name} loaded in {time.monotonic() - started:.1f} s "
+          f"({state.engine.describe()}); "
+          f"OpenAI API at {url}/v1, metrics at {url}/metrics", flush=True)
+    server.run()

@@ -1,0 +1,80 @@
+"""What every route shares: the config, the tokenizer, the engine (an EngineClient), the metrics and the
+lifecycle flags — and the checks each generation request passes before it reaches the engine."""
+
+from __future__ import annotations
+
+from rung.errors import RungError
+from rung.serving.api.errors import APIError
+from rung.serving.api.protocol import ChatMessage, Sampling
+from rung.serving.config import ServeConfig
+from rung.serving.engine.client import EngineClient, RequestStream
+from rung.serving.metrics import ServeMetrics
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:  # transformers' ways of saying the folder has no usable tokenizer
+        reason = " ".join(str(err).split())
+        raise RungError(f"{model_dir} has no tokenizer rung can load: {reason[:300]}") from None
+
+
+class ServerState:
+    def __init__(self, config: ServeConfig, tokenizer, engine: EngineClient, metrics: ServeMetrics):
+        self.config, self.tokenizer, self.engine, self.metrics = config, tokenizer, engine, metrics
+        self.ready = False
+        self.draining = False
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.model_name:
+            raise APIError(404, f"model {model[:100]!r} does not exist; this server serves "
+                                f"{self.config.model_name!r}", param="model", code="model_not_found")
+
+    def check_capacity(self, requests: int, tokens: int) -> None:
+        if self.draining or not self.ready:
+            raise APIError(503, "the server is " + ("draining" if self.draining else "starting"),
+                           type_="service_unavailable", headers={"Retry-After": "5"})
+        if self.engine.num_waiting + requests > self.config.max_queued_requests:
+            raise APIError(429, f"the queue is full ({self.config.max_queued_requests} waiting requests); retry "
+                                f"later", type_="rate_limit_error", headers={"Retry-After": "1"})
+        limit = self.config.max_queued_tokens
+        if limit is not None and self.engine.num_waiting_tokens + tokens > limit:
+            raise APIError(429, f"the queue is full ({limit} prompt tokens waiting at most); retry later",
+                           type_="rate_limit_error", headers={"Retry-After": "1"})
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        text = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                                  tokenize=False, add_generation_prompt=True)
+        return self.encode(text, add_special_tokens=False)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def max_tokens(self, prompt: list[int], requested: int | None) -> int:
+        """The request's max_tokens, or the rest of the context window when it gives none."""
+        window = self.engine.max_model_len
+        if requested is not None:
+            return requested
+        if len(prompt) >= window:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; the context window is {window}",
+                           param="prompt")
+        return window - len(prompt)
+
+    def start(self, request: Sampling, prompts: list[list[int]], requested: int | None,
+              logprobs: int | None) -> list[RequestStream]:
+        """Validate everything, then start n streams per prompt (nothing is queued if any part is invalid)."""
+        self.check_model(request.model)
+        plans = []
+        for prompt in prompts:
+            params = request.sampling_params(self.max_tokens(prompt, requested), logprobs)
+            self.engine.validate(prompt, params)
+            plans.extend((prompt, params.for_sample(i)) for i in range(request.n))
+        self.check_capacity(len(plans), sum(len(prompt) for prompt, _ in plans))
+        return [self.engine.generate(p, params, request.stop_strings(), request.priority) for p, params in plans]

@@ -1,0 +1,1 @@
+"""Engines other than rung's behind the same EngineClient surface."""

@@ -1,0 +1,1 @@
+"""Serving on Ray Serve (and KubeRay's RayService)."""

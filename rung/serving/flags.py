@@ -1,0 +1,79 @@
+"""`rung serve`'s settings as command-line flags: each flag names a field of the serving config
+(`rung/serving/config.py`), takes its default from the dataclass, and a value the config refuses is reported as the
+flag the user typed (`--max-num-seqs: must be at least 1, got 0`). Torch-free: `rung --help` imports it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from rung.config import default
+from rung.errors import ConfigError
+from rung.serving.config import DEFAULT_BLOCK_SIZE, EngineConfig, ServeConfig
+
+SERVE_FLAGS: dict[str, str] = {
+    "--served-model-name": "served_model_name", "--api-key": "api_key", "--max-num-seqs": "max_num_seqs",
+    "--max-num-batched-tokens": "max_num_batched_tokens", "--max-queued-requests": "max_queued_requests",
+    "--max-queued-tokens": "max_queued_tokens", "--max-model-len": "max_model_len", "--dtype": "dtype",
+    "--kv-cache-memory": "kv_cache_memory", "--block-size": "block_size", "--grace-period": "grace_seconds",
+    "--nano-batches": "nano_batches", "--deterministic": "deterministic", "--async-scheduling": "async_scheduling",
+    "--device": "device", "--engine": "backend",
+}
+GIB = 1 << 30
+
+
+def add_serve_settings(serve: argparse.ArgumentParser) -> None:
+    engine = lambda name: default(EngineConfig, name)  # noqa: E731
+    serve.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
+    serve.add_argument("--api-key", default=os.environ.get("RUNG_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $RUNG_API_KEY)")
+    serve.add_argument("--max-num-seqs", type=int, default=engine("max_num_seqs"),
+                       help=f"most requests running at once (default: {engine('max_num_seqs')})")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=engine("max_num_batched_tokens"),
+                       help="tokens per engine step: decodes first, then chunked prefill "
+                            f"(default: {engine('max_num_batched_tokens')})")
+    queued = default(ServeConfig, "max_queued_requests")
+    serve.add_argument("--max-queued-requests", type=int, default=queued,
+                       help=f"waiting requests before new ones get 429 (default: {queued})")
+    serve.add_argument("--max-queued-tokens", type=int,
+                       help="prompt tokens of waiting requests before new ones get 429 (default: no bound)")
+    serve.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
+    serve.add_argument("--dtype", default=engine("dtype"), choices=["float32", "bfloat16", "float16"],
+                       help=f"weights and KV cache dtype (default: {engine('dtype')})")
+    memory = engine("kv_cache_memory") / GIB
+    serve.add_argument("--kv-cache-memory", type=float, default=memory, metavar="GIB",
+                       help=f"memory for the preallocated KV-cache pool in GiB (default: {memory:g})")
+    serve.add_argument("--block-size", type=int,
+                       help=f"tokens per KV-cache block (default: {DEFAULT_BLOCK_SIZE}; with --engine vllm, vLLM's "
+                            "choice)")
+    grace = default(ServeConfig, "grace_seconds")
+    serve.add_argument("--grace-period", type=float, default=grace,
+                       help=f"seconds in-flight requests may take to finish after SIGTERM (default: {grace:g})")
+    serve.add_argument("--nano-batches", type=int,
+                       help="nano-batches per engine step (default: the --tune result for this device and model, "
+                            "else 2 on a GPU and 1 on a CPU)")
+    serve.add_argument("--deterministic", action="store_true",
+                       help="batch-invariant outputs: a request's results do not depend on what else is running")
+    serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       help="schedule step i+1 while step i computes (default: rung's engine on a GPU only, "
+                            "vLLM's own choice with --engine vllm)")
+    serve.add_argument("--device", help="where rung's engine computes: cpu, cuda, cuda:N (default: the GPU when "
+                                        "there is one, else the CPU)")
+    serve.add_argument("--engine", dest="backend", default=default(ServeConfig, "backend"), choices=["rung", "vllm"],
+                       help="what computes: rung's engine, or vLLM's (needs the vllm extra; default: rung)")
+
+
+def serve_settings(args: argparse.Namespace) -> dict:
+    """The flat settings `rung.serving.config.serve_config` takes, from the parsed flags."""
+    settings = {"model_dir": args.model_dir}
+    for flag, name in SERVE_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_") if flag != "--engine" else "backend")
+        settings[name] = round(value * GIB) if name == "kv_cache_memory" else value
+    return settings
+
+
+def flag_of(err: ConfigError) -> ConfigError:
+    """A serving config error as the flag the user typed: `engine.max_num_seqs` → `--max-num-seqs`."""
+    field = err.field.removeprefix("engine.")
+    flag = next((flag for flag, name in SERVE_FLAGS.items() if name == field), None)
+    return ConfigError(flag, err.message) if flag else err

@@ -1,0 +1,117 @@
+"""rung's inference model for Llama-family, Mixtral and Granite folders, reading and writing a paged KV cache.
+
+Hugging Face's modeling code keeps a contiguous cache per sequence; here every layer writes the step's keys and
+values into cache slots first, then each request attends over the slots its block table names — so all requests
+of a step, at any mix of prefill chunks and decodes, run as one packed batch of tokens.
+
+The model is written once; whatever depends on the device (attention, norms, rotary, activation, KV writes, the
+experts' grouped GEMM) goes through its compute path, `self.ops` (`worker/ops/`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rung.serving.worker.model_spec import ModelSpec
+from rung.serving.worker.ops import Ops
+from rung.serving.worker.ops.select import select_ops
+from rung.serving.worker.ops.torch_ops import rope_tables
+from rung.serving.worker.overlap import StreamOverlap
+from rung.serving.worker.step import StepInputs
+from rung.serving.worker.weights import check_weights, fuse_projections, stack_experts
+
+
+class InferenceModel:
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                 device: torch.device = torch.device("cpu"), ops: Ops | None = None):
+        self.spec, self.device = spec, device
+        self.ops = ops or select_ops(device)
+        self.last_nano_batches = 0
+        self.w = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
+        check_weights(spec, self.w)
+        self.lm_head = self.w["model.embed_tokens.weight"] if spec.tie_word_embeddings else self.w["lm_head.weight"]
+        self.experts = [stack_experts(spec, self.w, i) for i in range(spec.num_layers)] if spec.num_experts else None
+        fuse_projections(spec, self.w)
+        self._overlap = StreamOverlap()
+
+    def _norm(self, x: torch.Tensor, weight: str) -> torch.Tensor:
+        return self.ops.rms_norm(x, self.w[weight], self.spec.rms_norm_eps)
+
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+
+    def _moe(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Top-k routing with renormalised gates; the (token, expert) pairs sorted by expert go through one
+        grouped GEMM per projection, each expert's rows against its own weights."""
+        router, gate_up, down = self.experts[layer]
+        probs = torch.softmax(F.linear(x, router).float(), dim=-1)
+        weights, chosen = probs.topk(self.spec.num_experts_per_tok, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        order = chosen.flatten().argsort(stable=True)
+        tokens = order // self.spec.num_experts_per_tok
+        ends = torch.bincount(chosen.flatten(), minlength=self.spec.num_experts).cumsum(0).to(torch.int32)
+        grouped = self.ops.grouped_matmul
+        y = grouped(self.ops.silu_and_mul(grouped(x[tokens], gate_up, ends)), down, ends)
+        y = y * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, tokens, y)
+
+    def _mlp(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        prefix = f"model.layers.{layer}."
+        if not self.spec.num_experts:
+            hidden = self.ops.silu_and_mul(self._linear(x, prefix + "mlp.gate_up_proj"))
+            return self._linear(hidden, prefix + "mlp.down_proj")
+        out = self._moe(x, layer)
+        if self.spec.shared_intermediate_size:
+            shared = self.ops.silu_and_mul(self._linear(x, prefix + "shared_mlp.input_linear"))
+            out = out + self._linear(shared, prefix + "shared_mlp.output_linear")
+        return out
+
+    def _attention(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,
+                   rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        spec, prefix = self.spec, f"model.layers.{layer}.self_attn."
+        qkv = self._linear(x, prefix + "qkv_proj").view(-1, spec.num_heads + 2 * spec.num_kv_heads, spec.head_dim)
+        qk = self.ops.rotary(qkv[:, :spec.num_heads + spec.num_kv_heads], *rope)  # queries and keys in one pass
+        q, k, v = qk[:, :spec.num_heads], qk[:, spec.num_heads:], qkv[:, spec.num_heads + spec.num_kv_heads:]
+        keys = cache[layer, 0].view(spec.num_kv_heads, spec.head_dim, -1)  # [kv heads, head dim, slots]
+        values = cache[layer, 1].view(spec.num_kv_heads, -1, spec.head_dim)  # [kv heads, slots, head dim]
+        self.ops.write_kv(k, v, keys, values, step.slots)  # the whole step's KV first: a span may read another's
+        return self._linear(self.ops.attention(q, keys, values, step), prefix + "o_proj")
+
+    def _attention_block(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,
+                         rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h = self._norm(x, f"model.layers.{layer}.input_layernorm.weight")
+        return torch.add(x, self._attention(h, layer, step, cache, rope), alpha=self.spec.residual_multiplier)
+
+    def _mlp_block(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        h = self._norm(x, f"model.layers.{layer}.post_attention_layernorm.weight")
+        return torch.add(x, self._mlp(h, layer), alpha=self.spec.residual_multiplier)
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs, cache: torch.Tensor, nano_batches: int = 1) -> torch.Tensor:
+        """Final hidden states [T, d] for the packed step, computed as up to `nano_batches` nano-batches of whole
+        spans per layer. On CUDA one nano-batch's attention runs on one stream while the previous one's MLP GEMMs
+        run on another (NanoFlow's intra-layer overlap, `overlap.py`); elsewhere they run one after the other —
+        the same math."""
+        spec = self.spec
+        x = F.embedding(step.token_ids, self.w["model.embed_tokens.weight"])
+        if spec.embedding_multiplier != 1.0:
+            x = x * spec.embedding_multiplier
+        cos, sin = rope_tables(step.positions, spec.head_dim, spec.rope_theta)
+        parts = step.split(nano_batches) if nano_batches > 1 else [(slice(0, len(step.token_ids)), step)]
+        self.last_nano_batches = len(parts)  # what the step was split into, for the serving metrics
+        if x.is_cuda and len(parts) > 1:
+            self._overlap.run(x, parts, spec.num_layers, cos, sin,
+                              lambda h, layer, sub, rope: self._attention_block(h, layer, sub, cache, rope),
+                              self._mlp_block)
+        else:
+            for layer in range(spec.num_layers):
+                for rows, sub in parts:
+                    x[rows] = self._attention_block(x[rows], layer, sub, cache, (cos[rows], sin[rows]))
+                    x[rows] = self._mlp_block(x[rows], layer)
+        return self._norm(x, "model.norm.weight")
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.lm_head).float()
+        return logits if self.spec.logits_multiplier == 1.0 else logits * self.spec.logits_multiplier

@@ -1,0 +1,167 @@
+"""The model runner: turns a step plan into one packed forward pass over the paged KV cache and returns a token
+for every span that reached its request's end. It sees token ids, positions, block tables and sampling inputs —
+never request status, queues or stop rules.
+
+A step is prepared (index tensors, sampling rows) and executed separately, so that under async scheduling the next
+step is prepared while this one computes; its PENDING tokens are filled in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from rung.errors import ConfigError
+from rung.serving.config import DEFAULT_BLOCK_SIZE, EngineConfig
+from rung.serving.core.outputs import Sample
+from rung.serving.core.scheduler import PENDING, StepPlan
+from rung.serving.worker.model import InferenceModel
+from rung.serving.worker.model_spec import ModelSpec, load_spec
+from rung.serving.worker.sampling import SampleInput, Sampler
+from rung.serving.worker.step import StepInputs
+from rung.serving.worker.weights import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def num_kv_blocks(spec: ModelSpec, block_size: int, dtype: torch.dtype, memory: int) -> int:
+    """How many blocks of `block_size` tokens of every layer's keys and values fit in `memory` bytes (at least 1)."""
+    block_bytes = spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * dtype.itemsize
+    return max(memory // block_bytes, 1)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The configured device, or the GPU when there is one, else the CPU; a CUDA device without a GPU is refused."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device", "is cuda, but torch sees no CUDA GPU here")
+    return torch.device(device)
+
+
+@dataclass
+class PreparedStep:
+    inputs: StepInputs
+    sample_rows: list[int]  # the row of each span that samples: its last token
+    sample_inputs: list[SampleInput]
+    pending: dict[str, int]  # request id -> the row holding its PENDING token (filled in before the step runs)
+
+
+class ModelRunner:
+    def __init__(self, model: InferenceModel, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
+                 nano_batches: int = 1, deterministic: bool = False):
+        spec = model.spec
+        self.model, self.num_blocks, self.block_size = model, num_blocks, block_size
+        self.nano_batches = nano_batches
+        # batch-invariant: every request's rows go through their own GEMMs (one nano-batch per span, one logits
+        # row at a time), so no other request in the step can change its numerics
+        self.deterministic = deterministic
+        self.sampler = Sampler()
+        # [layers, key|value, kv heads, slots x head dim]; a block is block_size consecutive slots. The model
+        # views keys as [head dim, slots] and values as [slots, head dim] per head, the layouts its two matrix
+        # products read, so a request in consecutive blocks attends over views of the pool
+        self.cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads, num_blocks * block_size * spec.head_dim,
+                                 dtype=dtype, device=model.device)
+
+    @classmethod
+    def for_folder(cls, model_dir: str | Path, config: EngineConfig, nano_batches: int = 1) -> ModelRunner:
+        """The model of a Hugging Face folder on the configured device, over a KV pool sized by the config."""
+        spec = load_spec(model_dir)
+        dtype, device = DTYPES[config.dtype], resolve_device(config.device)
+        model = InferenceModel(spec, load_weights(model_dir), dtype, device)
+        block_size = config.block_size or DEFAULT_BLOCK_SIZE
+        num_blocks = config.num_blocks or num_kv_blocks(spec, block_size, dtype, config.kv_cache_memory)
+        return cls(model, num_blocks, block_size, dtype, nano_batches, config.deterministic)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def _runs(self, block_table: tuple[int, ...], stop: int) -> list[slice]:
+        """Where tokens 0..stop-1 of a request sit in the pool's slots, as runs of consecutive slots: one run when
+        the KV manager kept its blocks consecutive, one more for a cached prefix shared with others."""
+        runs, size, covered = [], self.block_size, 0
+        start = previous = block_table[0]
+        if block_table == tuple(range(start, start + len(block_table))):
+            return [slice(start * size, start * size + stop)]
+        for block in [*block_table[1:], None]:
+            if block is None or block != previous + 1:
+                length = min((previous + 1 - start) * size, stop - covered)
+                if length > 0:
+                    runs.append(slice(start * size, start * size + length))
+                    covered += length
+                start = block
+            previous = block
+        return runs
+
+    @staticmethod
+    def _slots(runs: list[slice], start: int, stop: int) -> list[int]:
+        """The slots of tokens start..stop-1."""
+        pieces, offset = [], 0
+        for run in runs:
+            low, high = max(start, offset), min(stop, offset + run.stop - run.start)
+            if low < high:
+                pieces.extend(range(run.start + low - offset, run.start + high - offset))
+            offset += run.stop - run.start
+        return pieces
+
+    def prepare(self, plan: StepPlan) -> PreparedStep:
+        """Plain Python lists first and one tensor each at the end: a decode step has one token per request, and a
+        tensor per request would cost more than the lists."""
+        token_ids, positions, slots, spans, first = [], [], [], [], 0
+        rows, inputs, pending = [], [], {}
+        for span in plan.spans:
+            end = span.start + span.num_tokens
+            runs = self._runs(span.block_table, end)
+            token_ids.extend(span.token_ids)
+            positions.extend(range(span.start, end))
+            slots.extend(self._slots(runs, span.start, end))
+            spans.append((first, span.num_tokens, runs))
+            first += span.num_tokens
+            if span.token_ids[-1] == PENDING:
+                pending[span.request_id] = first - 1
+                token_ids[-1] = 0
+            if span.samples:
+                rows.append(first - 1)
+                inputs.append(SampleInput(span.request_id, span.params, span.history[:span.num_prompt_tokens],
+                                          span.history[span.num_prompt_tokens:]))
+        step = StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.tensor(positions),
+                          slots=torch.tensor(slots), spans=spans, read_in_place=not self.deterministic
+                          ).to(self.model.device)
+        self.model.ops.prepare(step)  # now, while (under async scheduling) the step before computes
+        return PreparedStep(step, rows, inputs, pending)
+
+    @staticmethod
+    def fill(step: PreparedStep, samples: dict[str, Sample]) -> None:
+        """Put the tokens the previous step sampled in place of the PENDING ones, in the inputs and in what the
+        penalties see."""
+        if not step.pending:
+            return
+        token_ids = step.inputs.token_ids
+        token_ids[list(step.pending.values())] = torch.tensor([samples[r].token_id for r in step.pending],
+                                                              device=token_ids.device)
+        for index, row in enumerate(step.sample_inputs):
+            if row.request_id in step.pending and row.params.penalised:
+                step.sample_inputs[index] = replace(row, output_token_ids=(*row.output_token_ids,
+                                                                           samples[row.request_id].token_id))
+
+    def execute(self, step: PreparedStep) -> dict[str, Sample]:
+        """A sampled token (with logprobs, when asked) for every span that reached its request's end."""
+        parts = len(step.inputs.spans) if self.deterministic else self.nano_batches
+        hidden = self.model.forward(step.inputs, self.cache, parts)
+        rows = step.sample_rows
+        if not rows:
+            return {}
+        logits = torch.cat([self.model.logits(hidden[[row]]) for row in rows]) if self.deterministic else \
+            self.model.logits(hidden[rows])
+        samples = self.sampler.sample(logits.cpu(), step.sample_inputs)  # generators and penalties live on the CPU
+        return {row.request_id: sample for row, sample in zip(step.sample_inputs, samples)}
+
+    def run(self, plan: StepPlan) -> dict[str, Sample]:
+        return self.execute(self.prepare(plan)) if plan.spans else {}
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's sampling state (its random stream)."""
+        self.sampler.release(request_id)

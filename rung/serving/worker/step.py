@@ -1,0 +1,73 @@
+"""What one forward pass computes, as the runner hands it to the model: the packed tokens of every span of a step,
+their positions and cache slots, each span's context as runs of pool slots, and the nano-batch split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property
+
+import torch
+
+
+@dataclass
+class DecodeBatch:
+    """The step's single-token spans as the decode kernel reads them: their rows in the batch and their contexts
+    as runs of pool slots (request r's runs are offsets[r]..offsets[r+1]-1)."""
+
+    rows: torch.Tensor | slice  # a slice when they lead the batch, as the scheduler puts decodes first
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    offsets: torch.Tensor
+
+
+@dataclass
+class StepInputs:
+    """What one forward pass needs, built by the runner from a step plan."""
+
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] flat cache slot of each token
+    # per request: (first row in the batch, rows, its whole context as runs of consecutive slots in the pool)
+    spans: list[tuple[int, int, list[slice]]]
+    # a decode reads a context of a few runs in place, one product per run; off, every context of several runs is
+    # copied into one first, so a request's arithmetic never depends on where its blocks sit (deterministic mode)
+    read_in_place: bool = True
+
+    @cached_property
+    def decodes(self) -> DecodeBatch | None:
+        """Built once per step (not per layer) for the decode kernel; None when no span is a single token."""
+        rows, starts, lengths, offsets = [], [], [], [0]
+        for first, count, runs in self.spans:
+            if count == 1:
+                rows.append(first)
+                starts.extend(run.start for run in runs)
+                lengths.extend(run.stop - run.start for run in runs)
+                offsets.append(len(starts))
+        if not rows:
+            return None
+        return DecodeBatch(slice(0, len(rows)) if rows[-1] == len(rows) - 1 else torch.tensor(rows),
+                           torch.tensor(starts), torch.tensor(lengths), torch.tensor(offsets))
+
+    def to(self, device: torch.device) -> StepInputs:
+        """The same step with its index tensors on `device` (runs are plain slices)."""
+        return replace(self, token_ids=self.token_ids.to(device, non_blocking=True),
+                       positions=self.positions.to(device, non_blocking=True),
+                       slots=self.slots.to(device, non_blocking=True))
+
+    def split(self, parts: int) -> list[tuple[slice, StepInputs]]:
+        """Up to `parts` nano-batches of whole spans with about equal token counts, in span order (a span may read
+        blocks an earlier span of the same step writes, so order is kept)."""
+        total = len(self.token_ids)
+        boundaries = [first + rows for first, rows, _ in self.spans[:-1]]  # where a cut may go
+        cuts: list[int] = []
+        for k in range(1, parts):
+            later = [b for b in boundaries if not cuts or b > cuts[-1]]
+            if later:
+                cuts.append(min(later, key=lambda b: abs(b - total * k / parts)))
+        bounds = [0, *sorted(set(cuts)), total]
+        out = []
+        for start, stop in zip(bounds, bounds[1:]):
+            spans = [(first - start, rows, ctx) for first, rows, ctx in self.spans if start <= first < stop]
+            out.append((slice(start, stop), StepInputs(self.token_ids[start:stop], self.positions[start:stop],
+                                                       self.slots[start:stop], spans, self.read_in_place)))
+        return out

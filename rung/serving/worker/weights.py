@@ -1,0 +1,90 @@
+"""A Hugging Face folder's weights as rung's inference model uses them: read from (possibly sharded) safetensors,
+checked against config.json, fused where one GEMM can replace several, and MoE experts stacked for the grouped
+GEMM, whichever of the two folder layouts (Mixtral's per-expert matrices, Granite's stacked ones) they come in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from rung.errors import RungError
+from rung.serving.worker.model_spec import ModelSpec
+
+Experts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # router [E, d], gate|up [E, d, 2f], down [E, f, d]
+
+
+def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        ["model.safetensors"]
+    weights = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise RungError(f"{folder} is missing its weights file {name}")
+        weights.update(load_file(str(folder / name)))
+    return weights
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shapes config.json implies for the tensors every supported architecture has."""
+    d, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    shapes = {"model.embed_tokens.weight": (spec.vocab_size, d), "model.norm.weight": (d,)}
+    if not spec.tie_word_embeddings:
+        shapes["lm_head.weight"] = (spec.vocab_size, d)
+    for layer in range(spec.num_layers):
+        prefix = f"model.layers.{layer}."
+        shapes.update({prefix + "self_attn.q_proj.weight": (q, d), prefix + "self_attn.k_proj.weight": (kv, d),
+                       prefix + "self_attn.v_proj.weight": (kv, d), prefix + "self_attn.o_proj.weight": (d, q),
+                       prefix + "input_layernorm.weight": (d,), prefix + "post_attention_layernorm.weight": (d,)})
+    return shapes
+
+
+def check_weights(spec: ModelSpec, w: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that do not match the config, naming what is missing or misshapen."""
+    expected = expected_shapes(spec)
+    missing = [name for name in expected if name not in w]
+    if missing:
+        raise RungError(f"the weights do not match the config: missing {', '.join(missing[:5])}"
+                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    wrong = [f"{name} is {tuple(w[name].shape)}, the config implies {shape}"
+             for name, shape in expected.items() if tuple(w[name].shape) != shape]
+    if wrong:
+        raise RungError(f"the weights do not match the config: {'; '.join(wrong[:3])}")
+
+
+def fuse_projections(spec: ModelSpec, w: dict[str, torch.Tensor]) -> None:
+    """One GEMM for q, k and v (queries scaled by the attention scale on the way) and one for gate and up, as
+    vLLM does: fewer, larger products per layer, and no pass to scale the queries. Changes `w` in place."""
+    for layer in range(spec.num_layers):
+        prefix = f"model.layers.{layer}."
+        groups = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}
+        if not spec.num_experts:
+            groups["mlp.gate_up_proj"] = ["mlp.gate_proj", "mlp.up_proj"]
+        for fused, parts in groups.items():
+            for kind in ("weight", "bias"):
+                if f"{prefix}{parts[0]}.{kind}" in w:
+                    w[f"{prefix}{fused}.{kind}"] = torch.cat([w.pop(f"{prefix}{part}.{kind}") for part in parts])
+        for kind in ("weight", "bias"):  # queries come out scaled for attention (RoPE is linear)
+            name = f"{prefix}self_attn.qkv_proj.{kind}"
+            if name in w:
+                w[name][:spec.num_heads * spec.head_dim] *= spec.attention_scale
+
+
+def stack_experts(spec: ModelSpec, w: dict[str, torch.Tensor], layer: int) -> Experts:
+    """(router, gate and up, down) of one MoE layer from either folder layout, stored as the grouped GEMM reads
+    them (input features first); the per-expert tensors are taken out of `w`."""
+    prefix = f"model.layers.{layer}.block_sparse_moe."
+    if spec.family == "granite":
+        gate_up, down = w.pop(prefix + "input_linear.weight"), w.pop(prefix + "output_linear.weight")
+        router = w[prefix + "router.layer.weight"]
+    else:
+        def stack(name: str) -> torch.Tensor:
+            return torch.stack([w.pop(f"{prefix}experts.{e}.{name}.weight") for e in range(spec.num_experts)])
+
+        gate_up, down, router = torch.cat([stack("w1"), stack("w3")], dim=1), stack("w2"), w[prefix + "gate.weight"]
+    return router, gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
