@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(train)
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest verified checkpoint in the run directory")
+    train.add_argument("--restart", action="store_true",
+                       help="train again from step 0 where the run directory holds checkpoints (even damaged ones), "
+                            "replacing them")
     train.add_argument("--workers", type=int, help="data-parallel workers (sets train.workers)")
     train.add_argument("--hparams-from", metavar="SUMMARY",
                        help="a sweep's summary.json: take its best values at the proxy shape, and the proxy shape as "
@@ -269,7 +272,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"(proxy width {record['proxy_shape']['width']}, depth {record['proxy_shape']['depth']})")
 
         rows = train(cfg, resume=args.resume, address=args.address,
-                     transfer=record if args.hparams_from else None)
+                     transfer=record if args.hparams_from else None, restart=args.restart)
         print(f"train: done, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f} after {rows[-1]['step']} steps, "
               f"run dir {cfg.out_dir}/{cfg.name}")
     elif args.command == "count":

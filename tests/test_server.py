@@ -216,8 +216,8 @@ def test_tokenize_detokenize_version_and_openapi(server):
     auth = {"Authorization": f"Bearer {KEY}"}
     tokens = json.loads(http("POST", f"{server.url}/tokenize", {"prompt": "héllo ✓"}, auth)[2])["tokens"]
     assert json.loads(http("POST", f"{server.url}/detokenize", {"tokens": tokens}, auth)[2])["prompt"] == "héllo ✓"
-    assert json.loads(http("GET", f"{server.url}/version")[2])["version"]
-    paths = json.loads(http("GET", f"{server.url}/openapi.json")[2])["paths"]
+    assert json.loads(http("GET", f"{server.url}/version", headers=auth)[2])["version"]
+    paths = json.loads(http("GET", f"{server.url}/openapi.json", headers=auth)[2])["paths"]
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready"} <= set(paths)
 
 

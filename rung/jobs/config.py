@@ -7,6 +7,7 @@ config is made with `rung.config.evolve`, which validates the whole of it again.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -175,8 +176,15 @@ class TrainConfig:
                 raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.global_batch % self.micro_batch:
             raise ConfigError("global_batch", f"{self.global_batch} is not a multiple of micro_batch ({self.micro_batch})")
+        for name in ("lr", "weight_decay", "adam_eps", "decay_fraction", "min_lr_ratio", "grad_clip", "max_loss",
+                     "peak_flops"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(name, f"must be a finite number, got {value}")
         if self.lr <= 0:
             raise ConfigError("lr", f"must be > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0 or self.warmup_steps >= self.steps and self.steps > 1:
             raise ConfigError("warmup_steps", f"must be in [0, steps), got {self.warmup_steps}")
         if not 0 < self.decay_fraction <= 1:
@@ -200,6 +208,9 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if not self.name or self.name in (".", "..") or any(sep in self.name for sep in ("/", "\\", "\0")):
+            raise ConfigError("name", f"{self.name!r} must be one directory name (no '/', not '.' or '..'): the run "
+                              "directory is out_dir/name and nothing is written outside out_dir")
         width_aware = self.param.scales_width
         if width_aware and self.param.base_width is not None and self.param.base_width > self.model.d_model:
             raise ConfigError("param.base_width", f"{self.param.base_width} is larger than model.d_model "

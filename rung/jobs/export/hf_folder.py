@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from rung.config import from_dict, to_dict
 from rung.errors import RungError
@@ -27,6 +27,7 @@ from rung.jobs.export.folding import check_exportable, granite_weights, hf_confi
 from rung.jobs.params.parametrization import Multipliers, Parametrization
 from rung.jobs.run_dir import STATE, WEIGHTS, RunDir
 from rung.platform.checkpoint import MANIFEST, CheckpointStore, verify
+from rung.platform.tensor_files import load_tensors
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -131,19 +132,24 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
            overwrite: bool = False, allow_dropless: bool = False, max_shard_bytes: int = 5 << 30) -> Path:
     """Write the Hugging Face folder for `source` (a checkpoint or run directory) at `out`; returns `out`."""
     out = Path(out)
+    if max_shard_bytes < 1:
+        raise RungError(f"--max-shard-size must be at least 1 byte, got {max_shard_bytes}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise RungError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     ck = find_checkpoint(source)
     check_exportable(ck.model, fmt, allow_dropless)
     mult = Parametrization(ck.param, ck.model).multipliers
-    weights = load_file(str(ck.path / WEIGHTS))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a regular file on the way, no permission
+        raise RungError(f"--out {out}: cannot create {out.parent} ({err.strerror or err})") from None
+    weights = load_tensors(ck.path / WEIGHTS)
     if fmt == "llama":
         tensors, tied = llama_weights(weights, ck.model, mult)
     else:
         tensors, tied = granite_weights(weights, ck.model, mult), ck.model.tie_embeddings
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tensors = {name: t.to(torch_dtype) for name, t in tensors.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

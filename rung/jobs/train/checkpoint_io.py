@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from rung.config import to_dict
 from rung.errors import ConfigError
@@ -21,6 +21,7 @@ from rung.jobs.config import RunConfig
 from rung.jobs.run_dir import OPTIMIZER, STATE, WEIGHTS, rng_file
 from rung.jobs.train.engine_state import gather_state, restore_state
 from rung.platform.checkpoint import CheckpointStore, RemoteMirror
+from rung.platform.tensor_files import load_tensors
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -73,10 +74,10 @@ def load_checkpoint(engine, path: Path, cfg: RunConfig) -> tuple[int, int]:
     """Collective: restore every rank from `path`. Returns (step, tokens) to continue from."""
     check_compatible(path, cfg)
     state = read_state(path)
-    restore_state(engine, load_file(str(path / WEIGHTS)), load_file(str(path / OPTIMIZER)), state["step"])
+    restore_state(engine, load_tensors(path / WEIGHTS), load_tensors(path / OPTIMIZER), state["step"])
     rng = path / rng_file(dist.get_rank())
     if rng.is_file() and state["world_size"] == dist.get_world_size():
-        saved = load_file(str(rng))
+        saved = load_tensors(rng)
         torch.set_rng_state(saved["cpu"])
         if "cuda" in saved and torch.cuda.is_available():
             torch.cuda.set_rng_state(saved["cuda"])

@@ -73,7 +73,9 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
     return history
 
 
-def _check_storage(cfg: RunConfig, run_dir: RunDir, resume: bool) -> None:
+def _check_storage(cfg: RunConfig, run_dir: RunDir, resume: bool, restart: bool) -> None:
+    """The run directory is writable, and what it holds fits the request: no checkpoints unless resuming or
+    restarting, and a resume that has a verified checkpoint to continue from unless restarting."""
     try:
         run_dir.root.mkdir(parents=True, exist_ok=True)
         probe = run_dir.root / f".write-test-{os.getpid()}"
@@ -84,9 +86,30 @@ def _check_storage(cfg: RunConfig, run_dir: RunDir, resume: bool) -> None:
     mirror = RemoteMirror(cfg.train.checkpoint_uri) if cfg.train.checkpoint_uri else None
     if mirror is not None:
         mirror.check_writable()
-    if not resume and (CheckpointStore(run_dir.checkpoints).committed() or (mirror and mirror.committed())):
+    store = CheckpointStore(run_dir.checkpoints)
+    existing = len(store.committed()) + (len(mirror.committed()) if mirror else 0)
+    if not existing:
+        return
+    if restart:
+        if mirror is not None and mirror.committed():
+            raise ConfigError("train.checkpoint_uri", "--restart cannot clear the checkpoints at the mirror; "
+                              "remove them there, or choose another name / out_dir")
+        for _step, path in store.committed():  # replaced, so that a later --resume cannot pick an old one
+            shutil.rmtree(path)
+        return
+    if not resume:
         raise ConfigError("name", f"{run_dir.root} (or train.checkpoint_uri) already holds checkpoints of an earlier "
-                          "run: pass --resume to continue it, or choose another name / out_dir")
+                          "run: pass --resume to continue it, --restart to start it again, or choose another name / "
+                          "out_dir")
+    if store.latest() is None and (mirror is None or mirror.latest() is None):
+        raise RungError(f"none of the {existing} checkpoints of {run_dir.root} verifies (damaged or incomplete); "
+                        "nothing was changed. Pass --restart to train again from step 0, replacing them")
+
+
+def _discard_if_unstarted(run_dir: RunDir) -> None:
+    """A run that failed before its first step leaves no directory behind (only a fresh one is removed)."""
+    if run_dir.root.is_dir() and not run_dir.metrics.exists() and not CheckpointStore(run_dir.checkpoints).committed():
+        shutil.rmtree(run_dir.root, ignore_errors=True)
 
 
 def _ray_worker(payload: dict, rank: int, world_size: int) -> None:
@@ -102,18 +125,31 @@ def train_here(cfg: RunConfig, resume: bool = False, log=print) -> list[dict]:
 
 
 def train(cfg: RunConfig, resume: bool = False, address: str | None = None, log=print,
-          transfer: dict | None = None) -> list[dict]:
+          transfer: dict | None = None, restart: bool = False) -> list[dict]:
     """Train `cfg` on `train.workers` workers and return the run's per-step metric rows.
 
     One worker and no cluster address: in this process, no Ray needed. Otherwise a Ray Train worker group on the
     embedded local cluster or the cluster at `address` / RAY_ADDRESS, restarted from the last checkpoint on
-    failure up to `train.max_failures` times. `transfer`: the provenance of transferred hyperparameters."""
+    failure up to `train.max_failures` times. `transfer`: the provenance of transferred hyperparameters.
+    `restart`: start at step 0 even where the run directory holds checkpoints (they are replaced).
+    A run that fails before its first step leaves no run directory behind."""
     runtime.configure_process()
     torch.manual_seed(cfg.train.seed)
     check_launchable(cfg, cfg.train.workers)
     cfg = with_absolute_paths(cfg)
     run_dir = RunDir.of(cfg)
-    _check_storage(cfg, run_dir, resume)
+    fresh = not run_dir.root.exists()
+    _check_storage(cfg, run_dir, resume, restart)
+    try:
+        return _run(cfg, run_dir, resume and not restart, address, log, transfer)
+    except BaseException:
+        if fresh:
+            _discard_if_unstarted(run_dir)
+        raise
+
+
+def _run(cfg: RunConfig, run_dir: RunDir, resume: bool, address: str | None, log, transfer: dict | None
+         ) -> list[dict]:
     if transfer is not None:  # provenance, for the run directory and the exported model card
         run_dir.transfer.write_text(json.dumps(transfer, indent=2))
     prepare_data(cfg, log)  # here, once: bad corpora fail before any worker starts, and workers find the cache

@@ -12,7 +12,6 @@ from rung.serving.api.protocol import ModelCard, ModelList, Status, Version, bod
 from rung.serving.api.state import ServerState
 
 router = APIRouter()
-OPEN_PATHS = ("/health", "/ready", "/version", "/metrics", "/openapi.json", "/docs")  # no API key needed
 
 
 @router.get("/health", response_model=Status)
@@ -25,8 +24,9 @@ async def health(raw: Request):
 @router.get("/ready", response_model=Status)
 async def ready(raw: Request):
     state: ServerState = raw.app.state.rung
-    if not state.ready or state.draining:
-        return error_response(APIError(503, "draining" if state.draining else "loading", "service_unavailable"))
+    if not state.ready or state.draining or not state.engine.healthy:
+        reason = "draining" if state.draining else "loading" if not state.ready else "the engine has failed"
+        return error_response(APIError(503, reason, "service_unavailable"))
     return JSONResponse(body(Status(status="ready")))
 
 

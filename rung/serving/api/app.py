@@ -1,5 +1,6 @@
-"""The OpenAI-compatible HTTP app (`rung serve`): the app factory — state, lifespan, the guard middleware (body size,
-API key, per-route counts), the error mapping (`errors.py`) and one router per API family:
+"""The OpenAI-compatible HTTP app (`rung serve`): the app factory — state, lifespan, the guard middleware
+(`guard.py`: API key, body size, per-route counts, the last-resort error envelope), the error mapping (`errors.py`)
+and one router per API family:
 
     completions.py  /v1/completions            chat.py   /v1/chat/completions
     tokenize.py     /tokenize, /detokenize     admin.py  /health, /ready, /version, /metrics, /v1/models
@@ -9,20 +10,17 @@ Routes see only an EngineClient (`engine/client.py`): rung's AsyncEngine or the 
 
 from __future__ import annotations
 
-import secrets
-
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from rung import __version__
 from rung.serving.api import admin, chat, completions, tokenize
-from rung.serving.api.errors import APIError, error_response, install_error_handlers
+from rung.serving.api.errors import install_error_handlers
+from rung.serving.api.guard import Guard
 from rung.serving.api.state import ServerState, load_tokenizer
 from rung.serving.config import ServeConfig
 from rung.serving.engine.client import EngineClient
 from rung.serving.engine.engine import Engine
 from rung.serving.metrics import ServeMetrics
-
-DISCARD_LIMIT = 64 << 20  # an oversized body up to this size is read and dropped before the 413
 
 
 def engine_client(config: ServeConfig, tokenizer, metrics: ServeMetrics, engine: Engine | None) -> EngineClient:
@@ -60,29 +58,7 @@ def create_app(config: ServeConfig, engine: Engine | EngineClient | None = None,
     app.state.rung = state
     install_error_handlers(app)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        try:
-            length = int(request.headers.get("content-length") or 0)
-        except ValueError:
-            length = 0
-        if length > config.max_body_bytes:
-            if length <= DISCARD_LIMIT:  # read it away, so that clients still sending see the 413, not a reset
-                async for _ in request.stream():
-                    pass
-            response = error_response(APIError(413, f"the body is {length} bytes; the limit is "
-                                                    f"{config.max_body_bytes}", code="request_too_large"))
-        elif config.api_key and not request.url.path.startswith(admin.OPEN_PATHS) and not secrets.compare_digest(
-                request.headers.get("authorization", ""), f"Bearer {config.api_key}"):
-            response = error_response(APIError(401, "a missing or wrong API key (send Authorization: Bearer KEY)",
-                                               type_="authentication_error", code="invalid_api_key"))
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.labels(metrics.http_requests, route=route.path if route else "unmatched",
-                       status=str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(Guard, config=config, metrics=metrics)
     for module in (admin, completions, chat, tokenize):
         app.include_router(module.router)
     return app

@@ -7,13 +7,13 @@ import secrets
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from rung.serving.api.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                                        ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatMessageOut, TokenLogprob,
                                        TopLogprob, Usage, body)
 from rung.serving.api.state import ServerState
-from rung.serving.api.streaming import Choice, collect, merge, sse
+from rung.serving.api.streaming import Choice, collect, event_stream, merge, sse
 from rung.serving.engine.client import Output
 
 router = APIRouter()
@@ -35,15 +35,15 @@ def logprobs_of(state: ServerState, outputs: list[Output]) -> ChatLogprobs:
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(request: ChatCompletionRequest, raw: Request):
     state: ServerState = raw.app.state.rung
-    prompt = state.chat_prompt(request.messages)
+    prompt = await state.chat_prompt(request.messages)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     streams = state.start(request, [prompt], request.max_completion_tokens or request.max_tokens, logprobs)
-    choices = [Choice(len(prompt)) for _ in streams]
+    choices = [Choice() for _ in streams]
     rid, created, model = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.config.model_name
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
 
     def usage() -> Usage:
-        return Usage.of(len(prompt) * request.n, sum(c.output_tokens for c in choices))
+        return Usage.of(len(prompt), sum(c.output_tokens for c in choices))
 
     if request.stream:
         def chunk(index: int, delta: ChatDelta, output: Output | None) -> str:
@@ -54,15 +54,15 @@ async def chat_completions(request: ChatCompletionRequest, raw: Request):
         async def events():
             for index in range(len(streams)):
                 yield chunk(index, ChatDelta(role="assistant", content=""), None)
-            async for index, output in merge(streams):
+            async for index, output in merge(streams, state.open_requests):
                 choices[index].add(output)
                 yield chunk(index, ChatDelta(content=output.text) if output.text else ChatDelta(), output)
             if request.stream_options and request.stream_options.include_usage:
                 yield sse(ChatCompletionChunk(**head, choices=[], usage=usage()))
             yield sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
-    await collect(raw, streams, choices)
+        return event_stream(events())
+    await collect(raw, streams, choices, state.open_requests)
     replies = [ChatChoice(index=i, message=ChatMessageOut(role="assistant", content=c.text),
                           finish_reason=c.finish_reason,
                           logprobs=logprobs_of(state, c.outputs) if logprobs is not None else None)

@@ -4,6 +4,8 @@ not ready, draining or engine failure. One mapping from exception to response, i
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +29,20 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(body(ErrorResponse(error=info)), status_code=err.status, headers=err.headers)
 
 
+def _is_union_tag(part: str | int) -> bool:
+    """pydantic names the member of a union it tried (`prompt.list[int]`, `stop.function-after[...]`): the
+    client's field is the path without them."""
+    return isinstance(part, str) and not re.fullmatch(r"[a-z_][a-z0-9_]*", part) or part in ("str", "int", "float",
+                                                                                              "bool", "list", "dict")
+
+
+def most_specific(errors: list[dict]) -> dict:
+    """The error to report when a union field failed every member: a value that broke a rule (a bound, a
+    surrogate) over a value of the wrong type, and the deepest path over a shallow one — so `[1, -3]` for a prompt
+    names `prompt.1` (must be >= 0), not `prompt` (not a string)."""
+    return max(errors, key=lambda e: (not e.get("type", "").endswith("_type"), len(e.get("loc", ()))))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def on_api_error(_request: Request, err: APIError):
@@ -42,8 +58,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, err: RequestValidationError):
-        first = err.errors()[0]
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        first = most_specific(err.errors())
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_union_tag(p)]
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             message, loc = "the body is not valid JSON", []

@@ -1,48 +1,72 @@
 """The OpenAI API's shapes as pydantic models: the request bodies rung accepts and the responses it sends (their
-JSON schemas are what /openapi.json shows). Unknown request fields are ignored, as OpenAI-compatible servers do, so
-newer SDKs keep working. A response has exactly the fields its handler sets (`body()`), so each body has the keys
+JSON schemas are what /openapi.json shows). Requests are checked as strictly as OpenAI's schema reads: no "5" for an
+integer, no `true` for a number, no Infinity, no string that is not valid Unicode (a lone UTF-16 surrogate), no empty
+stop string. Unknown request fields are ignored, as OpenAI-compatible servers do, so newer SDKs keep working. A response has exactly the fields its handler sets (`body()`), so each body has the keys
 OpenAI's has: no `usage` on a stream's chunks but the last, an empty `delta` where a chunk carries no text, while
 required fields such as `logprobs` and `finish_reason` are always there (null or not)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rung.serving.core.params import SamplingError, SamplingParams
 
 MAX_N = 128
 
 
-class StreamOptions(BaseModel):
+def _encodable(text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError as err:
+        raise ValueError(f"has a lone UTF-16 surrogate at character {err.start}; send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class RequestBody(BaseModel):
+    """A request body or a part of one: strict types, finite numbers, unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
+class Sampling(RequestBody):
     """Fields shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
+    model: Text
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[TokenId] = Field(default_factory=list)
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
-    user: str | None = None
+    user: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: int = 0
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if stop == "" or isinstance(stop, list) and "" in stop:
+            raise ValueError("an empty stop string would stop before the first token")
+        return stop
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -59,18 +83,31 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class ChatMessage(BaseModel):
+class TextPart(RequestBody):
+    """A content part; rung's models read text only, so any other part is refused rather than dropped."""
+
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(RequestBody):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict] | None = None
+    content: Text | list[TextPart] | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+            return "".join(part.text for part in self.content)
         return self.content or ""
 
 
@@ -81,15 +118,15 @@ class ChatCompletionRequest(Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class TokenizeRequest(BaseModel):
-    model: str | None = None
-    prompt: str | None = None
+class TokenizeRequest(RequestBody):
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model: str | None = None
+class DetokenizeRequest(RequestBody):
+    model: Text | None = None
     tokens: list[int]
 
 

@@ -3,12 +3,18 @@ lifecycle flags — and the checks each generation request passes before it reac
 
 from __future__ import annotations
 
+import asyncio
+
 from rung.errors import RungError
 from rung.serving.api.errors import APIError
 from rung.serving.api.protocol import ChatMessage, Sampling
+from rung.serving.api.streaming import OpenRequests
 from rung.serving.config import ServeConfig
 from rung.serving.engine.client import EngineClient, RequestStream
 from rung.serving.metrics import ServeMetrics
+
+OFFLOAD_CHARS = 4096  # longer texts are tokenized on a worker thread (the tokenizer lets go of the GIL), so one
+# huge prompt cannot stall the event loop and every other stream and probe with it
 
 
 def load_tokenizer(model_dir: str):
@@ -26,6 +32,7 @@ class ServerState:
         self.config, self.tokenizer, self.engine, self.metrics = config, tokenizer, engine, metrics
         self.ready = False
         self.draining = False
+        self.open_requests = OpenRequests()  # what a drain's end cuts off
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.model_name:
@@ -33,6 +40,9 @@ class ServerState:
                                 f"{self.config.model_name!r}", param="model", code="model_not_found")
 
     def check_capacity(self, requests: int, tokens: int) -> None:
+        if requests > self.config.max_queued_requests:  # a 429 would send the SDK retrying what can never fit
+            raise APIError(400, f"the request asks for {requests} completions (n × prompts); this server queues "
+                                f"{self.config.max_queued_requests} at most", param="n")
         if self.draining or not self.ready:
             raise APIError(503, "the server is " + ("draining" if self.draining else "starting"),
                            type_="service_unavailable", headers={"Retry-After": "5"})
@@ -44,15 +54,25 @@ class ServerState:
             raise APIError(429, f"the queue is full ({limit} prompt tokens waiting at most); retry later",
                            type_="rate_limit_error", headers={"Retry-After": "1"})
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > OFFLOAD_CHARS:
+            return await asyncio.to_thread(self._encode, text, add_special_tokens)
+        return self._encode(text, add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        text = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
-                                                  tokenize=False, add_generation_prompt=True)
-        return self.encode(text, add_special_tokens=False)
+        from jinja2 import TemplateError
+
+        try:
+            text = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+                                                      tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # the template refuses these messages (an order of roles it does not know)
+            raise APIError(400, f"the chat template refused the messages: {err}"[:500], param="messages") from None
+        return await self.encode(text, add_special_tokens=False)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])

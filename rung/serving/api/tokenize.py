@@ -17,9 +17,9 @@ async def tokenize(request: TokenizeRequest, raw: Request):
     state: ServerState = raw.app.state.rung
     state.check_model(request.model)
     if request.messages:
-        tokens = state.chat_prompt(request.messages)
+        tokens = await state.chat_prompt(request.messages)
     elif request.prompt is not None:
-        tokens = state.encode(request.prompt, request.add_special_tokens)
+        tokens = await state.encode(request.prompt, request.add_special_tokens)
     else:
         raise APIError(400, "give a prompt or messages", param="prompt")
     return JSONResponse(body(TokenizeResponse(tokens=tokens, count=len(tokens),

@@ -9,7 +9,7 @@ from rung.serving.core.params import SamplingError, SamplingParams
 def validate_request(prompt_token_ids: list[int], params: SamplingParams, window: int, vocab_size: int,
                      kv_blocks: tuple[int, int] | None = None) -> None:
     """Refuse, naming the field (SamplingError), a request that can never run: an empty prompt, one that does not
-    fit the context window with its max_tokens, token ids outside the vocabulary, or (given `kv_blocks`, the pool's
+    fit the context window with its max_tokens, prompt or stop token ids outside the vocabulary, or (given `kv_blocks`, the pool's
     block count and size) one longer than the whole KV cache. One rule set for both serving engines."""
     if not prompt_token_ids:
         raise SamplingError("prompt", "is empty")
@@ -23,3 +23,5 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, window
                             f"exceeds the whole KV cache ({kv_blocks[0]} blocks of {kv_blocks[1]})")
     if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab_size:
         raise SamplingError("prompt", f"token ids must be in [0, {vocab_size})")
+    if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
+        raise SamplingError("stop_token_ids", f"token ids must be in [0, {vocab_size})")

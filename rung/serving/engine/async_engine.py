@@ -165,9 +165,12 @@ class AsyncEngine:
 
     def _on_failure(self, reason: str) -> None:
         """The engine core died: every open request ends with EngineFailure (503), and /health fails."""
-        self._failure = reason
+        self._failure, self._running = reason, 0
         for stream in self._streams.values():
             stream.queue.put_nowait(None)
+        if self.metrics is not None:  # nothing runs or waits in a dead engine: the gauges say so, not its last step
+            self.metrics.observe_engine(0, 0, 0.0, 0, 0, 0)
+            self.metrics.labels(self.metrics.compute_busy).set(0.0)
 
 
 class RequestHandle:

@@ -46,17 +46,58 @@ class ModelSpec:
         return "granite" if self.architecture.startswith("Granite") else "llama"
 
 
+def read_config(path: Path) -> dict:
+    """config.json as a dict, or a RungError saying what is wrong with it."""
+    try:
+        config = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise RungError(f"{path} is not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise RungError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(config, dict):
+        raise RungError(f"{path} must hold a JSON object, not a {type(config).__name__}")
+    return config
+
+
+def check_config(path: Path, config: dict) -> None:
+    """The dimensions the model is built from: present, of the right type, and consistent with each other."""
+    def number(key: str, kind: type, default=None, positive: bool = True):
+        value = config.get(key, default)
+        if value is None:
+            raise RungError(f"{path} lacks {key}")
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or \
+                not math.isfinite(value) or (value <= 0 if positive else value < 0):
+            raise RungError(f"{path}: {key} must be a {'positive ' if positive else ''}"
+                            f"{'number' if kind is float else 'integer'}, got {value!r}")
+        return value
+
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        number(key, int)
+    heads = config["num_attention_heads"]
+    kv_heads = number("num_key_value_heads", int, heads)
+    number("rms_norm_eps", float, 1e-6)
+    number("max_position_embeddings", int, 2048)
+    if config.get("head_dim") is not None:
+        number("head_dim", int)
+    elif config["hidden_size"] % heads:
+        raise RungError(f"{path}: hidden_size {config['hidden_size']} is not divisible by num_attention_heads "
+                        f"{heads} (and no head_dim is given)")
+    if heads % kv_heads:
+        raise RungError(f"{path}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+
+
 def load_spec(folder: str | Path) -> ModelSpec:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise RungError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    config = json.loads(path.read_text())
+    config = read_config(path)
     architecture = (config.get("architectures") or ["?"])[0]
     if architecture not in SUPPORTED:
         raise RungError(f"unsupported architecture {architecture!r} in {path} (supported: {', '.join(sorted(SUPPORTED))})")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise RungError(f"rope scaling {rope.get('rope_type') or rope.get('type')!r} is not supported yet")
+    check_config(path, config)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     granite = architecture.startswith("Granite")

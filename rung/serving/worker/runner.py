@@ -8,13 +8,14 @@ step is prepared while this one computes; its PENDING tokens are filled in betwe
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from rung.errors import ConfigError
-from rung.serving.config import DEFAULT_BLOCK_SIZE, EngineConfig
+from rung.serving.config import DEFAULT_BLOCK_SIZE, DType, EngineConfig
 from rung.serving.core.outputs import Sample
 from rung.serving.core.scheduler import PENDING, StepPlan
 from rung.serving.worker.model import InferenceModel
@@ -23,7 +24,7 @@ from rung.serving.worker.sampling import SampleInput, Sampler
 from rung.serving.worker.step import StepInputs
 from rung.serving.worker.weights import load_weights
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in typing.get_args(DType)}  # the config's names, as torch dtypes
 
 
 def num_kv_blocks(spec: ModelSpec, block_size: int, dtype: torch.dtype, memory: int) -> int:

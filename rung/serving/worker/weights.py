@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from rung.errors import RungError
+from rung.platform.tensor_files import load_tensors
 from rung.serving.worker.model_spec import ModelSpec
 
 Experts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # router [E, d], gate|up [E, d, 2f], down [E, f, d]
@@ -26,7 +26,7 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     for name in files:
         if not (folder / name).is_file():
             raise RungError(f"{folder} is missing its weights file {name}")
-        weights.update(load_file(str(folder / name)))
+        weights.update(load_tensors(folder / name))
     return weights
 
 
@@ -36,17 +36,38 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (spec.vocab_size, d), "model.norm.weight": (d,)}
     if not spec.tie_word_embeddings:
         shapes["lm_head.weight"] = (spec.vocab_size, d)
+    f, experts, shared = spec.intermediate_size, spec.num_experts, spec.shared_intermediate_size
     for layer in range(spec.num_layers):
         prefix = f"model.layers.{layer}."
         shapes.update({prefix + "self_attn.q_proj.weight": (q, d), prefix + "self_attn.k_proj.weight": (kv, d),
                        prefix + "self_attn.v_proj.weight": (kv, d), prefix + "self_attn.o_proj.weight": (d, q),
                        prefix + "input_layernorm.weight": (d,), prefix + "post_attention_layernorm.weight": (d,)})
+        moe = prefix + "block_sparse_moe."
+        if not experts:
+            shapes.update({prefix + "mlp.gate_proj.weight": (f, d), prefix + "mlp.up_proj.weight": (f, d),
+                           prefix + "mlp.down_proj.weight": (d, f)})
+        elif spec.family == "granite":
+            shapes.update({moe + "input_linear.weight": (experts, 2 * f, d),
+                           moe + "output_linear.weight": (experts, d, f), moe + "router.layer.weight": (experts, d)})
+        else:
+            shapes[moe + "gate.weight"] = (experts, d)
+            for e in range(experts):
+                shapes.update({f"{moe}experts.{e}.w1.weight": (f, d), f"{moe}experts.{e}.w3.weight": (f, d),
+                               f"{moe}experts.{e}.w2.weight": (d, f)})
+        if shared:
+            shapes.update({prefix + "shared_mlp.input_linear.weight": (2 * shared, d),
+                           prefix + "shared_mlp.output_linear.weight": (d, shared)})
     return shapes
 
 
 def check_weights(spec: ModelSpec, w: dict[str, torch.Tensor]) -> None:
-    """Refuse weights that do not match the config, naming what is missing or misshapen."""
+    """Refuse weights that do not match the config, naming what is missing, misshapen or beyond its layers (a
+    config that says fewer layers than the weights hold would otherwise serve a truncated model)."""
     expected = expected_shapes(spec)
+    layers = {int(name.split(".")[2]) for name in w if name.startswith("model.layers.")}
+    if layers and max(layers) >= spec.num_layers:
+        raise RungError(f"the weights hold {max(layers) + 1} layers; config.json's num_hidden_layers is "
+                        f"{spec.num_layers}")
     missing = [name for name in expected if name not in w]
     if missing:
         raise RungError(f"the weights do not match the config: missing {', '.join(missing[:5])}"
