@@ -113,3 +113,14 @@ def test_the_serve_flags_default_to_the_config_defaults():
 
     args = build_parser().parse_args(["serve", "folder"])
     assert serve_config(serve_settings(args)) == serve_config({"model_dir": "folder"})
+
+
+def test_no_prefix_caching_turns_the_engine_setting_off():
+    from rung.cli import build_parser
+    from rung.serving.config import serve_config
+    from rung.serving.flags import serve_settings
+
+    parser = build_parser()
+    assert serve_config(serve_settings(parser.parse_args(["serve", "folder"]))).engine.enable_prefix_caching
+    off = serve_config(serve_settings(parser.parse_args(["serve", "folder", "--no-prefix-caching"])))
+    assert off.engine.enable_prefix_caching is False

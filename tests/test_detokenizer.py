@@ -13,7 +13,7 @@ class Decoder:
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=False, **_options):
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def encode(self, text):
@@ -65,3 +65,32 @@ def test_held_back_prefix_is_released_when_the_stop_string_does_not_complete(dec
 def test_earliest_of_several_stop_strings_wins(decoder):
     deltas, stream = stream_all(decoder, "hello world, the end", stop=["the end", "world"])
     assert stream.stopped and "".join(deltas) == "hello "
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(decoder):
+    """The same BPE as a transformers tokenizer with special tokens, as served model folders have."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=decoder.tokenizer)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>", "eos_token": "<|eot|>"})
+    return tokenizer
+
+
+def stream_ids(tokenizer, ids: list[int], stop=(), **options) -> tuple[str, TextStream]:
+    stream = TextStream(tokenizer, stop, **options)
+    text = "".join(stream.add(token) for token in ids)
+    return text + ("" if stream.stopped else stream.finish()), stream
+
+
+def test_special_tokens_are_left_out_of_the_text_and_of_stop_matching_by_default(hf_tokenizer):
+    eot, pad = hf_tokenizer.convert_tokens_to_ids(["<|eot|>", "<|pad|>"])
+    ids = hf_tokenizer("hello")["input_ids"] + [eot, pad] + hf_tokenizer(" world")["input_ids"] + [eot]
+    text, _ = stream_ids(hf_tokenizer, ids)
+    assert text == "hello world"
+    text, stream = stream_ids(hf_tokenizer, ids, stop=["<|eot|>"])
+    assert text == "hello world" and not stream.stopped  # nothing to match: the special token is not text
+    kept, _ = stream_ids(hf_tokenizer, ids, skip_special_tokens=False)
+    assert kept.startswith("hello<|eot|>") and kept.count("<|eot|>") == 2 and "<|pad|>" in kept
+    text, stream = stream_ids(hf_tokenizer, ids, stop=["<|eot|>"], skip_special_tokens=False)
+    assert text == "hello" and stream.stopped  # kept, they can stop a request

@@ -271,3 +271,24 @@ def test_async_scheduling_matches_sync_through_stops_penalties_seeds_and_aborts(
     for index, completion in enumerate(free_run):
         stopped = sync[f"stop{index}"]
         assert stopped[-1] == stops[index] and len(stopped) <= 4 and stopped == completion[0].token_ids[:len(stopped)]
+
+
+def test_an_exact_repeat_finds_its_prefixes_in_the_cache_through_the_engine(tmp_path):
+    cls, config = MODELS["llama-gqa1-tied"]
+    torch.manual_seed(0)
+    cls(config).save_pretrained(tmp_path)
+    engine = LLM(tmp_path, num_blocks=1200, block_size=4, max_num_seqs=8)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, config.vocab_size, (int(n),), generator=generator).tolist()
+               for n in torch.randint(10, 60, (64,), generator=generator)]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    first = engine.generate(prompts, params)
+    queries, hits = engine.kv.prefix_queries, engine.kv.prefix_hits
+    repeat = engine.generate(prompts, params)
+    repeat_queries, repeat_hits = engine.kv.prefix_queries - queries, engine.kv.prefix_hits - hits
+    assert repeat_queries > 300 and repeat_hits >= 0.9 * repeat_queries, (repeat_hits, repeat_queries)
+    assert [c[0].token_ids for c in repeat] == [c[0].token_ids for c in first]  # the cached KV is the same KV
+    uncached = LLM(tmp_path, num_blocks=1200, block_size=4, max_num_seqs=8, enable_prefix_caching=False)
+    assert [c[0].token_ids for c in uncached.generate(prompts, params)] == [c[0].token_ids for c in first]
+    assert [c[0].token_ids for c in uncached.generate(prompts, params)] == [c[0].token_ids for c in first]
+    assert uncached.kv.prefix_queries == uncached.kv.prefix_hits == 0  # --no-prefix-caching: nothing looked up

@@ -150,6 +150,9 @@ def test_a_request_larger_than_the_queue_bound_is_a_400_not_a_429_to_retry(serve
     ('{"model":"tiny","prompt":"a","max_tokens":2,"stop_token_ids":[99999999]}', "stop_token_ids"),
     ('{"model":"tiny","prompt":[1, -3],"max_tokens":2}', "prompt.1"),
     ('{"model":"tiny","prompt":"a","max_tokens":2,"echo":true,"logprobs":1}', "echo"),
+    ('{"model":"tiny","prompt":"a","max_tokens":2,"skip_special_tokens":"no"}', "skip_special_tokens"),
+    ('{"model":"tiny","prompt":"a","max_tokens":2,"spaces_between_special_tokens":1}',
+     "spaces_between_special_tokens"),
 ])
 def test_lenient_completion_fields_are_refused(server, raw, param):
     assert_refused(server, "/v1/completions", raw, param)

@@ -33,6 +33,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context window
     nano_batches: int | None = None  # per step; None: a tuned value for this device and model, else the default
     deterministic: bool = False  # batch-invariant outputs (no prefix cache, request-only chunking, per-row GEMMs)
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier prompts (off when deterministic)
     async_scheduling: bool | None = None  # plan step i+1 while step i computes; None: on a GPU only
     device: str | None = None  # where the model and KV cache live; None: the GPU when there is one, else the CPU
 

@@ -17,7 +17,7 @@ SERVE_FLAGS: dict[str, str] = {
     "--max-queued-tokens": "max_queued_tokens", "--max-model-len": "max_model_len", "--dtype": "dtype",
     "--kv-cache-memory": "kv_cache_memory", "--block-size": "block_size", "--grace-period": "grace_seconds",
     "--nano-batches": "nano_batches", "--deterministic": "deterministic", "--async-scheduling": "async_scheduling",
-    "--device": "device", "--engine": "backend",
+    "--device": "device", "--engine": "backend", "--no-prefix-caching": "enable_prefix_caching",
 }
 GIB = 1 << 30
 
@@ -54,6 +54,9 @@ def add_serve_settings(serve: argparse.ArgumentParser) -> None:
                             "else 2 on a GPU and 1 on a CPU)")
     serve.add_argument("--deterministic", action="store_true",
                        help="batch-invariant outputs: a request's results do not depend on what else is running")
+    serve.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                       help="compute every prompt afresh instead of reusing the KV of earlier prompts' full blocks "
+                            "(vLLM's --no-enable-prefix-caching; --deterministic implies it)")
     serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                        help="schedule step i+1 while step i computes (default: rung's engine on a GPU only, "
                             "vLLM's own choice with --engine vllm)")
@@ -67,7 +70,8 @@ def serve_settings(args: argparse.Namespace) -> dict:
     """The flat settings `rung.serving.config.serve_config` takes, from the parsed flags."""
     settings = {"model_dir": args.model_dir}
     for flag, name in SERVE_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_") if flag != "--engine" else "backend")
+        value = getattr(args, {"--engine": "backend", "--no-prefix-caching": name}.get(flag,
+                                                                                        flag[2:].replace("-", "_")))
         settings[name] = round(value * GIB) if name == "kv_cache_memory" else value
     return settings
 

@@ -60,6 +60,8 @@ class Sampling(RequestBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
 
     @field_validator("stop")
     @classmethod
@@ -79,7 +81,9 @@ class Sampling(RequestBody):
                               top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, stop_token_ids=tuple(self.stop_token_ids),
-                              ignore_eos=self.ignore_eos, logprobs=logprobs)
+                              ignore_eos=self.ignore_eos, logprobs=logprobs,
+                              skip_special_tokens=self.skip_special_tokens,
+                              spaces_between_special_tokens=self.spaces_between_special_tokens)
 
 
 class CompletionRequest(Sampling):

@@ -48,6 +48,9 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
     from rung.platform.runtime import configure_process
 
     check_serveable(config, host, port)
+    if config.engine.deterministic and not config.engine.enable_prefix_caching:
+        print("serve: --deterministic already turns prefix caching off; --no-prefix-caching changes nothing",
+              flush=True)
     configure_process()
     started = time.monotonic()
     app = create_app(config)

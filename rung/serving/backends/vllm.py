@@ -74,7 +74,8 @@ class VLLMAsyncEngine:
         args = AsyncEngineArgs(model=str(model_dir), dtype=config.dtype, block_size=config.block_size,
                                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                                max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory,
-                               scheduling_policy="priority", seed=0, async_scheduling=config.async_scheduling)
+                               scheduling_policy="priority", seed=0, async_scheduling=config.async_scheduling,
+                               enable_prefix_caching=config.enable_prefix_caching)
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[Gauges])
 
     @property
@@ -127,7 +128,9 @@ class VLLMAsyncEngine:
             top_p=params.top_p, top_k=max(params.top_k, 0), min_p=params.min_p, seed=params.seed,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty, stop=list(stop), stop_token_ids=list(params.stop_token_ids),
-            ignore_eos=params.ignore_eos, logprobs=params.logprobs or 0, output_kind=RequestOutputKind.DELTA)
+            ignore_eos=params.ignore_eos, logprobs=params.logprobs or 0, output_kind=RequestOutputKind.DELTA,
+            skip_special_tokens=params.skip_special_tokens,
+            spaces_between_special_tokens=params.spaces_between_special_tokens)
         outputs = self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_token_ids)), sampling, request_id,
                                     priority=priority)
         handle = VLLMRequestHandle(self, request_id, outputs, RequestClock(self.metrics, len(prompt_token_ids)),

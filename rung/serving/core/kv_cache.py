@@ -3,8 +3,11 @@ and prefix caching. Pure bookkeeping — no torch: the model runner owns the ten
 
 Prefix caching: a *full* block is identified by a hash chained on its predecessor's (so equal hashes mean equal
 prefixes), confirmed against the block's stored tokens. Blocks whose reference count falls to zero stay cached and
-are reused by the next request with that prefix, or evicted least-recently-freed first when the pool runs dry. A
-request never reuses its last prompt token's block from the cache: that token's logits must be computed.
+are reused by the next request with that prefix. Free blocks are two pools: empty ones (holding no cached prefix)
+and cached ones. New tokens take an empty block whenever one is left — the contiguous placement below places
+requests in runs of empty blocks only — and evict a cached block only when no empty one remains, the least
+recently freed first. A request never reuses its last prompt token's block from the cache: that token's logits
+must be computed.
 
     pool:  [b0][b1][b2][b3][b4] ...            block_size tokens each
     table: request "a" -> [b3, b0, b4]         tokens 0..15 in b3, 16..31 in b0, 32.. in b4
@@ -49,8 +52,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
-        self._is_free = np.ones(num_blocks, dtype=bool)  # mirrors _free, for finding free runs
+        self._empty: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # free, no prefix
+        self._cached_free: OrderedDict[int, None] = OrderedDict()  # free, holding a cached prefix; LRU order
+        self._is_empty = np.ones(num_blocks, dtype=bool)  # mirrors _empty, for finding runs to place requests in
         self._in_room = np.zeros(num_blocks, dtype=bool)  # inside some running request's room
         self._cached: dict[bytes, int] = {}
         self._tables: dict[str, _Table] = {}
@@ -63,7 +67,7 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._empty) + len(self._cached_free)
 
     @property
     def usage(self) -> float:
@@ -131,14 +135,18 @@ class KVCacheManager:
             block = self.blocks[block_id]
             block.ref_count -= 1
             if block.ref_count == 0:
-                self._free[block_id] = None  # most recently freed last: evicted last
-                self._is_free[block_id] = True
+                if block.hash is not None and self._cached.get(block.hash) == block_id:
+                    self._cached_free[block_id] = None  # most recently freed last: evicted last
+                else:  # a partial block, or a duplicate of a prefix cached elsewhere: nothing worth keeping
+                    self._reset(block_id, ref_count=0)
+                    self._empty[block_id] = None
+                    self._is_empty[block_id] = True
         self._in_room[table.room.start:table.room.stop] = False
 
     def _place(self, wanted: int, needed: int) -> range:
-        """The smallest free run nobody grows into that holds `wanted` blocks (else `needed`), claimed as the
-        request's room; an empty range when there is none."""
-        placeable = (self._is_free & ~self._in_room).view(np.int8)
+        """The smallest run of empty blocks nobody grows into that holds `wanted` blocks (else `needed`), claimed
+        as the request's room; an empty range when there is none. Cached blocks are never part of a room."""
+        placeable = (self._is_empty & ~self._in_room).view(np.int8)
         edges = np.diff(np.concatenate(([0], placeable, [0])))
         starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
         for size in (wanted, needed):
@@ -151,14 +159,17 @@ class KVCacheManager:
         return range(0)
 
     def _take_next(self, table: _Table) -> int:
-        """The next block of the request's room when it is still free, else the least recently freed block."""
+        """The next block of the request's room when it is still empty, else any empty block, else (evicting a
+        cached prefix) the least recently freed cached block."""
         wanted = table.room[table.next_in_room] if table.next_in_room < len(table.room) else None
         table.next_in_room += 1
-        if wanted is not None and self._is_free[wanted]:
-            del self._free[wanted]
+        if wanted is not None and self._is_empty[wanted]:
+            del self._empty[wanted]
+        elif self._empty:
+            wanted, _ = self._empty.popitem(last=False)
         else:
-            wanted, _ = self._free.popitem(last=False)  # least recently freed
-        self._is_free[wanted] = False
+            wanted, _ = self._cached_free.popitem(last=False)  # least recently freed
+        self._is_empty[wanted] = False
         return self._reset(wanted)
 
     def _register_full_blocks(self, table: _Table, tokens: list[int]) -> None:
@@ -177,16 +188,17 @@ class KVCacheManager:
         table.num_hashed = max(table.num_hashed, full)
 
     def _take(self, block_id: int) -> None:
+        """A cached block reused for its prefix (free, or shared with a running request)."""
         block = self.blocks[block_id]
         if block.ref_count == 0:
-            del self._free[block_id]
-            self._is_free[block_id] = False
+            del self._cached_free[block_id]
         block.ref_count += 1
 
-    def _reset(self, block_id: int) -> int:
-        """A free block taken for new tokens: whatever prefix it cached is evicted."""
+    def _reset(self, block_id: int, ref_count: int = 1) -> int:
+        """A block taken for new tokens (or freed holding nothing worth keeping): whatever prefix it cached is
+        evicted."""
         block = self.blocks[block_id]
         if block.hash is not None and self._cached.get(block.hash) == block_id:
             del self._cached[block.hash]  # evicted from the prefix cache
-        block.hash, block.tokens, block.ref_count = None, (), 1
+        block.hash, block.tokens, block.ref_count = None, (), ref_count
         return block_id

@@ -28,6 +28,8 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # top alternatives returned with each token
+    skip_special_tokens: bool = True  # the text leaves out special tokens (<|pad|>, role markers, EOS), as vLLM's
+    spaces_between_special_tokens: bool = True  # when kept: a space between adjacent special tokens, as vLLM's
 
     def __post_init__(self) -> None:
         checks = [

@@ -100,7 +100,8 @@ class AsyncEngine:
         limits = self.core.limits
         scheduling = "async scheduling" if limits.async_scheduling else "sync scheduling"
         blocks, size = limits.kv_blocks
-        return f"rung engine {self.core.place}, {scheduling}, {blocks} KV blocks of {size} tokens"
+        caching = "prefix caching" if limits.prefix_caching else "no prefix caching"
+        return f"rung engine {self.core.place}, {scheduling}, {caching}, {blocks} KV blocks of {size} tokens"
 
     # -- the asyncio side ------------------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | tuple = (),
@@ -111,7 +112,8 @@ class AsyncEngine:
         if self._failure is not None:
             raise EngineFailure(self._failure)
         request_id = f"r{next(self._ids)}"
-        stream = _Stream(TextStream(self.tokenizer, stop), asyncio.Queue(), RequestClock(self.metrics,
+        text = TextStream(self.tokenizer, stop, params.skip_special_tokens, params.spaces_between_special_tokens)
+        stream = _Stream(text, asyncio.Queue(), RequestClock(self.metrics,
                                                                                          len(prompt_token_ids)))
         self._streams[request_id] = stream
         self._send(AddRequest(request_id, list(prompt_token_ids), params, priority))

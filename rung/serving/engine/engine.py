@@ -45,7 +45,7 @@ class Engine:
         self.runner = ModelRunner.for_folder(model_dir, config, self.nano_batches)
         self.model, self.spec = self.runner.model, self.runner.model.spec
         self.kv = KVCacheManager(self.runner.num_blocks, self.runner.block_size,
-                                 enable_prefix_caching=not config.deterministic)
+                                 enable_prefix_caching=config.enable_prefix_caching and not config.deterministic)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    deterministic=config.deterministic)
         self.last_step_tokens = 0  # tokens computed by the latest step
@@ -135,7 +135,7 @@ class Engine:
     @property
     def limits(self) -> EngineLimits:
         return EngineLimits(self.max_model_len, self.spec.vocab_size, (self.kv.num_blocks, self.kv.block_size),
-                            self.async_scheduling)
+                            self.async_scheduling, self.kv.enable_prefix_caching)
 
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),

@@ -27,6 +27,7 @@ class EngineLimits:
     vocab_size: int
     kv_blocks: tuple[int, int]  # (count, tokens per block)
     async_scheduling: bool
+    prefix_caching: bool
 
 
 @dataclass(frozen=True)
