@@ -218,7 +218,7 @@ FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", 
           "logprobs", "top_logprobs", "tokens", "add_special_tokens", "user"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                      HealthCheck.too_slow])
 @given(path=st.sampled_from(sorted(VALID)), changes=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES,
                                                                      max_size=3))

@@ -60,7 +60,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
         """First SIGTERM/SIGINT: stop being ready, refuse new work with 503, and let in-flight requests finish
         within the grace period — one clock from the signal. At its end whatever is still running is cut off:
         streams get an error event and [DONE], other requests a 503 envelope, and the process exits. A second
-        signal exits at once."""
+        signal cuts off what is left at once."""
 
         def handle_exit(self, sig, frame) -> None:
             if state.draining:
