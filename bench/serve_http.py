@@ -25,7 +25,7 @@ from rung.platform.processes import wait_until_ready  # noqa: E402
 CONCURRENCY = (1, 8, 32, 64)
 
 
-def add_tokenizer(folder: Path) -> None:
+def add_tokenizer(folder: Path, vocab_size: int = 8000) -> None:
     """A byte-level BPE trained on the Python standard library, saved as a transformers fast tokenizer."""
     if (folder / "tokenizer.json").is_file():
         return
@@ -38,9 +38,9 @@ def add_tokenizer(folder: Path) -> None:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train([str(f) for f in files], trainers.BpeTrainer(vocab_size=8000, special_tokens=["<|endoftext|>"],
-                                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                                show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train([str(f) for f in files], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(folder)
 
 

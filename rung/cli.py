@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-concurrency", type=int, help="most requests in flight at once (default: no cap)")
     load.add_argument("--random-input-len", type=int, default=128, help="random dataset: prompt words (±50%%)")
     load.add_argument("--random-output-len", type=int, default=64, help="random dataset: output tokens (±50%%)")
+    load.add_argument("--prefix-len", type=int, default=0,
+                      help="random dataset: words of one shared prefix (a system prompt) before every prompt")
+    load.add_argument("--turns", type=int, default=1,
+                      help="random dataset: turns per conversation; each resends the conversation so far and a new "
+                           "message of --random-input-len words, so --num-prompts conversations make "
+                           "NUM-PROMPTS × TURNS requests (default: 1)")
     load.add_argument("--goodput", metavar="SLOS", help="SLOs in ms for goodput, e.g. ttft:500,tpot:50,e2el:5000")
     load.add_argument("--seed", type=int, default=0, help="seed for prompts and arrivals (default: 0)")
     load.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
@@ -208,11 +214,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from rung.serving.loadgen import bench_serve
 
-        if args.num_prompts < 1:
-            raise RungError("--num-prompts must be at least 1")
+        for flag, value, least in (("--num-prompts", args.num_prompts, 1), ("--turns", args.turns, 1),
+                                   ("--prefix-len", args.prefix_len, 0)):
+            if value < least:
+                raise RungError(f"{flag} must be at least {least}, got {value}")
         summary = bench_serve(args.base_url, args.model, args.dataset, args.num_prompts, args.request_rate,
                               args.max_concurrency, args.seed, args.random_input_len, args.random_output_len,
-                              args.goodput, args.api_key, args.json_path, args.plot)
+                              args.goodput, args.api_key, args.json_path, args.plot, args.prefix_len, args.turns)
         return 0 if summary["successful_requests"] else 1
     if args.command == "export":
         from rung.jobs.export.hf_folder import export

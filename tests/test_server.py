@@ -17,6 +17,7 @@ import pytest
 from conftest import Server, http, run_rung
 
 KEY = "test-key"
+LABEL = '{model_name="tiny"}'
 
 
 @pytest.fixture(scope="module")
@@ -359,6 +360,82 @@ def test_bench_serve_drives_64_concurrent_streams_without_errors(server, tmp_pat
     # the server is idle again with every block free
     time.sleep(0.5)
     assert server.metrics()['rung_serve_kv_cache_usage_ratio{model_name="tiny"}'] == 0
+
+
+@pytest.fixture(scope="module")
+def special_model(model_dir, tmp_path_factory):
+    """The tiny model rewired to generate only special tokens: the final norm keeps one channel, and only
+    <|im_start|> (+) and <|im_end|> (−, the EOS) read it, so whatever the input the argmax is one of the two."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from rung.platform.tensor_files import load_tensors
+
+    folder = tmp_path_factory.mktemp("special") / "model"
+    shutil.copytree(model_dir, folder)
+    (weights,) = folder.glob("*.safetensors")
+    tensors = load_tensors(weights)
+    tensors["model.norm.weight"].zero_()[0] = 1.0
+    readout = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+    readout[:, 0] = 0.0
+    readout[1, 0], readout[2, 0] = 100.0, -100.0
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    return folder
+
+
+def test_generated_special_tokens_are_left_out_of_text_unless_asked_for(special_model, tmp_path):
+    server = Server(special_model, tmp_path / "serve.log")
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        ask = {"model": "tiny", "prompt": "def", "max_tokens": 6, "temperature": 0}
+        plain = client.completions.create(**ask, extra_body={"ignore_eos": True})
+        assert plain.usage.completion_tokens == 6 and plain.choices[0].text == ""
+        streamed = client.completions.create(**ask, stream=True, extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == ""
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=6, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chat if chunk.choices) == ""
+        kept = client.completions.create(**ask, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+        text = kept.choices[0].text
+        assert text and text.replace("<|im_start|>", "").replace("<|im_end|>", "") == ""
+        # skipped, a special token cannot match a stop string; kept, it can
+        unmatched = client.completions.create(**ask, stop=["<|im_start|>", "<|im_end|>"],
+                                              extra_body={"ignore_eos": True})
+        assert unmatched.choices[0].finish_reason == "length" and unmatched.usage.completion_tokens == 6
+        matched = client.completions.create(**ask, stop=["<|im_start|>", "<|im_end|>"],
+                                            extra_body={"ignore_eos": True, "skip_special_tokens": False})
+        assert matched.choices[0].finish_reason == "stop" and matched.choices[0].text == ""
+        assert matched.usage.completion_tokens == 1
+    finally:
+        server.stop()
+
+
+def test_bench_serve_conversations_resend_their_history_and_hit_the_prefix_cache(server, tmp_path):
+    """--turns 3 --prefix-len 20 (within the tiny model's 128-token window): every turn's prompt holds the previous turn's prompt and reply, and the shared
+    prefix plus the resent history are found in the prefix cache."""
+    before = server.metrics()
+    result = run_rung("bench", "serve", "--base-url", f"{server.url}/v1", "--model", "tiny", "--api-key", KEY,
+                      "--num-prompts", "6", "--turns", "3", "--prefix-len", "20", "--max-concurrency", "4",
+                      "--random-input-len", "4", "--random-output-len", "6", "--json", str(tmp_path / "turns.json"),
+                      timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "turns.json").read_text())
+    assert summary["successful_requests"] == 18 and summary["turns"] == 3 and summary["prefix_len"] == 20
+    for conversation in range(6):
+        turns = sorted((r for r in summary["requests"] if r["conversation"] == conversation), key=lambda r: r["turn"])
+        assert [r["turn"] for r in turns] == [0, 1, 2]
+        for earlier, later in zip(turns, turns[1:]):
+            assert later["prompt_tokens"] > earlier["prompt_tokens"] + earlier["output_tokens"] - 2  # ± a merge
+    after = server.metrics()
+    hits, queries = (after[name] - before[name] for name in (f"rung_serve_prefix_cache_{kind}_total{LABEL}"
+                                                             for kind in ("hits", "queries")))
+    assert hits > 0.4 * queries > 0
+    for flags, needle in ((("--turns", "0"), "--turns must be at least 1"),
+                          (("--prefix-len", "3", "--dataset", str(tmp_path / "turns.json")), "--dataset random")):
+        bad = run_rung("bench", "serve", "--base-url", f"{server.url}/v1", "--model", "tiny", *flags)
+        assert bad.returncode == 2 and needle in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_bench_serve_reports_bad_input_and_failures(tmp_path):

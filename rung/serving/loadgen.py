@@ -2,6 +2,10 @@
 arrivals, an optional concurrency cap, streaming requests; reports throughput, TTFT / TPOT / ITL / end-to-end
 latency (mean, median, p99) and goodput under SLOs, as a table, JSON and a PNG of latency over time.
 
+Besides independent prompts it makes the two workloads a prefix cache is for: a shared prefix before every prompt
+(a system prompt; `--prefix-len`) and multi-turn conversations (`--turns`), where each turn resends the whole
+conversation so far — earlier prompts and the server's own replies — followed by a new message.
+
 TTFT is measured to the first streamed chunk carrying text, ITL between text-carrying chunks, TPOT as
 (end-to-end − TTFT) / (output tokens − 1) with output tokens from the server's usage.
 """
@@ -27,12 +31,15 @@ WORDS = ("the model reads a token and writes the next one while the scheduler pa
 class Prompt:
     text: str
     output_len: int
+    followups: list[str] = field(default_factory=list)  # later turns' new messages, sent after the conversation
 
 
 @dataclass
 class Result:
     ok: bool
     start: float  # seconds since the benchmark began
+    conversation: int = 0  # which prompt of the dataset
+    turn: int = 0  # which turn of its conversation
     prompt_tokens: int = 0
     output_tokens: int = 0
     ttft: float = 0.0
@@ -41,13 +48,21 @@ class Result:
     error: str = ""
 
 
-def load_prompts(dataset: str, num: int, input_len: int, output_len: int, seed: int) -> list[Prompt]:
-    """`random`: prompts of about input_len words, outputs of output_len tokens (both ±50%); or a JSONL file of
-    {"prompt": str, "output_len": int} or ShareGPT-style {"conversations": [{"value": ...}, {"value": ...}]}."""
+def load_prompts(dataset: str, num: int, input_len: int, output_len: int, seed: int, prefix_len: int = 0,
+                 turns: int = 1) -> list[Prompt]:
+    """`random`: prompts of about input_len words, outputs of output_len tokens (both ±50%), each after the same
+    prefix of prefix_len words and followed by turns - 1 further messages of about input_len words; or a JSONL file
+    of {"prompt": str, "output_len": int} or ShareGPT-style {"conversations": [{"value": ...}, {"value": ...}]}."""
     rng = random.Random(seed)
     if dataset == "random":
-        return [Prompt(" ".join(rng.choice(WORDS) for _ in range(max(1, int(input_len * rng.uniform(0.5, 1.5))))),
-                       max(1, int(output_len * rng.uniform(0.5, 1.5)))) for _ in range(num)]
+        def words(mean: int) -> str:
+            return " ".join(rng.choice(WORDS) for _ in range(max(1, int(mean * rng.uniform(0.5, 1.5)))))
+
+        prefix = " ".join(rng.choice(WORDS) for _ in range(prefix_len)) + "\n" if prefix_len else ""
+        return [Prompt(prefix + words(input_len), max(1, int(output_len * rng.uniform(0.5, 1.5))),
+                       [f"\nUser: {words(input_len)}\nAssistant:" for _ in range(turns - 1)]) for _ in range(num)]
+    if prefix_len or turns > 1:
+        raise RungError("--prefix-len and --turns make prompts for --dataset random only")
     path = Path(dataset)
     if not path.is_file():
         raise RungError(f"--dataset {dataset}: not 'random' and not a file")
@@ -58,9 +73,9 @@ def load_prompts(dataset: str, num: int, input_len: int, output_len: int, seed: 
         try:
             row = json.loads(line)
             if "conversations" in row:
-                turns = row["conversations"]
-                rows.append(Prompt(turns[0]["value"], max(1, len(turns[1]["value"].split())) if len(turns) > 1
-                                   else output_len))
+                exchange = row["conversations"]
+                rows.append(Prompt(exchange[0]["value"], max(1, len(exchange[1]["value"].split()))
+                                   if len(exchange) > 1 else output_len))
             else:
                 rows.append(Prompt(row["prompt"], int(row.get("output_len", output_len))))
         except (ValueError, KeyError, IndexError, TypeError):
@@ -72,22 +87,26 @@ def load_prompts(dataset: str, num: int, input_len: int, output_len: int, seed: 
     return [rows[i % len(rows)] for i in range(num)]
 
 
-async def _one(client, url: str, model: str, prompt: Prompt, started: float, headers: dict) -> Result:
-    body = {"model": model, "prompt": prompt.text, "max_tokens": prompt.output_len, "stream": True,
+async def _one(client, url: str, model: str, text: str, output_len: int, started: float,
+               headers: dict) -> tuple[Result, str]:
+    """One streamed completion: its measurements, and the text it produced (the next turn resends it)."""
+    body = {"model": model, "prompt": text, "max_tokens": output_len, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0}
     result = Result(ok=False, start=time.perf_counter() - started)
     begin = last = time.perf_counter()
+    produced = []
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return result
+                return result, ""
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 now = time.perf_counter()
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    produced.append(chunk["choices"][0]["text"])
                     if result.ttft == 0.0:
                         result.ttft = now - begin
                     else:
@@ -101,7 +120,7 @@ async def _one(client, url: str, model: str, prompt: Prompt, started: float, hea
         result.error = "" if result.ok else "no usage in the stream"
     except Exception as err:  # noqa: BLE001 — any failure is a failed request in the report, not a crash
         result.error = f"{type(err).__name__}: {err}"
-    return result
+    return result, "".join(produced)
 
 
 async def run(base_url: str, model: str, prompts: list[Prompt], request_rate: float, max_concurrency: int | None,
@@ -112,28 +131,42 @@ async def run(base_url: str, model: str, prompts: list[Prompt], request_rate: fl
     limit = asyncio.Semaphore(max_concurrency or len(prompts))
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/completions"
+    total = sum(1 + len(prompt.followups) for prompt in prompts)
     done, results = 0, []
     started = time.perf_counter()
     timeout = httpx.Timeout(600.0, connect=10.0)
-    limits = httpx.Limits(max_connections=max_concurrency or len(prompts) or 1)
+    limits = httpx.Limits(max_connections=max_concurrency or total or 1)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        async def gated(prompt: Prompt) -> Result:
+        async def gated(text: str, output_len: int) -> tuple[Result, str]:
             nonlocal done
             async with limit:
-                result = await _one(client, url, model, prompt, started, headers)
+                result, produced = await _one(client, url, model, text, output_len, started, headers)
             done += 1
-            if done % max(len(prompts) // 10, 1) == 0 or done == len(prompts):
+            if done % max(total // 10, 1) == 0 or done == total:
                 elapsed = time.perf_counter() - started
-                log(f"bench: {done}/{len(prompts)} requests, {done / elapsed:.2f} req/s, elapsed {elapsed:.0f} s, "
-                    f"eta {elapsed / done * (len(prompts) - done):.0f} s")
-            return result
+                log(f"bench: {done}/{total} requests, {done / elapsed:.2f} req/s, elapsed {elapsed:.0f} s, "
+                    f"eta {elapsed / done * (total - done):.0f} s")
+            return result, produced
+
+        async def converse(index: int, prompt: Prompt) -> list[Result]:
+            """The turns of one conversation in order, each resending every earlier prompt and reply."""
+            measured, conversation = [], ""
+            for turn, message in enumerate([prompt.text, *prompt.followups]):
+                conversation += message
+                result, produced = await gated(conversation, prompt.output_len)
+                result.conversation, result.turn = index, turn
+                measured.append(result)
+                if not result.ok:
+                    break
+                conversation += produced
+            return measured
 
         tasks = []
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(gated(prompt)))
+        for index, prompt in enumerate(prompts):
+            tasks.append(asyncio.create_task(converse(index, prompt)))
             if request_rate != float("inf"):
                 await asyncio.sleep(rng.exponential(1.0 / request_rate))  # Poisson arrivals
-        results = await asyncio.gather(*tasks)
+        results = [result for measured in await asyncio.gather(*tasks) for result in measured]
     return results, time.perf_counter() - started
 
 
@@ -218,10 +251,12 @@ def parse_slos(text: str | None) -> dict[str, float]:
 
 def bench_serve(base_url: str, model: str, dataset: str, num_prompts: int, request_rate: float,
                 max_concurrency: int | None, seed: int, input_len: int, output_len: int, goodput: str | None,
-                api_key: str | None, json_path: str | None, plot_path: str | None, log=print) -> dict:
+                api_key: str | None, json_path: str | None, plot_path: str | None, prefix_len: int = 0,
+                turns: int = 1, log=print) -> dict:
     slos = parse_slos(goodput)
-    prompts = load_prompts(dataset, num_prompts, input_len, output_len, seed)
-    log(f"bench: {len(prompts)} requests to {base_url} ({model}), rate "
+    prompts = load_prompts(dataset, num_prompts, input_len, output_len, seed, prefix_len, turns)
+    shape = f" ({turns} turns each)" if turns > 1 else ""
+    log(f"bench: {len(prompts)} prompts{shape} to {base_url} ({model}), rate "
         f"{'inf (all at once)' if request_rate == float('inf') else f'{request_rate:g}/s (Poisson)'}, "
         f"concurrency {max_concurrency or 'unlimited'}")
     results, duration = asyncio.run(run(base_url, model, prompts, request_rate, max_concurrency, seed, api_key,
@@ -229,7 +264,7 @@ def bench_serve(base_url: str, model: str, dataset: str, num_prompts: int, reque
     summary = summarize(results, duration, slos)
     summary.update(base_url=base_url, model=model, dataset=dataset, num_prompts=num_prompts,
                    request_rate=None if request_rate == float("inf") else request_rate,
-                   max_concurrency=max_concurrency, seed=seed)
+                   max_concurrency=max_concurrency, seed=seed, prefix_len=prefix_len, turns=turns)
     log(table(summary))
     if json_path:
         Path(json_path).write_text(json.dumps({**summary, "requests": [asdict(r) for r in results]}, indent=2))
