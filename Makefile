@@ -51,6 +51,7 @@ bench: install
 	-$(MAKE) bench-vllm-venv  # if vLLM cannot be installed, the engine benchmark records why and goes on
 	$(BIN)/python bench/serve_engine.py --out bench/out --vllm-python $(VLLM_VENV)/bin/python
 	$(BIN)/python bench/serve_http.py --out bench/out --vllm-python $(VLLM_VENV)/bin/python
+	$(BIN)/python bench/serve_matrix.py --out bench/out --vllm-python $(VLLM_VENV)/bin/python
 
 # Hours of CPU: LR sweeps across widths, depths and expert counts, and the ladder (results under bench/transfer).
 bench-transfer: install

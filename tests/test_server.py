@@ -413,8 +413,8 @@ def test_generated_special_tokens_are_left_out_of_text_unless_asked_for(special_
 
 
 def test_bench_serve_conversations_resend_their_history_and_hit_the_prefix_cache(server, tmp_path):
-    """--turns 3 --prefix-len 20 (within the tiny model's 128-token window): every turn's prompt holds the previous turn's prompt and reply, and the shared
-    prefix plus the resent history are found in the prefix cache."""
+    """--turns 3 --prefix-len 20 (within the tiny model's 128-token window): every turn's prompt holds the previous
+    turn's prompt and reply, and the shared prefix plus the resent history are found in the prefix cache."""
     before = server.metrics()
     result = run_rung("bench", "serve", "--base-url", f"{server.url}/v1", "--model", "tiny", "--api-key", KEY,
                       "--num-prompts", "6", "--turns", "3", "--prefix-len", "20", "--max-concurrency", "4",
