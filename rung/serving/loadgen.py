@@ -190,7 +190,9 @@ def summarize(results: list[Result], duration: float, slos: dict[str, float]) ->
             "request_throughput": len(ok) / duration, "output_token_throughput": out_tokens / duration,
             "total_token_throughput": (out_tokens + sum(r.prompt_tokens for r in ok)) / duration,
             "goodput": len(good) / duration if slos else None, "slos_ms": slos,
-            "ttft": stats([r.ttft for r in ok]), "tpot": stats(tpot),
+            # a reply whose tokens never made text (random weights, bytes of no character) has no first-text time
+            "ttft": stats([r.ttft for r in ok if r.ttft > 0]), "replies_without_text": sum(r.ttft == 0 for r in ok),
+            "tpot": stats(tpot),
             "itl": stats([x for r in ok for x in r.itl]), "e2el": stats([r.e2e for r in ok]),
             "errors": sorted({r.error for r in results if not r.ok})[:5]}
 
