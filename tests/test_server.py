@@ -447,6 +447,11 @@ def test_bench_serve_reports_bad_input_and_failures(tmp_path):
                                   "--goodput", "latency:5"), "unknown SLO")
     nobody = run_rung("bench", "serve", "--base-url", "http://127.0.0.1:9/v1", "--model", "x", "--num-prompts", "3")
     assert nobody.returncode == 1 and "failed requests" in nobody.stdout and "Traceback" not in nobody.stderr
+    unsent = run_rung("bench", "serve", "--base-url", "http://127.0.0.1:9/v1", "--model", "x", "--num-prompts", "2",
+                      "--turns", "3", "--json", str(tmp_path / "unsent.json"))
+    summary = json.loads((tmp_path / "unsent.json").read_text())
+    assert unsent.returncode == 1 and summary["failed_requests"] == 6  # a failed first turn: its later two unsent
+    assert sum("not sent" in r["error"] for r in summary["requests"]) == 4
 
 
 def test_tune_stores_a_split_per_device_and_model_that_the_engine_uses(model_dir, tmp_path, monkeypatch):

@@ -6,8 +6,9 @@ Besides independent prompts it makes the two workloads a prefix cache is for: a 
 (a system prompt; `--prefix-len`) and multi-turn conversations (`--turns`), where each turn resends the whole
 conversation so far — earlier prompts and the server's own replies — followed by a new message.
 
-TTFT is measured to the first streamed chunk carrying text, ITL between text-carrying chunks, TPOT as
-(end-to-end − TTFT) / (output tokens − 1) with output tokens from the server's usage.
+TTFT is measured to the first streamed chunk carrying text (a reply that never carried text is left out of it and
+counted), ITL between text-carrying chunks, TPOT as (end-to-end − TTFT) / (output tokens − 1) with output tokens
+from the server's usage. A failed turn ends its conversation; the turns it leaves unsent count as failed.
 """
 
 from __future__ import annotations
@@ -157,6 +158,10 @@ async def run(base_url: str, model: str, prompts: list[Prompt], request_rate: fl
                 result.conversation, result.turn = index, turn
                 measured.append(result)
                 if not result.ok:
+                    unsent = len(prompt.followups) - turn
+                    measured += [Result(ok=False, start=result.start, conversation=index, turn=turn + 1 + later,
+                                        error="not sent: an earlier turn of its conversation failed")
+                                 for later in range(unsent)]
                     break
                 conversation += produced
             return measured
