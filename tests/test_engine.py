@@ -110,22 +110,25 @@ def test_n_samples_share_the_prompt_and_seeds_reproduce_in_a_busy_batch(tmp_path
     assert engine.kv.prefix_hits > 0 and engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
-def use_ops(engine: LLM, ops: str) -> None:
-    """rung's compiled kernels (which `make install` builds) or PyTorch's operators."""
+def use_ops(monkeypatch: pytest.MonkeyPatch, ops: str) -> None:
+    """Models built from now on run rung's compiled kernels (which `make install` builds) or PyTorch's operators
+    (the path chooses how weights are laid out at load, so it is chosen before the model is built)."""
+    from rung.serving.worker import model
+    from rung.serving.worker.ops import cpu_kernels
     from rung.serving.worker.ops.cpu_ops import CpuKernelOps
     from rung.serving.worker.ops.torch_ops import TorchOps
 
-    assert isinstance(engine.engine.model.ops, CpuKernelOps), "rung's kernels are not built: run `make install`"
-    engine.engine.model.ops = CpuKernelOps() if ops == "kernels" else TorchOps()
+    assert cpu_kernels.loaded(), "rung's kernels are not built: run `make install`"
+    monkeypatch.setattr(model, "select_ops", lambda device: CpuKernelOps() if ops == "kernels" else TorchOps())
 
 
 @pytest.mark.parametrize("ops", ["kernels", "pytorch"])
-def test_deterministic_mode_is_batch_invariant_to_the_bit(ops, tmp_path):
+def test_deterministic_mode_is_batch_invariant_to_the_bit(ops, tmp_path, monkeypatch):
     cls, config = MODELS["mixtral"]
     torch.manual_seed(0)
     cls(config).save_pretrained(tmp_path)
+    use_ops(monkeypatch, ops)
     engine = LLM(tmp_path, num_blocks=128, block_size=4, max_num_batched_tokens=32, deterministic=True)
-    use_ops(engine, ops)
     prompt = list(range(1, 45))  # longer than a chunk: chunked at the same boundaries alone and in company
     params = SamplingParams(max_tokens=10, temperature=0.8, seed=5, ignore_eos=True, logprobs=0)
     alone = engine.generate([prompt], params)[0][0]
@@ -192,9 +195,9 @@ def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano
     shared = prompts[2][:64]
     prompts += [shared + [1], shared + [2, 3], shared[:40], shared + prompts[5][:10]]
     assert len(prompts) == 32 and min(map(len, prompts)) == 1 and max(map(len, prompts)) == 300
+    use_ops(monkeypatch, ops)
     engine = LLM(tmp_path, num_blocks=160, block_size=4, max_num_seqs=16, max_num_batched_tokens=64,
                  nano_batches=nano_batches, async_scheduling=async_scheduling)
-    use_ops(engine, ops)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     for prompt, output in zip(prompts, outputs):
         with torch.no_grad():

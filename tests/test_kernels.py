@@ -1,6 +1,7 @@
-"""rung's compiled CPU kernels against the PyTorch code they replace: decode attention over contexts in one run, a
-few and many (the same bits wherever a context sits in the pool and whatever shares its call, and a clear error
-for runs outside the pool), the KV writes, and the fused rotary embedding, RMSNorm and SwiGLU activation.
+"""rung's compiled CPU kernels against the PyTorch code they replace: decode and prefill attention over contexts in
+one run, a few and many (the same bits wherever a context sits in the pool and whatever shares its call, and a
+clear error for runs outside the pool), the KV writes, the fused rotary embedding, RMSNorm and SwiGLU activation,
+and the packed linear layers.
 `make install` builds them, so these tests require them."""
 
 from __future__ import annotations
@@ -83,8 +84,72 @@ def test_kernel_rejects_runs_outside_the_pool():
     q = torch.randn(1, 2, 16)
     with pytest.raises(RuntimeError, match="a run outside the pool"):
         call(q, keys, values, [[slice(500, 520)]])
-    with pytest.raises(RuntimeError, match="offsets needs one entry per request"):
+    with pytest.raises(RuntimeError, match="offsets needs one entry per sequence"):
         kernels.decode_attention(q, keys, values, torch.tensor([0]), torch.tensor([4]), torch.tensor([0]))
+
+
+def call_prefill(q, keys, values, spans: list[tuple[int, int, list[slice]]]) -> torch.Tensor:
+    """The prefill kernel over spans (first row, rows, runs); rows no span covers stay NaN."""
+    out = torch.full_like(q, float("nan"))
+    starts = [run.start for _, _, runs in spans for run in runs]
+    lengths = [run.stop - run.start for _, _, runs in spans for run in runs]
+    offsets = [0]
+    for _, _, runs in spans:
+        offsets.append(offsets[-1] + len(runs))
+    kernels.prefill_attention(q, keys, values, torch.tensor([first for first, _, _ in spans]),
+                              torch.tensor([rows for _, rows, _ in spans]), torch.tensor(starts),
+                              torch.tensor(lengths), torch.tensor(offsets), out)
+    return out
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 16), (6, 2, 64), (8, 8, 40), (4, 4, 128), (16, 2, 256),
+                                                     (3, 3, 24)])
+def test_prefill_kernel_equals_the_pytorch_path(heads, kv_heads, head_dim, dtype, tolerance):
+    """Whole prompts and chunks after an earlier context (a cached prefix, an earlier chunk), in one run and in
+    many, with tiles and key blocks cut mid-run, for head dims 16-256 and GQA ratios 1-8, all spans in one call;
+    rows of no span (a decode's) are left alone."""
+    keys, values = pool(kv_heads, head_dim, 64 * 512, dtype)
+    rng = torch.Generator().manual_seed(6)
+    spans = [(1, 2, [slice(0, 2)]), (3, 17, [slice(512, 529)]), (20, 40, [slice(1024, 1324)]),  # 40 rows of 300
+             (60, 33, scatter(33, 3, 64 * 512, rng)), (93, 100, scatter(257, 5, 64 * 512, rng))]
+    tokens = 194  # rows 0 and 193 belong to no span
+    q = (torch.randn(tokens, heads, head_dim, generator=rng) * head_dim ** -0.5).to(dtype)
+    out = call_prefill(q, keys, values, spans)
+    covered = torch.zeros(tokens, dtype=torch.bool)
+    for first, rows, runs in spans:
+        covered[first:first + rows] = True
+        expected = attend(q[first:first + rows], [keys[:, :, run] for run in runs], [values[:, run] for run in runs],
+                          in_place=False).view(rows, heads, head_dim)
+        torch.testing.assert_close(out[first:first + rows].float(), expected.float(), atol=tolerance, rtol=tolerance)
+    assert out[~covered].isnan().all()
+
+
+def test_prefill_kernel_bits_do_not_depend_on_placement_or_company():
+    keys, values = pool(2, 32, 64 * 512, torch.float32)
+    rng = torch.Generator().manual_seed(7)
+    q = torch.randn(70, 6, 32, generator=rng) * 32 ** -0.5
+    scattered = scatter(333, 7, 64 * 512, rng)
+    copy_to = slice(63 * 512, 63 * 512 + 333)
+    keys[:, :, copy_to] = torch.cat([keys[:, :, run] for run in scattered], dim=-1)
+    values[:, copy_to] = torch.cat([values[:, run] for run in scattered], dim=1)
+    alone = call_prefill(q, keys, values, [(0, 70, scattered)])
+    assert torch.equal(alone, call_prefill(q, keys, values, [(0, 70, [copy_to])]))
+    others = torch.randn(30, 6, 32, generator=rng)
+    busy = call_prefill(torch.cat([others[:10], q, others[10:]]), keys, values,
+                        [(0, 10, [slice(0, 50)]), (10, 70, scattered), (80, 20, [slice(9000, 9400)])])
+    assert torch.equal(busy[10:80], alone)
+
+
+def test_prefill_kernel_rejects_spans_that_do_not_fit():
+    keys, values = pool(1, 16, 512, torch.float32)
+    q = torch.randn(8, 2, 16)
+    with pytest.raises(RuntimeError, match="a run outside the pool"):
+        call_prefill(q, keys, values, [(0, 8, [slice(500, 520)])])
+    with pytest.raises(RuntimeError, match="the newest of its context"):
+        call_prefill(q, keys, values, [(0, 8, [slice(0, 4)])])
+    with pytest.raises(RuntimeError, match="rows outside q"):
+        call_prefill(q, keys, values, [(4, 8, [slice(0, 10)])])
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
@@ -119,3 +184,24 @@ def test_write_kv_places_keys_and_values_as_indexing_does(dtype):
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     with pytest.raises(RuntimeError, match="a slot outside the pool"):
         kernels.write_kv(k, v, keys, values, slots + 1)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_packed_linear_equals_f_linear(rows, dtype, tolerance):
+    """The CPU path's linear layers: weights packed once for oneDNN where this CPU takes the dtype (fp32 always; bf16
+    and fp16 need AVX-512 BF16 / FP16 instructions, else the weight stays as stored and F.linear runs), any batch
+    size, with and without a bias, on a strided input."""
+    from rung.serving.worker.ops.cpu_ops import CpuKernelOps
+
+    ops = CpuKernelOps()
+    rng = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(96, 40, generator=rng).to(dtype), torch.randn(96, generator=rng).to(dtype)
+    x = torch.randn(rows, 80, generator=rng).to(dtype)[:, ::2]  # every other column: not contiguous
+    packed = ops.pack_linear(weight)
+    assert packed.is_mkldnn or dtype != torch.float32
+    for b in (None, bias):
+        expected = F.linear(x.float(), weight.float(), None if b is None else b.float())
+        out = ops.linear(x, packed, b)
+        assert out.shape == (rows, 96) and out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, atol=tolerance * 10, rtol=tolerance)

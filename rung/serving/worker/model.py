@@ -30,16 +30,20 @@ class InferenceModel:
         self.last_nano_batches = 0
         self.w = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
         check_weights(spec, self.w)
-        self.lm_head = self.w["model.embed_tokens.weight"] if spec.tie_word_embeddings else self.w["lm_head.weight"]
         self.experts = [stack_experts(spec, self.w, i) for i in range(spec.num_layers)] if spec.num_experts else None
         fuse_projections(spec, self.w)
+        for name, tensor in self.w.items():  # the projections `_linear` reads, in the compute path's layout
+            if name.endswith(("_proj.weight", "_linear.weight", "lm_head.weight")):
+                self.w[name] = self.ops.pack_linear(tensor)
+        self.lm_head = self.ops.pack_linear(self.w["model.embed_tokens.weight"]) if spec.tie_word_embeddings \
+            else self.w["lm_head.weight"]
         self._overlap = StreamOverlap()
 
     def _norm(self, x: torch.Tensor, weight: str) -> torch.Tensor:
         return self.ops.rms_norm(x, self.w[weight], self.spec.rms_norm_eps)
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
+        return self.ops.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
     def _moe(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Top-k routing with renormalised gates; the (token, expert) pairs sorted by expert go through one
@@ -113,5 +117,5 @@ class InferenceModel:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.lm_head).float()
+        logits = self.ops.linear(hidden, self.lm_head, None).float()
         return logits if self.spec.logits_multiplier == 1.0 else logits * self.spec.logits_multiplier

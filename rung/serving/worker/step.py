@@ -21,6 +21,28 @@ class DecodeBatch:
 
 
 @dataclass
+class PrefillBatch:
+    """The step's spans of several tokens (prefill chunks) as the prefill kernel reads them: span s is rows
+    firsts[s]..firsts[s]+counts[s]-1, the newest positions of a context of runs offsets[s]..offsets[s+1]-1."""
+
+    firsts: torch.Tensor
+    counts: torch.Tensor
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    offsets: torch.Tensor
+
+
+def _contexts(spans: list[tuple[int, int, list[slice]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The spans' runs as the kernels read them: every run's first slot and length, and where each span's begin."""
+    starts, lengths, offsets = [], [], [0]
+    for _, _, runs in spans:
+        starts.extend(run.start for run in runs)
+        lengths.extend(run.stop - run.start for run in runs)
+        offsets.append(len(starts))
+    return torch.tensor(starts), torch.tensor(lengths), torch.tensor(offsets)
+
+
+@dataclass
 class StepInputs:
     """What one forward pass needs, built by the runner from a step plan."""
 
@@ -36,17 +58,21 @@ class StepInputs:
     @cached_property
     def decodes(self) -> DecodeBatch | None:
         """Built once per step (not per layer) for the decode kernel; None when no span is a single token."""
-        rows, starts, lengths, offsets = [], [], [], [0]
-        for first, count, runs in self.spans:
-            if count == 1:
-                rows.append(first)
-                starts.extend(run.start for run in runs)
-                lengths.extend(run.stop - run.start for run in runs)
-                offsets.append(len(starts))
-        if not rows:
+        spans = [span for span in self.spans if span[1] == 1]
+        if not spans:
             return None
+        rows = [first for first, _, _ in spans]
         return DecodeBatch(slice(0, len(rows)) if rows[-1] == len(rows) - 1 else torch.tensor(rows),
-                           torch.tensor(starts), torch.tensor(lengths), torch.tensor(offsets))
+                           *_contexts(spans))
+
+    @cached_property
+    def prefills(self) -> PrefillBatch | None:
+        """Built once per step for the prefill kernel; None when every span is a single token."""
+        spans = [span for span in self.spans if span[1] > 1]
+        if not spans:
+            return None
+        return PrefillBatch(torch.tensor([first for first, _, _ in spans]),
+                            torch.tensor([rows for _, rows, _ in spans]), *_contexts(spans))
 
     def to(self, device: torch.device) -> StepInputs:
         """The same step with its index tensors on `device` (runs are plain slices)."""

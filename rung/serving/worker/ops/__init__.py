@@ -4,7 +4,7 @@ one interface, so the model (`worker/model.py`) is written once and a new device
     Ops (this interface)
      ├─ TorchOps       PyTorch operators: any device; the reference every other path is tested against
      └─ CpuKernelOps   rung's C++ kernels (csrc/) for CPUs: decode attention of a whole step in one call,
-                       fused KV writes, RMSNorm, RoPE and SwiGLU
+                       fused KV writes, RMSNorm, RoPE and SwiGLU; and oneDNN's GEMMs over weights packed at load
 
 `select.select_ops(device)` picks the best path that is available: the C++ kernels on a CPU where they are built (and
 RUNG_KERNELS is not 0), PyTorch's operators everywhere else.
@@ -27,6 +27,12 @@ class Ops(Protocol):
 
     def prepare(self, step: StepInputs) -> None:
         """Build whatever per-step metadata this path needs, once per step (not per layer), before it runs."""
+
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
+        """A linear layer's weight [out, in] in the layout this path's `linear` reads fastest, made once at load."""
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight.T + bias, for a weight `pack_linear` made."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 

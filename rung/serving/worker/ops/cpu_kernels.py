@@ -1,9 +1,10 @@
-"""rung's compiled CPU kernels (`csrc/`): attention for every decoding request of a step in one call, the writes
-of a step's keys and values into the paged pool, and the layers' RMSNorm, rotary embedding and SwiGLU activation
-in one pass each.
+"""rung's compiled CPU kernels (`csrc/`): attention for every decoding request of a step in one call and for every
+prefill chunk in another, the writes of a step's keys and values into the paged pool, and the layers' RMSNorm,
+rotary embedding and SwiGLU activation in one pass each.
 
-Why: a decode's attention in PyTorch is three small operators per layer per request, and RMSNorm, RoPE and SwiGLU
-are several passes over the hidden states each; on a CPU that is per-operator dispatch and memory traffic the
+Why: a decode's attention in PyTorch is three small operators per layer per request, a prefill chunk's a Python
+loop over tiles that materialises every score, and RMSNorm, RoPE and SwiGLU are several passes over the hidden
+states each; on a CPU that is per-operator dispatch and memory traffic the
 arithmetic does not need. vLLM's CPU backend has the same ops in C++.
 
 `make install` builds them (`python -m rung.serving.worker.ops.cpu_kernels`) with torch's extension builder into
@@ -72,6 +73,15 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     head_dim] views of the pool; request r's context is the runs offsets[r]..offsets[r+1]-1 (slots starts[k] ..
     starts[k] + lengths[k] - 1, in context order). Returns [requests, heads, head_dim]."""
     return torch.ops.rung.decode_attention(q, keys, values, starts, lengths, offsets)
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, firsts: torch.Tensor,
+                      counts: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor,
+                      out: torch.Tensor) -> None:
+    """Causal attention of spans of several rows: q [tokens, heads, head_dim] scaled, the pool views as for
+    `decode_attention`; span s is rows firsts[s]..firsts[s]+counts[s]-1, the newest positions of its context (runs
+    offsets[s]..offsets[s+1]-1). Writes those rows of out [tokens, heads, head_dim]."""
+    torch.ops.rung.prefill_attention(q, keys, values, firsts, counts, starts, lengths, offsets, out)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:

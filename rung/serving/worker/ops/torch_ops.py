@@ -100,6 +100,12 @@ class TorchOps:
     def prepare(self, step: StepInputs) -> None:
         """Nothing to precompute: spans carry their runs."""
 
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
 

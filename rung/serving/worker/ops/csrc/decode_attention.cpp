@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "pool_runs.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -23,29 +24,7 @@
 namespace rung {
 namespace {
 
-constexpr int64_t kLanes = 16;  // floats in one Vec: a block of positions or features, the softmax sum's lanes
 constexpr int64_t kMaxGroup = 8;  // query heads computed together over one pass of a KV head's context
-// GCC/Clang vector extension: one AVX-512 register, two AVX2 ones or four NEON ones — whatever the target has
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-
-// kLanes values from src as floats; a partial block (Full false) reads only the first n and pads with zeros.
-template <typename T, bool Full>
-inline Vec load(const T* src, int64_t n) {
-  Vec v;
-  if constexpr (Full && std::is_same_v<T, float>) {
-    std::memcpy(&v, src, sizeof v);  // one unaligned vector load
-  } else {
-    for (int64_t l = 0; l < kLanes; ++l) v[l] = (Full || l < n) ? static_cast<float>(src[l]) : 0.0f;
-  }
-  return v;
-}
-
-// The first n (at most W * kLanes) lanes of W vectors.
-template <int64_t W>
-inline void store(const Vec (&acc)[W], int64_t n, float* dst) {
-  for (int64_t w = 0; w < W; ++w)
-    for (int64_t l = 0; l < kLanes && w * kLanes + l < n; ++l) dst[w * kLanes + l] = acc[w][l];
-}
 
 // scores[g, l] = q_g . k_l for the n <= W * kLanes positions of one block. Keys are stored [head_dim, slots], so
 // a block is a short contiguous row per feature, read once for all G query heads; its G * W independent
@@ -146,26 +125,11 @@ void attend_group(int64_t group, const float* q, int64_t head_dim, const T* keys
 // starts[k] .. starts[k] + lengths[k] - 1 in context order. Returns [requests, heads, head_dim].
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                             const at::Tensor& starts, const at::Tensor& lengths, const at::Tensor& offsets) {
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "q, keys and values must be 3-d");
-  TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu() && values.device().is_cpu(), "a CPU kernel");
-  TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(), "one dtype");
-  TORCH_CHECK(keys.stride(2) == 1 && values.stride(2) == 1, "the pool's innermost dimension must be contiguous");
+  check_pool(q, keys, values);
   const int64_t requests = q.size(0), heads = q.size(1), head_dim = q.size(2), kv_heads = keys.size(0);
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(keys.size(1) == head_dim && values.size(2) == head_dim && values.size(0) == kv_heads,
-              "keys [kv_heads, head_dim, slots] and values [kv_heads, slots, head_dim]");
-  TORCH_CHECK(offsets.numel() == requests + 1, "offsets needs one entry per request plus one");
+  const Runs runs(starts, lengths, offsets, requests, keys.size(2));
+  const int64_t *start = runs.start, *length = runs.length, *offset = runs.offset;
   const at::Tensor query = q.contiguous();
-  const at::Tensor run_starts = starts.to(at::kLong).contiguous(), run_lengths = lengths.to(at::kLong).contiguous();
-  const at::Tensor run_offsets = offsets.to(at::kLong).contiguous();
-  const int64_t* start = run_starts.data_ptr<int64_t>();
-  const int64_t* length = run_lengths.data_ptr<int64_t>();
-  const int64_t* offset = run_offsets.data_ptr<int64_t>();
-  const int64_t slots = keys.size(2);
-  for (int64_t k = 0; k < run_starts.numel(); ++k)
-    TORCH_CHECK(start[k] >= 0 && length[k] >= 0 && start[k] + length[k] <= slots, "a run outside the pool");
-  for (int64_t r = 0; r < requests; ++r)
-    TORCH_CHECK(offset[r] <= offset[r + 1] && offset[r + 1] <= run_starts.numel(), "offsets out of order");
   at::Tensor out = at::empty_like(query);
   const int64_t group = heads / kv_heads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
