@@ -42,15 +42,27 @@ def test_empirical_frequencies_match_the_analytic_distribution(params):
     sampler, draws = Sampler(), 20000
     row = SampleInput("r", SamplingParams(**{**params.__dict__, "seed": 7}), (), ())
     counts = torch.zeros(6)
-    for token in torch.multinomial(torch.softmax(processed_logits(logits, row), -1), draws, replacement=True,
-                                   generator=torch.Generator().manual_seed(3)):
-        counts[token] += 1
+    for sample in sampler.sample(logits.expand(draws, -1), [row] * draws):  # the sampler's own draws, in one batch
+        counts[sample.token_id] += 1
     assert torch.all(counts[expected == 0] == 0)  # excluded tokens are never drawn
     support = expected > 0
     statistic = (((counts - draws * expected) ** 2)[support] / (draws * expected[support])).sum().item()
     assert statistic < CHI2_999[int(support.sum()) - 1], (statistic, counts, expected)
     single = [sampler.sample(logits[None], [row])[0].token_id for _ in range(2000)]
     assert all(expected[t] > 0 for t in single)
+
+
+def test_a_draw_never_lands_on_a_token_without_mass(monkeypatch):
+    """A target at the very top of a row's cumulative distribution (where rounding can put it) picks the last token
+    with mass, not a masked one after it; one at the bottom picks the first token with mass."""
+    from rung.serving.worker.sampling import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0], [0.3, 0.0, 0.7, 0.0, 0.0]])
+    generators = [torch.Generator(), torch.Generator()]
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None: torch.ones(size))
+    assert draw(probs, generators) == [2, 2]
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None: torch.zeros(size))
+    assert draw(probs, generators) == [1, 0]
 
 
 def test_a_seed_reproduces_the_same_tokens_alone_and_in_a_batch():

@@ -3,7 +3,8 @@
 
 Order of operations, as in vLLM: penalties on the raw logits (repetition over prompt and output, presence and
 frequency over the output), then temperature, top-k, top-p and min-p, then a draw from each request's own seeded
-generator — so a seeded request samples the same tokens whatever else shares its batch. Returned logprobs are
+generator (one uniform number a token, `draw`) — so a seeded request samples the same tokens whatever else shares
+its batch. Returned logprobs are
 those of the model's distribution before any processing.
 """
 
@@ -50,18 +51,23 @@ class Sampler:
         are processed row by row. Log-probabilities are computed for the rows that asked for them only: for 64
         rows of 8k logits, a log-softmax of all costs as much as the greedy pick."""
         greedy = logits.max(dim=-1).indices.tolist()  # the first maximum, as argmax, at a third of its cost
-        tokens = []
+        tokens, drawn, scores = [], [], []
         for index, row in enumerate(rows):
             p = row.params
             if p.greedy and not p.penalised:
                 tokens.append(greedy[index])
                 continue
-            scores = processed_logits(logits[index], row)
+            processed = processed_logits(logits[index], row)
             if p.greedy:
-                tokens.append(int(scores.argmax()))
-            else:
-                probs = torch.softmax(scores, dim=-1)
-                tokens.append(int(torch.multinomial(probs, 1, generator=self._generator(row))))
+                tokens.append(int(processed.argmax()))
+            else:  # drawn below, with the step's other sampled rows
+                tokens.append(-1)
+                drawn.append(index)
+                scores.append(processed)
+        if drawn:
+            chosen = draw(torch.softmax(torch.stack(scores), dim=-1), [self._generator(rows[i]) for i in drawn])
+            for index, token in zip(drawn, chosen):
+                tokens[index] = token
         wanted = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
         logprobs, chosen = {}, {}
         if wanted:
@@ -76,6 +82,19 @@ class Sampler:
                 top = dict(zip(ids.tolist(), values.tolist()))
             samples.append(Sample(token, chosen.get(index), top))
         return samples
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
+    """One token per row of probs [rows, vocab], by inverse transform: one uniform number from the row's own
+    generator, placed on the row's cumulative distribution. torch.multinomial draws an exponential per vocabulary
+    entry instead, 0.35 ms a row for 16k tokens on this project's CPU — a sixth of a busy decode step."""
+    cdf = probs.cumsum(dim=-1)
+    targets = torch.cat([torch.rand(1, generator=generator) for generator in generators]) * cdf[:, -1]
+    tokens = torch.searchsorted(cdf, targets[:, None], right=True)[:, 0].clamp_(max=probs.shape[-1] - 1).tolist()
+    for row, token in enumerate(tokens):
+        if probs[row, token] == 0:  # rounding put the target past the last token with any mass: that token
+            tokens[row] = int(probs[row].nonzero()[-1])
+    return tokens
 
 
 def processed_logits(logits: torch.Tensor, row: SampleInput) -> torch.Tensor:
