@@ -49,8 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="prepare tokenized data")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    prepare = data_commands.add_parser("prepare", help="train/load the tokenizer and write token shards (cached)")
+    prepare = data_commands.add_parser("prepare", help="train/load the tokenizer and write training and validation "
+                                       "token shards (cached)")
     _add_config(prepare, optional=True)
+    prepare.add_argument("--workers", dest="data_workers", type=int, default=0,
+                         help="tokenize on Ray Data with this many parallel workers (0: in this process); the shards "
+                         "are the same bytes either way")
+    prepare.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local "
+                         "cluster); every node must see the source files")
 
     train = commands.add_parser("train", help="train a model with DeepSpeed (several workers through Ray)")
     _add_config(train)
@@ -238,8 +244,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         from rung.jobs.data.prepare import prepare_data
 
-        data = prepare_data(cfg)
-        print(f"data: {data.num_tokens:,} tokens, vocabulary {data.vocab_size}, in {data.path}")
+        if args.data_workers < 0:
+            raise ConfigError("--workers", f"must be >= 0, got {args.data_workers}")
+        data = prepare_data(cfg, workers=args.data_workers, address=args.address)
+        held = data.validation
+        print(f"data: {data.num_tokens:,} training tokens"
+              + (f", {held['num_tokens']:,} validation tokens" if held else ", no validation split")
+              + f", vocabulary {data.vocab_size}, in {data.path}")
     elif args.command == "sweep":
         from rung.jobs.experiments.grid import parse_grid
         from rung.jobs.experiments.sweep import run_sweep
@@ -281,8 +292,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         rows = train(cfg, resume=args.resume, address=args.address,
                      transfer=record if args.hparams_from else None, restart=args.restart)
-        print(f"train: done, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f} after {rows[-1]['step']} steps, "
-              f"run dir {cfg.out_dir}/{cfg.name}")
+        val = rows[-1].get("val_loss")
+        print(f"train: done, loss {rows[0]['loss']:.4f} -> {rows[-1]['loss']:.4f} after {rows[-1]['step']} steps"
+              + (f", validation loss {val:.4f}" if val is not None else "") + f", run dir {cfg.out_dir}/{cfg.name}")
     elif args.command == "count":
         from rung.jobs.model.counting import count
 

@@ -21,7 +21,12 @@ import pytest
 from rung.platform.checkpoint import CheckpointStore, verify
 from tests.conftest import REPO, assert_clean_failure, run_rung
 
-SHORT = ("train.steps=20", "train.warmup_steps=5")
+SHORT = ("train.steps=20", "train.warmup_steps=5", "train.eval_every=7")  # validation at steps 7, 14 and 20
+EVALUATED = [7, 14, 20]
+
+
+def validated(rows: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in rows if r["val_loss"] is not None}
 
 
 def args_for(out: Path, data_cache: Path, name: str, overrides, workers: int, extra=(), preset="tiny") -> list[str]:
@@ -50,12 +55,18 @@ def test_two_workers_zero2_match_one_worker(tmp_path, data_cache):
     two = train(tmp_path, data_cache, "two", *SHORT, "train.zero_stage=2", workers=2)
     assert len(two) == 20
     assert_same_curve(one, two, rel=1e-4)
+    # each rank scores its share of the validation set and one reduction makes the whole set's loss
+    assert list(validated(two)) == EVALUATED
+    for step, loss in validated(one).items():
+        assert validated(two)[step] == pytest.approx(loss, rel=1e-4)
 
 
 @pytest.mark.parametrize("stage, dtype", [(1, "float32"), (3, "bfloat16")])
 def test_other_zero_stages_and_bf16_train_on_two_workers(tmp_path, data_cache, stage, dtype):
     rows = train(tmp_path, data_cache, "run", *SHORT, f"train.zero_stage={stage}", f"train.dtype={dtype}", workers=2)
     assert len(rows) == 20 and rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    losses = validated(rows)  # ZeRO-3 gathers parameters in every forward: both ranks evaluate in step
+    assert list(losses) == EVALUATED and losses[20] < losses[7]
 
 
 @pytest.mark.parametrize("stage, dtype", [(0, "float32"), (2, "float32"), (3, "float32"), (2, "bfloat16")])
@@ -71,6 +82,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, stage, dt
     for a, b in zip(full[10:], resumed):
         assert abs(a["loss"] - b["loss"]) <= tolerance, (a["step"], a["loss"], b["loss"])
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
+    assert list(validated(resumed)) == [14, 20]  # the evaluation schedule continues where it was
+    for step, loss in validated(resumed).items():
+        assert loss == pytest.approx(validated(full)[step], abs=tolerance)
 
 
 def test_corrupted_newest_checkpoint_is_skipped(tmp_path, data_cache):
@@ -177,6 +191,8 @@ def test_expert_parallel_moe_matches_replicated_experts(tmp_path, data_cache):
     assert [json.loads((tmp_path / "ep" / "workers" / f"rank{r}.json").read_text())["experts"] for r in (0, 1)] \
         == [[0, 1], [2, 3]]  # each rank holds half of every layer's experts
     assert_same_curve(dp, ep, rel=1e-4)
+    for step, loss in validated(dp).items():  # evaluation runs the experts' all-to-alls on both ranks alike
+        assert validated(ep)[step] == pytest.approx(loss, rel=1e-4)
     assert all(row["moe_load_imbalance"] >= 1.0 and 0.0 <= row["moe_dropped_fraction"] < 1.0 for row in ep)
     weights = [load_file(str(tmp_path / name / "checkpoints" / "step_00000020" / "model.safetensors"))
                for name in ("dp", "ep")]

@@ -324,7 +324,8 @@ def live_stack(model_dir, data_cache, tmp_path):
     train_port = free_port()
     trainer = subprocess.Popen([sys.executable, "-m", "rung.cli", "train", "tiny", "--set", f"out_dir={tmp_path}",
                                 "--set", f"data.cache_dir={data_cache}", "--set", "train.steps=100000",
-                                "--set", f"train.metrics_port={train_port}", "--set", "train.checkpoint_every=50"],
+                                "--set", f"train.metrics_port={train_port}", "--set", "train.checkpoint_every=50",
+                                "--set", "train.eval_every=10"],
                                cwd=REPO, stdout=(tmp_path / "train.log").open("w"), stderr=subprocess.STDOUT)
     prometheus_port = free_port()
     host = server.url.removeprefix("http://")

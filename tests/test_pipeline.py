@@ -30,6 +30,9 @@ def test_pipeline_end_to_end_then_cached_and_resumed(tmp_path, data_cache):
     assert stages["train"]["result"]["loss"] < 7.0
     transfer = json.loads((out / "runs" / "tiny-target" / "transfer.json").read_text())
     assert transfer["values"]["train.lr"] == stages["sweep"]["result"]["lr"]
+    # the LR was chosen on held-out data, and the target reports its validation loss
+    assert summary["loss_used"] == transfer["loss_used"] == stages["sweep"]["result"]["loss_used"] == "validation"
+    assert stages["train"]["result"]["val_loss"] < 7.0 and "validation" in first.stdout
     config = json.loads((out / "model" / "config.json").read_text())
     assert config["hidden_size"] == 128
     assert "answer:" in first.stdout and "/v1" in first.stdout and "/metrics" in first.stdout

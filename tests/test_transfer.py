@@ -74,7 +74,10 @@ def test_sweep_runs_every_point_and_records_divergence(sweep):
     diverged = [r for r in rows if r["hparams"]["train.lr"] == 16.0]
     assert all(r["status"] == "diverged" and r["error"] for r in diverged)  # a failed row, not a failed sweep
     assert all(r["status"] == "ok" and math.isfinite(r["loss"]) for r in rows if r["hparams"]["train.lr"] <= 2**-4)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["loss_used"] == "validation" and r["loss"] == r["val_loss"] and r["train_loss"] > 0 for r in ok)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss_used"] == "validation"
     assert {(s["width"], s["param"]) for s in summary["shapes"]} == {(w, p) for w in (32, 64) for p in ("mup", "sp")}
     assert summary["transfer"]["mup"]["proxy"] == {"width": 32, "depth": 2, "experts": None}
     assert -8 <= summary["shapes"][0]["optimum_log2"]["train.lr"] <= 4
@@ -90,6 +93,7 @@ def test_transfer_reproduces_the_proxy_and_scales_a_wider_target(sweep):
     proxy, record = apply_transfer(load_run_config("tiny", ["model.d_model=32", "model.n_heads=2", "param.base_width=32"]), out)
     assert proxy.train.lr == eta and (proxy.param.base_width, proxy.param.base_depth) == (32, 2)
     assert record["sweep_id"] == summary["sweep_id"] and record["proxy_shape"]["width"] == 32
+    assert record["loss_used"] == "validation"
     target, _ = apply_transfer(load_run_config("tiny", ["model.d_model=128", "model.n_heads=8"]), out / "summary.json")
     model, param = build_model(target)
     groups = {g["name"]: g["lr"] for g in param.param_groups(model, target.train.lr, 0.0, 1e-8)}
@@ -160,7 +164,9 @@ def test_ladder_fits_and_predicts_its_held_out_rung(tmp_path, data_cache):
     assert result.returncode == 0, result.stderr[-3000:]
     fit = json.loads((tmp_path / "fit.json").read_text())
     held = fit["held_out"]
-    assert held["name"].startswith("w128") and fit["points"] == 8
+    assert held["name"].startswith("w128") and fit["points"] == 8 and fit["loss_used"] == "validation"
+    rows = {r["name"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    assert held["loss"] == rows[held["name"]]["val_loss"] and held["train_loss"] == rows[held["name"]]["train_loss"]
     assert math.isfinite(held["predicted"]) and held["relative_error"] < 0.5
     assert {"kaplan_n", "kaplan_d", "chinchilla"} <= set(fit)
     assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
@@ -170,3 +176,48 @@ def test_ladder_fits_and_predicts_its_held_out_rung(tmp_path, data_cache):
     assert recommendation["shape"]["width"] % 16 == 0 and recommendation["steps"] > 0
     assert_clean_failure(run_rung("ladder", "tiny", "--widths", "32", "--tokens", "1e4", "--out", str(tmp_path)),
                          "--widths")
+
+
+@pytest.fixture(scope="module")
+def memorisable(tmp_path_factory) -> list[str]:
+    """Twelve documents of random words over a 60-word vocabulary, every fourth held out: a tiny model learns the
+    word statistics in tens of steps and then memorises its nine training documents, so more training lowers the
+    training loss and raises the validation loss."""
+    import random
+
+    root = tmp_path_factory.mktemp("memorisable")
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(60)]
+    docs = [" ".join(rng.choice(words) for _ in range(100)) for _ in range(12)]
+    (root / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    sets = [f"data.sources=[{root / 'docs.jsonl'}]", "data.vocab_size=300", "data.validation_fraction=0.25",
+            f"data.cache_dir={root / 'cache'}", "train.seq_len=32", "train.global_batch=8", "train.warmup_steps=2"]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_a_sweep_and_a_ladder_decide_on_validation_loss_where_it_disagrees_with_training_loss(memorisable, tmp_path):
+    result = run_rung("sweep", "tiny", "--grid", "train.steps=16,64,512", *memorisable, "--out", str(tmp_path / "s"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["hparams"]["train.steps"]: r for r in map(json.loads, (tmp_path / "s" / "results.jsonl").read_text()
+                                                        .splitlines())}
+    by_train = min(rows, key=lambda steps: rows[steps]["train_loss"])
+    by_validation = min(rows, key=lambda steps: rows[steps]["val_loss"])
+    assert by_train == 512 and by_validation != by_train  # 512 steps memorise the training documents
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    (shape,) = summary["shapes"]
+    assert summary["loss_used"] == "validation" and shape["best"]["train.steps"] == by_validation
+    assert shape["best_loss"] == rows[by_validation]["val_loss"]
+    assert shape["best_train_loss"] == rows[by_validation]["train_loss"]
+
+    # 256 tokens a step: 16 and 512 steps at two widths; the held-out rung is the memorising one
+    result = run_rung("ladder", "tiny", "--widths", "64,96", "--tokens", "4096,131072", *memorisable,
+                      "--out", str(tmp_path / "l"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    fit = json.loads((tmp_path / "l" / "fit.json").read_text())
+    rungs = {r["name"]: r for r in map(json.loads, (tmp_path / "l" / "results.jsonl").read_text().splitlines())}
+    held = rungs[fit["held_out"]["name"]]
+    assert fit["loss_used"] == "validation" and fit["held_out"]["loss"] == held["val_loss"]
+    assert held["val_loss"] > held["train_loss"] + 0.5
+    by_train = sorted(rungs, key=lambda name: rungs[name]["train_loss"])
+    assert by_train != sorted(rungs, key=lambda name: rungs[name]["loss"])  # the fit saw the validation order
+    assert "validation loss" in result.stdout

@@ -7,6 +7,7 @@ config is made with `rung.config.evolve`, which validates the whole of it again.
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from dataclasses import dataclass, field
@@ -119,11 +120,18 @@ class ParamConfig:
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class DataConfig:
-    # Text files, globs, or .jsonl files with a "text" field. Empty = the built-in corpus: the Python standard
-    # library source of the running interpreter.
+    # Files, globs or folders: plain text (a file is a document), JSONL / .jsonl.gz / .jsonl.zst, Parquet and Arrow
+    # IPC files (a record or row is a document), a `datasets` save_to_disk folder or a folder of Parquet shards.
+    # Empty = the built-in corpus: the Python standard library source of the running interpreter.
     sources: list[str] = field(default_factory=list)
+    text_field: str = "text"  # the JSONL field / Parquet or Arrow column that holds a document's text
+    # Documents held out for validation, chosen by position before tokenization: the first, then every
+    # 1/fraction-th. 0 with no validation_sources = no validation split (decisions then use training loss).
+    validation_fraction: float = 0.005
+    validation_sources: list[str] = field(default_factory=list)  # separate validation files; replace the fraction
     tokenizer: str | None = None  # a Hugging Face tokenizer folder; None = train a byte-level BPE on the corpus
     vocab_size: int = 4096  # size of the BPE trained when `tokenizer` is None
+    tokenizer_sample_bytes: int = 64_000_000  # the BPE trains on the first this-many bytes of training documents
     max_bytes: int | None = 8_000_000  # read at most this much text (the built-in corpus is ~30 MB)
     cache_dir: str = ".cache/rung/data"
     shard_tokens: int = 1 << 24  # tokens per shard file
@@ -131,10 +139,20 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.vocab_size < 260:
             raise ConfigError("vocab_size", f"must be >= 260 (256 bytes + specials), got {self.vocab_size}")
-        if self.max_bytes is not None and self.max_bytes < 1:
-            raise ConfigError("max_bytes", f"must be >= 1 or null, got {self.max_bytes}")
+        for name in ("max_bytes", "tokenizer_sample_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(name, f"must be >= 1{' or null' if name == 'max_bytes' else ''}, got {value}")
         if self.shard_tokens < 1:
             raise ConfigError("shard_tokens", f"must be >= 1, got {self.shard_tokens}")
+        if not math.isfinite(self.validation_fraction) or not 0 <= self.validation_fraction <= 0.5:
+            raise ConfigError("validation_fraction", f"must be in [0, 0.5], got {self.validation_fraction}")
+        if not self.text_field:
+            raise ConfigError("text_field", "must name a field")
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_sources) or self.validation_fraction > 0
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -156,6 +174,8 @@ class TrainConfig:
     dtype: DType = "float32"
     seed: int = 0
     log_every: int = 10
+    eval_every: int = 100  # steps between validation-loss evaluations (0 = only the final one, which always runs)
+    eval_batches: int = 4  # global batches of the validation split per evaluation (fewer if the split is smaller)
     workers: int = 1  # data-parallel worker processes (Ray Train workers when > 1 or on a cluster)
     use_gpu: bool = False  # one GPU per worker
     expert_parallel: int = 1  # MoE: workers per expert-parallel group, each holding n_experts / expert_parallel
@@ -191,7 +211,9 @@ class TrainConfig:
             raise ConfigError("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("grad_clip", "weight_decay", "checkpoint_every", "keep_checkpoints"):
+        if self.eval_batches < 1:
+            raise ConfigError("eval_batches", f"must be >= 1, got {self.eval_batches}")
+        for name in ("grad_clip", "weight_decay", "checkpoint_every", "keep_checkpoints", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.adam_eps <= 0:
@@ -237,5 +259,12 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     """Paths resolved against this process's directory: Ray workers run elsewhere."""
     data = cfg.data
     return evolve(cfg, {"out_dir": os.path.abspath(cfg.out_dir), "data.cache_dir": os.path.abspath(data.cache_dir),
-                        "data.sources": [os.path.abspath(source) for source in data.sources],
+                        "data.sources": [_absolute(source) for source in data.sources],
+                        "data.validation_sources": [_absolute(source) for source in data.validation_sources],
                         "data.tokenizer": os.path.abspath(data.tokenizer) if data.tokenizer is not None else None})
+
+
+def _absolute(source: str) -> str:
+    """A source that exists (or a glob) resolved against this directory; one that names nothing here stays as
+    written, so the error that refuses it (not found, or a hub id) names what the user wrote."""
+    return os.path.abspath(source) if os.path.exists(source) or glob.has_magic(source) else source

@@ -116,8 +116,8 @@ def run_pipeline(cfg: RunConfig, options: PipelineOptions, log=print) -> dict:
             raise RungError(f"every sweep run failed; see {sweep_dir}/results.jsonl")
         lr = chosen["values"]["train.lr"]
         spread = summary["spread_octaves"].get(cfg.param.name, {}).get("train.lr")
-        return {"lr": lr, "plot": str(sweep_dir / "sweep.png"),
-                "summary": f"best LR {lr:.4g} at the proxy" + (f", optimum spread {spread:.2f} octaves across "
+        return {"lr": lr, "plot": str(sweep_dir / "sweep.png"), "loss_used": summary["loss_used"],
+                "summary": f"best LR {lr:.4g} at the proxy by {summary['loss_used']} loss" + (f", optimum spread {spread:.2f} octaves across "
                                                                 f"widths {proxy_widths}" if spread is not None else "")}
 
     sweep = stages.run("sweep", {"config": to_dict(proxy), "grid": options.sweep_grid, "widths": proxy_widths},
@@ -133,10 +133,13 @@ def run_pipeline(cfg: RunConfig, options: PipelineOptions, log=print) -> dict:
         rows = train(target, resume=True, address=options.address, log=log, transfer=record)
         tail = rows[-max(len(rows) // 10, 1):]
         tokens_per_s = sum(r["tokens"] for r in tail) / sum(r["seconds"] for r in tail)
-        return {"run_dir": str(RunDir.of(target).root), "loss": rows[-1]["loss"], "tokens_per_s": tokens_per_s,
+        val_loss = rows[-1].get("val_loss")
+        return {"run_dir": str(RunDir.of(target).root), "loss": rows[-1]["loss"], "val_loss": val_loss,
+                "tokens_per_s": tokens_per_s,
                 "summary": f"width {target.model.d_model}, {options.workers} workers ZeRO-2, LR "
                            f"{target.train.lr:.4g} from the sweep: loss {rows[0]['loss']:.3f} -> "
-                           f"{rows[-1]['loss']:.3f}, {tokens_per_s:,.0f} tokens/s"}
+                           f"{rows[-1]['loss']:.3f}" + (f", validation {val_loss:.3f}" if val_loss is not None
+                                                       else "") + f", {tokens_per_s:,.0f} tokens/s"}
 
     trained = stages.run("train", {"config": to_dict(target)}, train_stage, log)
 
@@ -179,10 +182,12 @@ def stop(process: subprocess.Popen) -> None:
 
 def summary_text(result: dict, url: str, answer: str) -> str:
     sweep, trained = result["sweep"], result["train"]
+    val_loss = trained.get("val_loss")
+    validation = "no validation split" if val_loss is None else f"validation {val_loss:.4f}"
     return f"""
 rung pipeline — done
-  sweep:     {sweep['plot']} (chosen LR {sweep['lr']:.4g})
-  target:    loss {trained['loss']:.4f}, {trained['tokens_per_s']:,.0f} tokens/s  ({trained['run_dir']})
+  sweep:     {sweep['plot']} (chosen LR {sweep['lr']:.4g}, by {sweep.get('loss_used', 'training')} loss)
+  target:    loss {trained['loss']:.4f}, {validation}, {trained['tokens_per_s']:,.0f} tokens/s  ({trained['run_dir']})
   model:     {result['model_dir']}
   endpoint:  {url}/v1   (model "rung-pipeline")
   metrics:   {url}/metrics

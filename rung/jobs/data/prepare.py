@@ -8,9 +8,9 @@ from rung.jobs.config import RunConfig
 from rung.jobs.data.shards import PreparedData, prepare
 
 
-def prepare_data(cfg: RunConfig, log=print) -> PreparedData:
-    """Tokenize (or reuse) the corpus and check its vocabulary fits the model."""
-    data = prepare(cfg.data, log=log)
+def prepare_data(cfg: RunConfig, log=print, workers: int = 0, address: str | None = None) -> PreparedData:
+    """Tokenize (or reuse) the corpus and check its vocabulary fits the model. `workers` > 0: on Ray Data."""
+    data = prepare(cfg.data, log=log, workers=workers, address=address)
     if data.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({data.vocab_size})")

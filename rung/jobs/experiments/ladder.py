@@ -2,7 +2,10 @@
 scaling laws without the largest rung, and check the fit's prediction of that rung.
 
 N is the non-embedding parameter count (active parameters for MoE; Kaplan et al. found the cleanest laws with
-it), D the training tokens, compute 6·N·D. Writes fit.json and ladder.png.
+it), D the training tokens, compute 6·N·D. Each rung's loss is its validation loss (the final evaluation on the
+held-out split; training loss only where the data has no validation split), so the fits predict held-out loss,
+not how well a small corpus was memorised; fit.json says which (`loss_used`) and keeps each rung's training loss.
+Writes results.jsonl, fit.json and ladder.png.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from rung.jobs.config import RunConfig, with_absolute_paths
 from rung.jobs.data.prepare import prepare_data
 from rung.jobs.experiments.scaling_laws import Chinchilla, fit_chinchilla, fit_power_law, fit_routed_moe
 from rung.jobs.experiments.shapes import reshape
-from rung.jobs.experiments.sweep import Point, run_points
+from rung.jobs.experiments.sweep import LOSS_LABEL, Point, loss_used, run_points
 from rung.jobs.model.counting import count
 
 
@@ -54,7 +57,8 @@ def fit_ladder(rows: list[dict], moe: bool, bootstrap: int = 50) -> dict:
     held = max(ok, key=lambda r: (r["n"] * r["d"], r["n"]))
     train = [r for r in ok if r is not held]
     n, d, loss = (np.array([r[k] for r in train], dtype=float) for k in ("n", "d", "loss"))
-    fit: dict = {"points": len(train), "held_out": {k: held[k] for k in ("name", "n", "d", "loss")}}
+    fit: dict = {"points": len(train), "loss_used": loss_used(rows),
+                 "held_out": {k: held[k] for k in ("name", "n", "d", "loss", "train_loss")}}
     at_max_d = [r for r in train if r["d"] == max(x["d"] for x in train if x["n"] == r["n"])]
     at_max_n = [r for r in train if r["n"] == max(x["n"] for x in train if x["d"] == r["d"])]
     for key, subset, axis in (("kaplan_n", at_max_d, "n"), ("kaplan_d", at_max_n, "d")):
@@ -95,8 +99,8 @@ def run_ladder(base: RunConfig, widths: list[int], depths: list[int], experts: l
     plot_ladder(rows, fit, out / "ladder.png")
     held = fit["held_out"]
     if "predicted" in held:
-        log(f"ladder: held-out rung {held['name']}: predicted {held['predicted']:.4f}, actual {held['loss']:.4f} "
-            f"({held['relative_error']:.1%} off)")
+        log(f"ladder: held-out rung {held['name']}: predicted {fit['loss_used']} loss {held['predicted']:.4f}, "
+            f"actual {held['loss']:.4f} ({held['relative_error']:.1%} off)")
     log(f"ladder: wrote {out}/fit.json and ladder.png")
     return fit
 
@@ -125,7 +129,7 @@ def plot_ladder(rows: list[dict], fit: dict, path: Path) -> None:
             ax.plot([6 * held["n"] * held["d"]], [held["predicted"]], "rx", markersize=10, label="prediction")
     ax.set_xscale("log")
     ax.set_xlabel("training compute 6·N·D (FLOPs)")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel(LOSS_LABEL.get(fit["loss_used"], "loss"))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -2,8 +2,12 @@
 shape interpolated on the log grid, and the μTransfer figure.
 
 Every point trains with the same seed-determined data order; a diverged run (non-finite loss, or loss above
-train.max_loss) or a crashed one is a failed row, never the end of the sweep. The base (proxy) shape of every
-point is the sweep's smallest width and depth, so the parametrization — not the sweep — scales each shape.
+train.max_loss) or a crashed one is a failed row, never the end of the sweep. A run is judged by its validation loss
+(the final evaluation on the held-out split), so an optimum cannot be memorisation; without a validation split, by
+its training loss over the last fifth of its steps. Rows and summaries record both, and which one decided.
+
+The base (proxy) shape of every point is the sweep's smallest width and depth, so the parametrization — not the
+sweep — scales each shape.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from rung.jobs.experiments.shapes import reshape
 from rung.jobs.params.parametrization import Parametrization
 from rung.jobs.params.roles import Role
 from rung.jobs.progress import Progress
+
+
+LOSS_LABEL = {"validation": "validation loss (final evaluation)", "training": "training loss (last 20% of steps)"}
 
 
 @dataclass
@@ -73,6 +80,16 @@ def training_identity(cfg: RunConfig) -> str:
                       sort_keys=True)
 
 
+def judged_loss(rows: list[dict]) -> dict:
+    """What a finished run is judged by, with both losses on record: `loss` is the validation loss of its final
+    evaluation, or — without a validation split — the mean training loss over its last fifth of steps."""
+    tail = rows[-max(len(rows) // 5, 1):]
+    train_loss = float(np.mean([r["loss"] for r in tail]))
+    val_loss = rows[-1].get("val_loss")
+    return {"loss": train_loss if val_loss is None else val_loss, "loss_used": "training" if val_loss is None
+            else "validation", "train_loss": train_loss, "val_loss": val_loss, "final_loss": rows[-1]["loss"]}
+
+
 def _run_point(payload: dict) -> dict:
     """One sweep point, inside a Ray task. Returns its result row; never raises for a failed run."""
     import os
@@ -86,9 +103,7 @@ def _run_point(payload: dict) -> dict:
     started = time.perf_counter()
     try:
         rows = train_here(cfg, log=lambda _line: None)
-        tail = rows[-max(len(rows) // 5, 1):]
-        row.update(status="ok", final_loss=rows[-1]["loss"], loss=float(np.mean([r["loss"] for r in tail])),
-                   tokens=sum(r["tokens"] for r in rows))
+        row.update(status="ok", **judged_loss(rows), tokens=sum(r["tokens"] for r in rows))
     except TrainingDiverged as err:
         row.update(status="diverged", error=str(err))
     except RungError as err:
@@ -108,7 +123,8 @@ def run_points(points: list[tuple[Point, RunConfig]], address: str | None, label
     progress = Progress(label, len(points), "runs")
     for done, (index, row) in enumerate(_completed(payloads, address, processes), start=1):
         rows[index] = row
-        outcome = f"loss {row['loss']:.4f}" if row["status"] == "ok" else row["status"]
+        outcome = (f"{row['loss_used']} loss {row['loss']:.4f} (training {row['train_loss']:.4f})"
+                   if row["status"] == "ok" else row["status"])
         log(progress.line(done, done, f"{row['name']}: {outcome} | "))
     return rows
 
@@ -163,13 +179,16 @@ def summarize(rows: list[dict], fields: list[str], sweep_id: str, base_shape: di
             continue
         mean = {point: float(np.mean(losses)) for point, losses in by_point.items()}
         best = min(mean, key=mean.get)
+        train_at_best = [r["train_loss"] for r in mine if r["status"] == "ok"
+                         and tuple(r["hparams"][f] for f in fields) == best]
         optimum = {}
         for i, field in enumerate(fields):  # along each field, through the best point
             line = sorted((p[i], loss) for p, loss in mean.items() if all(p[j] == best[j] for j in range(len(best))
                                                                           if j != i))
             optimum[field] = _log2_optimum([v for v, _ in line], [loss for _, loss in line])
         shapes.append({"param": param, "width": width, "depth": depth, "experts": experts or None,
-                       "best": dict(zip(fields, best)), "best_loss": mean[best], "optimum_log2": optimum,
+                       "best": dict(zip(fields, best)), "best_loss": mean[best],
+                       "best_train_loss": float(np.mean(train_at_best)), "optimum_log2": optimum,
                        "optimum": {f: 2.0 ** v for f, v in optimum.items()}})
     spread, transfer = {}, {}
     for param in sorted({s["param"] for s in shapes}):
@@ -181,8 +200,14 @@ def summarize(rows: list[dict], fields: list[str], sweep_id: str, base_shape: di
         proxy = min(fitted, key=lambda s: (s["width"], s["depth"], s["experts"] or 0))
         transfer[param] = {"proxy": {"width": proxy["width"], "depth": proxy["depth"], "experts": proxy["experts"]},
                            "values": proxy["optimum"]}
-    return {"sweep_id": sweep_id, "fields": fields, "base_shape": base_shape, "shapes": shapes,
-            "spread_octaves": spread, "transfer": transfer}
+    return {"sweep_id": sweep_id, "fields": fields, "base_shape": base_shape, "loss_used": loss_used(rows),
+            "shapes": shapes, "spread_octaves": spread, "transfer": transfer}
+
+
+def loss_used(rows: list[dict]) -> str:
+    """Which loss the rows were judged by: "validation", "training", or "none" when every run failed."""
+    kinds = {r["loss_used"] for r in rows if r["status"] == "ok"}
+    return kinds.pop() if len(kinds) == 1 else "none" if not kinds else "mixed"
 
 
 def run_sweep(base: RunConfig, grids: dict[str, list[float]], params: list[str], widths: list[int] | None,
@@ -216,7 +241,8 @@ def run_sweep(base: RunConfig, grids: dict[str, list[float]], params: list[str],
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_sweep(rows, list(grids)[0], out / "sweep.png")
     failed = sum(r["status"] != "ok" for r in rows)
-    log(f"sweep: {len(rows) - failed} runs ok, {failed} failed; wrote {out}/results.jsonl, summary.json, sweep.png")
+    log(f"sweep: {len(rows) - failed} runs ok, {failed} failed, judged by {summary['loss_used']} loss; wrote "
+        f"{out}/results.jsonl, summary.json, sweep.png")
     for param, spread in summary["spread_octaves"].items():
         log(f"sweep: {param}: optimum spread across shapes " + ", ".join(f"{f} {v:.2f} octaves"
                                                                         for f, v in spread.items()))
@@ -249,7 +275,7 @@ def plot_sweep(rows: list[dict], field: str, path: Path) -> None:
         ax.set_title(param)
         ax.set_xlabel(f"log2 {field}")
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("training loss (last 20% of steps; x = diverged)")
+    axes[0][0].set_ylabel(LOSS_LABEL.get(loss_used(rows), "loss") + " (x = diverged)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,7 +1,8 @@
 """Hyperparameter transfer: a sweep's best values at the proxy shape become the target's base hyperparameters.
 
 The target keeps its own shape and takes the proxy shape as its parametrization's base shape; the per-group
-multipliers then follow from the rules (rung.jobs.params.parametrization). Nothing is rescaled here by hand.
+multipliers then follow from the rules (rung.jobs.params.parametrization). Nothing is rescaled here by hand. The
+record says which loss chose the values (`loss_used`: validation, or training where the sweep had no split).
 """
 
 from __future__ import annotations
@@ -37,5 +38,7 @@ def apply_transfer(cfg: RunConfig, summary_path: str | Path) -> tuple[RunConfig,
                        "param.base_width": proxy["width"], "param.base_depth": proxy["depth"]})
     record = {"sweep_id": summary["sweep_id"], "summary": str(path.resolve()), "parametrization": cfg.param.name,
               "proxy_shape": proxy, "target_shape": {"width": cfg.model.d_model, "depth": cfg.model.n_layers},
-              "values": choice["values"]}
+              "values": choice["values"],
+              # summaries written before validation splits existed were judged by training loss
+              "loss_used": summary.get("loss_used", "training")}
     return cfg, record

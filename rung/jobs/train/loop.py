@@ -18,12 +18,13 @@ import yaml
 from rung.config import from_dict, to_dict
 from rung.errors import ConfigError, RungError
 from rung.jobs.config import RunConfig, with_absolute_paths
-from rung.jobs.data.loader import SequenceLoader
+from rung.jobs.data.loader import SequenceLoader, ValidationSet
 from rung.jobs.data.prepare import prepare_data
 from rung.jobs.model.counting import count
 from rung.jobs.run_dir import RunDir
 from rung.jobs.train.checkpointer import Checkpointer
 from rung.jobs.train.deepspeed_engine import build_engine, check_launchable, rung_clips
+from rung.jobs.train.evaluate import evaluate, perplexity
 from rung.jobs.train.guard import DivergenceGuard
 from rung.jobs.train.metrics import MetricsLogger, keep_metrics_until, read_metrics
 from rung.jobs.train.step import StepMetrics, train_step
@@ -37,6 +38,8 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
     say = log if rank == 0 else (lambda _line: None)
     data = prepare_data(cfg, say)
     loader = SequenceLoader(data, cfg.train.seq_len, cfg.train.global_batch, cfg.train.seed)
+    validation = ValidationSet(data, cfg.train.seq_len, cfg.train.global_batch, cfg.train.eval_batches,
+                               cfg.train.seed) if data.validation else None
     engine = build_engine(cfg, world_size)
     checkpointer = Checkpointer(run_dir, cfg)
     start, tokens = 0, 0
@@ -62,6 +65,9 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
     try:
         for step in range(start, cfg.train.steps):
             row = train_step(engine, loader, step, rank, world_size, guard)
+            if validation is not None and evaluation_due(cfg, row.step):
+                row.val_loss = evaluate(engine, validation, rank, world_size)
+                row.val_perplexity = perplexity(row.val_loss)
             history.append(row)
             tokens += row.tokens
             metrics.record(row)
@@ -71,6 +77,13 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
     finally:
         metrics.close()
     return history
+
+
+def evaluation_due(cfg: RunConfig, step: int) -> bool:
+    """Every `train.eval_every` steps and at the last: a function of the step alone, so a resumed run keeps the
+    schedule."""
+    every = cfg.train.eval_every
+    return step == cfg.train.steps or every > 0 and step % every == 0
 
 
 def _check_storage(cfg: RunConfig, run_dir: RunDir, resume: bool, restart: bool) -> None:

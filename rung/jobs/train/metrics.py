@@ -54,6 +54,8 @@ class TrainMetrics:
                                   "Time the last optimizer step spent building its batch.")
         self.peak_memory = gauge("rung_train_peak_memory_bytes",
                                  "This worker's peak memory: CUDA allocations on a GPU, resident set on a CPU.")
+        self.validation_loss = gauge("rung_train_validation_loss", "Cross-entropy on the held-out validation split "
+                                     "at the last evaluation (train.eval_every steps and the last step).")
         self.group_learning_rate = Gauge("rung_train_group_learning_rate", "Learning rate of each parametrization "
                                          "group after the schedule.", [*labels, "group"], registry=r)
         self._rank = labels["rank"]
@@ -75,6 +77,8 @@ class TrainMetrics:
         self.tokens.inc(row.tokens // world_size)
         self.data_seconds.set(row.data_seconds)
         self.peak_memory.set(row.peak_memory_bytes)
+        if row.val_loss is not None:
+            self.validation_loss.set(row.val_loss)
         for group, lr in row.group_lrs.items():
             self.group_learning_rate.labels(rank=self._rank, group=group).set(lr)
 
@@ -111,9 +115,10 @@ def keep_metrics_until(run_dir: RunDir, step: int) -> None:
 
 
 class MetricsLogger:
-    """Every step to Prometheus (each worker), metrics.jsonl (rank 0) and, every `train.log_every` steps, one
-    console line with loss, LR, MFU, data time, peak memory, rate and ETA. MFU divides the counted FLOPs by
-    `train.peak_flops`, the datasheet peak of a known GPU, or a measured CPU matmul rate."""
+    """Every step to Prometheus (each worker), metrics.jsonl (rank 0) and, every `train.log_every` steps and at
+    every evaluation, one console line with loss, validation loss, LR, MFU, data time, peak memory, rate and
+    ETA. MFU divides the counted FLOPs by `train.peak_flops`, the datasheet peak of a known GPU, or a measured CPU
+    matmul rate."""
 
     def __init__(self, run_dir: RunDir, cfg: RunConfig, rank: int, world_size: int, start: int, say):
         self.cfg, self.world_size, self.say = cfg, world_size, say
@@ -135,9 +140,10 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(asdict(row)) + "\n")
             self._jsonl.flush()
-        if row.step % self.cfg.train.log_every == 0 or row.step == self.cfg.train.steps:
-            self.say(self.progress.line(row.step, self.trained, f"loss {row.loss:.4f} lr {row.lr:.2e} mfu {mfu:.1%} "
-                                        f"data {row.data_seconds * 1000:.1f} ms "
+        if row.step % self.cfg.train.log_every == 0 or row.step == self.cfg.train.steps or row.val_loss is not None:
+            val = f"val {row.val_loss:.4f} " if row.val_loss is not None else ""
+            self.say(self.progress.line(row.step, self.trained, f"loss {row.loss:.4f} {val}lr {row.lr:.2e} "
+                                        f"mfu {mfu:.1%} data {row.data_seconds * 1000:.1f} ms "
                                         f"peak {row.peak_memory_bytes / (1 << 20):,.0f} MiB "))
 
     def checkpoint(self, path, seconds: float) -> None:

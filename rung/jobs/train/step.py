@@ -28,6 +28,9 @@ class StepMetrics:
     data_seconds: float = 0.0  # of `seconds`, spent building the step's batch
     peak_memory_bytes: int = 0  # this worker's peak so far: CUDA allocations on a GPU, resident set on a CPU
     group_lrs: dict[str, float] = field(default_factory=dict)  # every parametrization group's LR after the schedule
+    # Cross-entropy on the held-out validation set, at steps that evaluate (train.eval_every, the last); else None
+    val_loss: float | None = None
+    val_perplexity: float | None = None
 
 
 def group_lrs(optimizer) -> dict[str, float]:

@@ -1,0 +1,39 @@
+"""Validation loss: the held-out windows scored without gradients on every rank, reduced once.
+
+Every rank runs the same number of forward passes (the set is cut to a multiple of the world size, or repeated up
+to it), because ZeRO-3's parameter gathers and expert parallelism's all-to-alls are collectives that every rank
+must join. The figure is cross-entropy per token over the whole set — sums and counts reduced in one all-reduce —
+the same quantity as the training loss, without the router losses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from rung.jobs.data.loader import ValidationSet
+from rung.jobs.model.transformer import language_model_loss
+
+
+def evaluate(engine, validation: ValidationSet, rank: int, world_size: int) -> float:
+    """Mean validation cross-entropy per token, the same number on every rank."""
+    totals = torch.zeros(2, dtype=torch.float64)  # summed cross-entropy, tokens
+    was_training = engine.module.training
+    engine.module.train(False)
+    try:
+        with torch.no_grad():
+            for inputs, targets in validation.rank_batches(rank, world_size, engine.train_micro_batch_size_per_gpu()):
+                _, ce = language_model_loss(engine(inputs.to(engine.device)), targets.to(engine.device))
+                totals[0] += ce.double().cpu() * targets.numel()
+                totals[1] += targets.numel()
+    finally:
+        engine.module.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # beyond ~709 exp overflows; a loss that high is divergence anyway
