@@ -48,6 +48,7 @@ bench-vllm-venv:
 
 bench: install
 	$(BIN)/python bench/train_throughput.py --out bench/out
+	$(BIN)/python bench/tokenize_throughput.py --out bench/out
 	-$(MAKE) bench-vllm-venv  # if vLLM cannot be installed, the engine benchmark records why and goes on
 	$(BIN)/python bench/serve_engine.py --out bench/out --vllm-python $(VLLM_VENV)/bin/python
 	$(BIN)/python bench/serve_http.py --out bench/out --vllm-python $(VLLM_VENV)/bin/python

@@ -127,6 +127,17 @@ def corrupt_parquet(root: Path) -> list[str]:
     return [f"data.sources=[{root / 'a.parquet'}]"]
 
 
+def damaged_parquet_pages(root: Path) -> list[str]:
+    """A sound footer over damaged data pages: found only when the row group is read."""
+    pq.write_table(pa.table({"text": [f"line {i} " * 40 for i in range(400)]}), root / "a.parquet",
+                   row_group_size=100)
+    data = bytearray((root / "a.parquet").read_bytes())
+    for offset in range(200, 4000, 7):
+        data[offset] ^= 0xFF
+    (root / "a.parquet").write_bytes(bytes(data))
+    return [f"data.sources=[{root / 'a.parquet'}]"]
+
+
 def corrupt_zstd(root: Path) -> list[str]:
     (root / "a.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd garbage")
     return [f"data.sources=[{root / 'a.jsonl.zst'}]"]
@@ -157,6 +168,7 @@ def dataset_dict_folder(root: Path) -> list[str]:
     (parquet_without_text, ["a.parquet", "'text'", "body, url"]),
     (parquet_with_numbers, ["a.parquet", "'text'", "int64"]),
     (corrupt_parquet, ["a.parquet", "not a readable Parquet file"]),
+    (damaged_parquet_pages, ["a.parquet"]),
     (corrupt_zstd, ["a.jsonl.zst", "unreadable"]),
     (hub_id, ["HuggingFaceFW/fineweb-edu", "hub", "download it first"]),
     (empty_validation_sources, ["validation split is empty", "val.txt"]),

@@ -113,9 +113,17 @@ def test_no_validation_text_reaches_any_training_batch(tmp_path):
                 seen |= ids_in(window)
     assert seen == set(range(60)) - held
     validation = ValidationSet(data, seq_len=32, global_batch=4, batches=100, seed=0)
-    scored = set().union(*(ids_in(w) for rank in range(2) for batch in validation.rank_batches(rank, 2, 3)
-                           for w in batch[0]))
+    scored: set[int] = set()
+    rows = []
+    for rank in range(2):
+        batches = list(validation.rank_batches(rank, 2, 3))
+        rows.append(sum(len(weights) for *_, weights in batches))
+        for inputs, _targets, weights in batches:
+            scored |= set().union(*(ids_in(w) for w, weight in zip(inputs, weights) if weight))
     assert scored == held
+    assert rows[0] == rows[1]  # both ranks run as many forwards (ZeRO-3 and expert parallelism need it)
+    weighted = sum(float(w.sum()) for rank in range(2) for *_, w in validation.rank_batches(rank, 2, 3))
+    assert weighted == validation.ids.size == validation.num_sequences  # each window scored exactly once
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
     out_dir/name/                      RunDir.of(cfg)
         config.yaml                    the resolved RunConfig the run trained with
-        metrics.jsonl                  one row per optimizer step (the last write of a step wins, as after a restart)
+        metrics.jsonl                  one row per optimizer step (the last write of a step wins, as after a restart);
+                                       val_loss / val_perplexity at the steps that evaluate, else null
         transfer.json                  provenance of hyperparameters transferred from a sweep (`--hparams-from`)
         tokenizer.json                 the run's tokenizer, which export ships with the model
         workers/rank{r}.json           which process (and experts) each worker had, for operators

@@ -134,14 +134,23 @@ def read_part(part: Part, text_field: str) -> Iterator[str]:
         elif part.kind == "jsonl":
             yield from _jsonl_documents(path, text_field)
         elif part.kind == "parquet":
-            table = _parquet_file(path, text_field).read_row_group(part.row_group, columns=[text_field])
-            yield from (text for text in table.column(0).to_pylist() if text)
+            yield from _parquet_documents(path, part.row_group, text_field)
         else:
             with _arrow_reader(path) as reader:
                 for batch in reader:
                     yield from (text for text in batch.column(text_field).to_pylist() if text)
     except OSError as err:
         raise DataError(f"cannot read corpus file {path}: {err.strerror or err}") from None
+
+
+def _parquet_documents(path: Path, row_group: int, text_field: str) -> Iterator[str]:
+    import pyarrow
+
+    try:
+        table = _parquet_file(path, text_field).read_row_group(row_group, columns=[text_field])
+    except pyarrow.ArrowException as err:  # a sound footer over damaged pages fails only here
+        raise DataError(f"{path}: row group {row_group} is damaged ({err})") from None
+    yield from (text for text in table.column(0).to_pylist() if text)
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:

@@ -93,10 +93,14 @@ class ValidationSet(TokenWindows):
         self.ids = order[: batches * global_batch]
 
     def rank_batches(self, rank: int, world_size: int, micro_batch: int
-                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's share (every world_size-th window), in micro-batches; every rank gets as many: the set is
-        cut to a multiple of the world size, or repeated up to it when it holds fewer windows."""
-        count = max(self.ids.size // world_size, 1) * world_size
-        mine = np.resize(self.ids, count)[rank::world_size]
-        for start in range(0, mine.size, micro_batch):
-            yield self.stack(mine[start: start + micro_batch])
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(inputs, targets, row weights) of this rank's share — every world_size-th window — in micro-batches.
+        Every rank runs as many forwards: a shorter share is padded with weight-0 rows, so the whole set is scored
+        once whatever the world size."""
+        per_rank = -(-self.ids.size // world_size)
+        mine = self.ids[rank::world_size]
+        weights = torch.zeros(per_rank, dtype=torch.float64)
+        weights[: mine.size] = 1.0
+        padded = np.concatenate([mine, np.full(per_rank - mine.size, self.ids[0], dtype=np.int64)])
+        for start in range(0, per_rank, micro_batch):
+            yield (*self.stack(padded[start: start + micro_batch]), weights[start: start + micro_batch])

@@ -101,9 +101,14 @@ class Transformer(nn.Module):
         return ModelOutput(logits=logits, router_loss=router_loss, router_stats=stats)
 
 
+def token_cross_entropy(output: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of every position in fp32, [batch, seq]."""
+    return F.cross_entropy(output.logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+
+
 def language_model_loss(output: ModelOutput, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to optimise, cross-entropy alone): next-token cross-entropy in fp32 plus the router losses."""
-    ce = F.cross_entropy(output.logits.float().flatten(0, 1), targets.flatten())
+    """(loss to optimise, cross-entropy alone): mean next-token cross-entropy plus the router losses."""
+    ce = token_cross_entropy(output, targets).mean()
     return ce + output.router_loss, ce
 
 

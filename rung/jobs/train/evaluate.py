@@ -1,9 +1,9 @@
 """Validation loss: the held-out windows scored without gradients on every rank, reduced once.
 
-Every rank runs the same number of forward passes (the set is cut to a multiple of the world size, or repeated up
-to it), because ZeRO-3's parameter gathers and expert parallelism's all-to-alls are collectives that every rank
-must join. The figure is cross-entropy per token over the whole set — sums and counts reduced in one all-reduce —
-the same quantity as the training loss, without the router losses.
+Every rank runs the same number of forward passes (a shorter share is padded with weight-0 rows), because ZeRO-3's
+parameter gathers and expert parallelism's all-to-alls are collectives that every rank must join. The figure is
+cross-entropy per token over the whole set — sums and counts reduced in one all-reduce, so it is the same number
+whatever the world size — the same quantity as the training loss, without the router losses.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from rung.jobs.data.loader import ValidationSet
-from rung.jobs.model.transformer import language_model_loss
+from rung.jobs.model.transformer import token_cross_entropy
 
 
 def evaluate(engine, validation: ValidationSet, rank: int, world_size: int) -> float:
@@ -24,10 +24,11 @@ def evaluate(engine, validation: ValidationSet, rank: int, world_size: int) -> f
     engine.module.train(False)
     try:
         with torch.no_grad():
-            for inputs, targets in validation.rank_batches(rank, world_size, engine.train_micro_batch_size_per_gpu()):
-                _, ce = language_model_loss(engine(inputs.to(engine.device)), targets.to(engine.device))
-                totals[0] += ce.double().cpu() * targets.numel()
-                totals[1] += targets.numel()
+            for inputs, targets, weights in validation.rank_batches(rank, world_size,
+                                                                     engine.train_micro_batch_size_per_gpu()):
+                losses = token_cross_entropy(engine(inputs.to(engine.device)), targets.to(engine.device))
+                totals[0] += (losses.double().sum(1).cpu() * weights).sum()
+                totals[1] += weights.sum() * targets.shape[1]
     finally:
         engine.module.train(was_training)
     if world_size > 1:
