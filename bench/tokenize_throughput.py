@@ -5,8 +5,9 @@ The corpus is the built-in one (the Python standard library's source) written as
 row group, the shape of a FineWeb-style corpus; the tokenizer is a byte-level BPE trained once beforehand and given
 as `data.tokenizer`, so every rung figure is reading + encoding + writing shards, and the baseline is encoding
 alone, from texts already in memory. Ray is started once before the rounds (its start-up is reported apart); the
-configurations alternate within each round and the medians are reported. Every path uses the library's default
-threading. Writes OUT/tokenize_throughput.json and OUT/tokenize_throughput.png.
+configurations alternate within each round and the medians are reported. `encode_batch` and rung's one-process
+path use the library's default threading (every core); a Ray Data worker encodes on one thread, the one CPU Ray
+reserves for it. Writes OUT/tokenize_throughput.json and OUT/tokenize_throughput.png.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 (CompleteP and Depth-μP vs SP) and MoE expert counts, and the ladder's prediction of its held-out rung.
 
 Each part writes its sweep/ladder folder under OUT; the figures that matter are printed and collected in
-OUT/evidence.json for bench/RESULTS.md. Hours of CPU at the full settings; `--quick` is a smoke run.
+OUT/evidence.json for bench/RESULTS.md, with the loss each decision used (validation loss since rung has a held-out
+split; the committed folders predate it and are on training loss). Hours of CPU at the full settings; `--quick` is
+a smoke run.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from rung.jobs.loading import load_run_config  # noqa: E402
 
 
 def verdict(summary: dict, param: str) -> dict:
-    """Octaves the optimum moved across shapes, and whether the best loss fell strictly with size."""
+    """Octaves the optimum moved across shapes, and whether the best loss fell strictly with size; `loss_used` says
+    which loss (validation, or training in folders made before rung had a validation split)."""
     shapes = sorted((s for s in summary["shapes"] if s["param"] == param and "best_loss" in s),
                     key=lambda s: (s["width"], s["depth"], s["experts"] or 0))
     losses = [s["best_loss"] for s in shapes]
-    return {"optimum_log2_lr": [round(s["optimum_log2"]["train.lr"], 2) for s in shapes],
+    return {"loss_used": summary.get("loss_used", "training"),
+            "optimum_log2_lr": [round(s["optimum_log2"]["train.lr"], 2) for s in shapes],
             "spread_octaves": summary["spread_octaves"].get(param, {}).get("train.lr"),
             "best_loss": [round(x, 4) for x in losses],
             "loss_falls_with_size": all(b < a for a, b in zip(losses, losses[1:]))}
@@ -85,7 +89,7 @@ def main() -> None:
         fit = run_ladder(load_run_config("tiny", [*common, "param.base_width=32", f"train.lr={lr}"]),
                          [32, 64] if args.quick else [32, 48, 64, 96, 128], [2], None, budgets, str(out / "ladder"),
                          processes=args.processes)
-        evidence["ladder"] = fit["held_out"]
+        evidence["ladder"] = {**fit["held_out"], "loss_used": fit["loss_used"]}
     evidence_path.write_text(json.dumps(evidence, indent=2))
     print(json.dumps(evidence, indent=2))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -74,10 +75,13 @@ def encode_blocks(blocks: list[list[Part]], tokenizer: Tokenizer, text_field: st
 
 
 class _Encoder:
-    """A Ray Data actor: one tokenizer per worker process, one block per call. A DataError (bad record) comes back
-    as the row's `error`, so the driver raises it with its message instead of a wrapped task failure."""
+    """A Ray Data actor: one tokenizer per worker process, one block per call, on one thread — the one CPU Ray
+    reserved for it (`encode_batch` would otherwise spread over every core of the node, and N actors would
+    oversubscribe it). A DataError (bad record) comes back as the row's `error`, so the driver raises it with its
+    message instead of a wrapped task failure."""
 
     def __init__(self, tokenizer_json: str, text_field: str, separator: int, dtype: str):
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the tokenizers library at every call
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.text_field, self.separator, self.dtype = text_field, separator, np.dtype(dtype)
 
