@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -97,3 +99,19 @@ def test_invalid_values_name_their_field(field, value):
     with pytest.raises(SamplingError) as err:
         SamplingParams(**{field: value})
     assert err.value.field == field
+
+
+def test_logit_bias_comes_before_the_penalties_and_takes_greedy_rows_off_the_fast_path():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]])
+    biased = SamplingParams(temperature=0, logit_bias=((2, 10.0),))
+    row = SampleInput("a", biased, prompt_token_ids=(0,), output_token_ids=())
+    assert Sampler().sample(logits, [row])[0].token_id == 2  # greedy, yet the bias decides
+    # repetition_penalty divides a positive logit: (1 + 10) / 2 = 5.5 > 5 only if the bias was added first
+    both = SamplingParams(temperature=0, logit_bias=((2, 10.0),), repetition_penalty=2.0)
+    assert processed_logits(logits[0], SampleInput("b", both, (2,), ())).tolist()[2] == pytest.approx(5.5)
+    banned = SamplingParams(temperature=1.0, seed=0, logit_bias=((1, -100.0),))
+    draws = [Sampler().sample(logits, [SampleInput(f"c{i}", replace(banned, seed=i), (), ())])[0].token_id
+             for i in range(50)]
+    assert 1 not in draws
+    with pytest.raises(SamplingError, match="logit_bias"):
+        SamplingParams(logit_bias=((3, 100.5),))

@@ -146,6 +146,47 @@ def test_errors_use_the_openai_envelope_and_status(server, client):
     assert caught.value.status_code == 400
 
 
+def test_logit_bias_forces_and_bans_tokens(client, model_dir):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    forced = tokenizer.token_to_id("def")
+    assert forced is not None
+    ask = {"model": "tiny", "prompt": "import os\n", "max_tokens": 6, "extra_body": {"ignore_eos": True}}
+    for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):  # greedy and sampled rows alike
+        text = client.completions.create(**ask, **sampling, logit_bias={str(forced): 100}).choices[0].text
+        assert text == "def" * 6, (sampling, text)
+    first = client.completions.create(**{**ask, "max_tokens": 1}, temperature=0, logprobs=1).choices[0]
+    (banned,) = tokenizer.encode(first.text, add_special_tokens=False).ids
+    again = client.completions.create(**{**ask, "max_tokens": 1}, temperature=0, logprobs=1,
+                                      logit_bias={str(banned): -100}).choices[0]
+    assert again.text != first.text
+    assert again.logprobs.token_logprobs[0] < first.logprobs.token_logprobs[0]  # the model's runner-up
+    # chat takes it too; returned logprobs stay the model's own (before the bias), as vLLM's
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logit_bias={str(forced): 100}, logprobs=True,
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == "def" * 3
+    assert all(entry.logprob < 0 for entry in chat.choices[0].logprobs.content)
+
+
+def test_a_model_is_retrieved_by_id_and_fields_rung_cannot_honour_are_refused(server, client):
+    card = client.models.retrieve("tiny")
+    assert card.id == "tiny" and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-9")
+    assert "tiny" in caught.value.message
+    url, auth = f"{server.url}/v1/completions", {"Authorization": f"Bearer {KEY}"}
+    for extra, param in (({"best_of": 3}, "best_of"), ({"suffix": "return x"}, "suffix"),
+                         ({"logit_bias": {"def": 5}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                         ({"logit_bias": {"999999": 1}}, "logit_bias"), ({"logit_bias": {"5": "high"}}, "logit_bias")):
+        status, err = error(http("POST", url, {"model": "tiny", "prompt": "x", **extra}, auth))
+        assert status == 400 and err["param"] == param and err["type"] == "invalid_request_error", (extra, err)
+    for harmless in ({"best_of": 2, "n": 2}, {"suffix": ""}):  # the same as leaving them out: accepted
+        status, _headers, _body = http("POST", url, {"model": "tiny", "prompt": "x", "max_tokens": 1, **harmless}, auth)
+        assert status == 200, harmless
+
+
 MALFORMED = [b"", b"{", b"[]", b"null", b"\xff\xfe\xfd", b'{"model": "tiny"}', b'{"prompt": "x"}',
              b'{"model": 5, "prompt": "x"}', b'{"model": "tiny", "prompt": 5}', b'{"model": "tiny", "prompt": []}',
              b'{"model": "tiny", "prompt": "x", "max_tokens": 1e400}',

@@ -40,9 +40,19 @@ async def metrics(raw: Request):
     return Response(generate_latest(raw.app.state.rung.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _card(state: ServerState) -> ModelCard:
+    return ModelCard(id=state.config.model_name, object="model", created=0, owned_by="rung",
+                     max_model_len=state.engine.max_model_len)
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def models(raw: Request):
+    return JSONResponse(body(ModelList(object="list", data=[_card(raw.app.state.rung)])))
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard)
+async def model(model: str, raw: Request):
+    """One model (the SDK's `models.retrieve`); any other id is a 404 naming the one served."""
     state: ServerState = raw.app.state.rung
-    card = ModelCard(id=state.config.model_name, object="model", created=0, owned_by="rung",
-                     max_model_len=state.engine.max_model_len)
-    return JSONResponse(body(ModelList(object="list", data=[card])))
+    state.check_model(model)
+    return JSONResponse(body(_card(state)))

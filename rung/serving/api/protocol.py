@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rung.serving.core.params import SamplingError, SamplingParams
 
@@ -62,6 +62,17 @@ class Sampling(RequestBody):
     priority: int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None  # token id (as JSON keys are strings) -> bias in [-100, 100]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers), got {key[:40]!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {value} for token {key}")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -83,13 +94,34 @@ class Sampling(RequestBody):
                               repetition_penalty=self.repetition_penalty, stop_token_ids=tuple(self.stop_token_ids),
                               ignore_eos=self.ignore_eos, logprobs=logprobs,
                               skip_special_tokens=self.skip_special_tokens,
-                              spaces_between_special_tokens=self.spaces_between_special_tokens)
+                              spaces_between_special_tokens=self.spaces_between_special_tokens,
+                              logit_bias=tuple((int(t), bias) for t, bias in (self.logit_bias or {}).items()))
 
 
 class CompletionRequest(Sampling):
     prompt: Text | list[Text] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    # Accepted only where they change nothing, so a client never gets an answer that silently ignored them: rung
+    # draws no extra candidates server-side (best_of > n) and its models are not trained for insertion (suffix).
+    best_of: int | None = None
+    suffix: Text | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise ValueError("insertion (a non-empty suffix) is not supported: rung's models are not trained for it")
+        return suffix
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of != n:
+            raise ValueError(f"{best_of} (other than n, {n}) is not supported: rung returns every sample it draws; "
+                             "ask for n samples and choose among them")
+        return best_of
 
 
 class TextPart(RequestBody):

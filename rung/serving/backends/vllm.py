@@ -128,6 +128,7 @@ class VLLMAsyncEngine:
             top_p=params.top_p, top_k=max(params.top_k, 0), min_p=params.min_p, seed=params.seed,
             presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty, stop=list(stop), stop_token_ids=list(params.stop_token_ids),
+            logit_bias=dict(params.logit_bias) or None,
             ignore_eos=params.ignore_eos, logprobs=params.logprobs or 0, output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=params.skip_special_tokens,
             spaces_between_special_tokens=params.spaces_between_special_tokens)

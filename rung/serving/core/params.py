@@ -30,6 +30,9 @@ class SamplingParams:
     logprobs: int | None = None  # top alternatives returned with each token
     skip_special_tokens: bool = True  # the text leaves out special tokens (<|pad|>, role markers, EOS), as vLLM's
     spaces_between_special_tokens: bool = True  # when kept: a space between adjacent special tokens, as vLLM's
+    # (token id, bias) pairs added to the model's logits before anything else (OpenAI's logit_bias); the
+    # vocabulary bound is checked with the prompt (core/validation.py)
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -48,6 +51,10 @@ class SamplingParams:
         for name, ok, message in checks:
             if not ok:
                 raise SamplingError(name, f"{message}, got {getattr(self, name)!r}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not -100 <= bias <= 100:
+                raise SamplingError("logit_bias", f"needs token ids >= 0 and biases in [-100, 100], got {token}: "
+                                    f"{bias}")
 
     def for_sample(self, index: int) -> SamplingParams:
         """The `index`-th of n samples: its own reproducible stream when a seed is given."""
@@ -56,6 +63,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def processed(self) -> bool:
+        """Whether the sampler must process this row's logits even for a greedy pick."""
+        return self.penalised or bool(self.logit_bias)
 
     @property
     def penalised(self) -> bool:

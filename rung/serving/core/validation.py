@@ -25,3 +25,5 @@ def validate_request(prompt_token_ids: list[int], params: SamplingParams, window
         raise SamplingError("prompt", f"token ids must be in [0, {vocab_size})")
     if any(not 0 <= t < vocab_size for t in params.stop_token_ids):
         raise SamplingError("stop_token_ids", f"token ids must be in [0, {vocab_size})")
+    if any(not 0 <= t < vocab_size for t, _bias in params.logit_bias):
+        raise SamplingError("logit_bias", f"token ids must be in [0, {vocab_size})")

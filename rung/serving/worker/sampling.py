@@ -1,11 +1,11 @@
 """Sampling: the sampler that turns a step's logits into tokens (the parameters a request may set live in
 `core/params.py`).
 
-Order of operations, as in vLLM: penalties on the raw logits (repetition over prompt and output, presence and
-frequency over the output), then temperature, top-k, top-p and min-p, then a draw from each request's own seeded
-generator (one uniform number a token, `draw`) — so a seeded request samples the same tokens whatever else shares
-its batch. Returned logprobs are
-those of the model's distribution before any processing.
+Order of operations, as in vLLM: the request's logit bias added to the raw logits, then penalties (repetition over
+prompt and output, presence and frequency over the output), then temperature, top-k, top-p and min-p, then a draw
+from each request's own seeded generator (one uniform number a token, `draw`) — so a seeded request samples the
+same tokens whatever else shares its batch. Returned logprobs are those of the model's distribution before any
+processing.
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ class Sampler:
         return generator
 
     def sample(self, logits: torch.Tensor, rows: list[SampleInput]) -> list[Sample]:
-        """logits: [len(rows), vocab] fp32. Plain greedy rows (no penalties) take one batched argmax; the others
+        """logits: [len(rows), vocab] fp32. Plain greedy rows (no bias or penalties) take one batched argmax; the others
         are processed row by row. Log-probabilities are computed for the rows that asked for them only: for 64
         rows of 8k logits, a log-softmax of all costs as much as the greedy pick."""
         greedy = logits.max(dim=-1).indices.tolist()  # the first maximum, as argmax, at a third of its cost
         tokens, drawn, scores = [], [], []
         for index, row in enumerate(rows):
             p = row.params
-            if p.greedy and not p.penalised:
+            if p.greedy and not p.processed:
                 tokens.append(greedy[index])
                 continue
             processed = processed_logits(logits[index], row)
@@ -98,9 +98,13 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
 
 
 def processed_logits(logits: torch.Tensor, row: SampleInput) -> torch.Tensor:
-    """One row's logits after penalties, temperature, top-k, top-p and min-p (-inf where excluded)."""
+    """One row's logits after the logit bias, penalties, temperature, top-k, top-p and min-p (-inf where
+    excluded)."""
     p = row.params
     scores = logits.clone()
+    if p.logit_bias:
+        tokens, biases = zip(*p.logit_bias)
+        scores[list(tokens)] += torch.tensor(biases, dtype=scores.dtype)
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long)
         if seen.numel():
