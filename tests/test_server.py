@@ -178,7 +178,8 @@ def test_a_model_is_retrieved_by_id_and_fields_rung_cannot_honour_are_refused(se
     assert "tiny" in caught.value.message
     url, auth = f"{server.url}/v1/completions", {"Authorization": f"Bearer {KEY}"}
     for extra, param in (({"best_of": 3}, "best_of"), ({"suffix": "return x"}, "suffix"),
-                         ({"logit_bias": {"def": 5}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                         ({"logit_bias": {"def": 5}}, "logit_bias"), ({"logit_bias": {"²": 5}}, "logit_bias"),
+                         ({"logit_bias": {"5": 101}}, "logit_bias"),
                          ({"logit_bias": {"999999": 1}}, "logit_bias"), ({"logit_bias": {"5": "high"}}, "logit_bias")):
         status, err = error(http("POST", url, {"model": "tiny", "prompt": "x", **extra}, auth))
         assert status == 400 and err["param"] == param and err["type"] == "invalid_request_error", (extra, err)

@@ -68,7 +68,7 @@ class Sampling(RequestBody):
     @classmethod
     def _token_id_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # "²".isdigit() holds, yet int() refuses it
                 raise ValueError(f"keys must be token ids (non-negative integers), got {key[:40]!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"biases must be in [-100, 100], got {value} for token {key}")
