@@ -188,6 +188,11 @@ class TrainConfig:
     metrics_port: int | None = None  # Prometheus exposition on metrics_port + local rank; None = off
     peak_flops: float | None = None  # per worker, for MFU; None = known GPU table, or a measured CPU matmul rate
     max_loss: float | None = None  # stop as diverged when the loss exceeds this after warmup
+    # Recompute activations in backward instead of keeping them: "full" keeps each block's input only, "selective"
+    # keeps attention outputs and recomputes the FFN / MoE layer; same losses, less memory, more compute
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # torch.compile each transformer block (regional, as torchtitan does): dense models at ZeRO 0-2
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers",

@@ -7,11 +7,12 @@ they can, which keeps export a renaming rather than a translation.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from rung.jobs.config import ModelConfig
 from rung.jobs.model.expert_parallel import ExpertPlacement
@@ -52,9 +53,13 @@ class Readout(nn.Module):
         return F.linear(hidden, weight) * self.mult
 
 
+Recompute = Literal["none", "full", "selective"]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, mult: Multipliers, placement: ExpertPlacement | None = None):
         super().__init__()
+        self.recompute_ffn = False  # selective activation checkpointing: keep attention, recompute the FFN
         self.residual = mult.residual
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, Role.BLOCK_NORM)
         self.self_attn = Attention(cfg.d_model, cfg.n_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim,
@@ -65,9 +70,15 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
         x = x + self.residual * self.self_attn(self.input_layernorm(x), cos, sin)
-        ffn = self.mlp(self.post_attention_layernorm(x))
-        ffn, stats = ffn if isinstance(ffn, tuple) else (ffn, None)
+        # recomputing pays only where autograd would keep activations (not in evaluation or serving)
+        ffn, stats = (checkpoint(self._ffn, x, use_reentrant=False) if self.recompute_ffn and torch.is_grad_enabled()
+                      else self._ffn(x))
         return x + self.residual * ffn, stats
+
+    def _ffn(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
+        ffn = self.mlp(self.post_attention_layernorm(x))
+        return ffn if isinstance(ffn, tuple) else (ffn, None)
+
 
 
 class Transformer(nn.Module):
@@ -83,6 +94,17 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.resolved_head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.recompute_blocks = False
+
+    def checkpoint_activations(self, mode: Recompute) -> None:
+        """Trade compute for memory in training: `full` keeps only each block's input and recomputes the block in
+        backward; `selective` keeps the attention outputs and recomputes the FFN (or MoE layer) — its hidden
+        activations are the largest per token. Non-reentrant torch checkpointing, so it composes with ZeRO-3's
+        parameter hooks and expert parallelism's all-to-alls (recomputed on every rank alike); the losses and
+        gradients are those without it."""
+        self.recompute_blocks = mode == "full"
+        for layer in self.layers:
+            layer.recompute_ffn = mode == "selective"
 
     def forward(self, input_ids: torch.Tensor) -> ModelOutput:
         seq = input_ids.shape[1]
@@ -90,7 +112,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[:seq].to(x.dtype), self.rope_sin[:seq].to(x.dtype)
         stats: list[RouterStats] = []
         for layer in self.layers:
-            x, layer_stats = layer(x, cos, sin)
+            if self.recompute_blocks and torch.is_grad_enabled():
+                x, layer_stats = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x, layer_stats = layer(x, cos, sin)
             if layer_stats is not None:
                 stats.append(layer_stats)
         logits = self.lm_head(self.norm(self.residual_out(x)), self.embed_tokens.weight)

@@ -9,6 +9,8 @@ clipping is off there.
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from functools import partial
 
 import torch
@@ -48,7 +50,22 @@ def check_launchable(cfg: RunConfig, world_size: int) -> None:
     """Reject what no worker group can run, before any worker starts."""
     if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
         raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
+    if cfg.train.compile and (cfg.model.moe is not None or cfg.train.zero_stage == 3):
+        raise ConfigError("train.compile", "compiles dense models at ZeRO 0-2 only: an MoE layer's routing has "
+                          "data-dependent shapes, and ZeRO-3 gathers parameters in hooks a compiled block would "
+                          "break its graph on")
     deepspeed_config(cfg, world_size)
+
+
+def compile_blocks(model) -> None:
+    """torch.compile every transformer block in place: one graph per block shape (the blocks share their code, so
+    Dynamo compiles it once), the embedding, norm and head left eager. Inductor needs a C++ compiler on a CPU;
+    without one the blocks stay eager, with a warning."""
+    if not torch.cuda.is_available() and not (shutil.which("c++") or shutil.which("g++")):
+        warnings.warn("train.compile: no C++ compiler for Inductor's CPU backend; the blocks run eager", stacklevel=2)
+        return
+    for block in model.layers:
+        block.compile()
 
 
 def build_engine(cfg: RunConfig, world_size: int = 1):
@@ -60,6 +77,9 @@ def build_engine(cfg: RunConfig, world_size: int = 1):
     ep = cfg.train.expert_parallel
     placement = setup_expert_parallel(ep, cfg.model.moe.n_experts) if ep > 1 else None
     model, param = build_model(cfg, placement=placement)
+    model.checkpoint_activations(cfg.train.activation_checkpointing)
+    if cfg.train.compile:
+        compile_blocks(model)
     groups = param.param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_eps)
     if placement is not None:
         mark_expert_parameters(model, placement)
