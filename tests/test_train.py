@@ -84,12 +84,13 @@ FULL, SELECTIVE = "train.activation_checkpointing=full", "train.activation_check
 
 @pytest.mark.parametrize("preset, stage, variants", [
     ("tiny", 0, ((FULL,), (SELECTIVE, "train.compile=true"))),
-    ("tiny", 3, ((FULL,),)),
+    ("tiny", 3, ((FULL,), ("train.offload=optimizer",))),
     ("tiny-moe", 2, ((SELECTIVE,), (FULL,))),
 ])
 def test_activation_checkpointing_and_compile_keep_the_loss_curve(tmp_path, data_cache, preset, stage, variants):
     """Recomputing activations in backward changes the memory, not the arithmetic: fp32 losses (and MoE router
-    losses) over 20 steps equal those without it (1e-6), under ZeRO-0, ZeRO-3's parameter hooks and MoE at ZeRO-2.
+    losses) over 20 steps equal those without it (1e-6), under ZeRO-0, ZeRO-3's parameter hooks and MoE at ZeRO-2;
+    so does ZeRO-3 with AdamW's state offloaded to host memory.
     Compiled blocks (Inductor's CPU backend) match eager to fp32 rounding (1e-5: the kernels reorder sums)."""
     common = ("train.steps=20", "train.warmup_steps=2", f"train.zero_stage={stage}", "train.eval_every=10")
     base = train(tmp_path / "eager", data_cache, *common, preset=preset)
@@ -116,4 +117,6 @@ def test_activation_checkpointing_lowers_the_measured_peak_memory(tmp_path, data
     for unsupported in ("tiny-moe", "tiny --set train.zero_stage=3"):
         result = run_rung("train", *unsupported.split(), "--set", "train.compile=true", "--set", f"out_dir={tmp_path}")
         assert_clean_failure(result, "train.compile")
+    result = run_rung("train", "tiny", "--set", "train.offload=all", "--set", f"out_dir={tmp_path}")
+    assert_clean_failure(result, "train.offload", "ZeRO stage 3")
     assert not (tmp_path / "tiny-moe").exists() and not (tmp_path / "tiny").exists()

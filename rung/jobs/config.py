@@ -193,6 +193,8 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     # torch.compile each transformer block (regional, as torchtitan does): dense models at ZeRO 0-2
     compile: bool = False
+    # ZeRO-3 CPU offload: "optimizer" keeps AdamW's state and step in host memory, "all" the parameters as well
+    offload: Literal["none", "optimizer", "all"] = "none"
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers",

@@ -38,18 +38,30 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": train.micro_batch,
         "gradient_accumulation_steps": train.global_batch // per_step,
         "gradient_clipping": 0.0 if rung_clips(cfg) else train.grad_clip,
-        "zero_optimization": {"stage": train.zero_stage},
+        "zero_optimization": {"stage": train.zero_stage, **_offload(train.offload)},
         # a non-finite gradient norm skips the step (and is reported as inf) before any weight changes
         "bf16": {"enabled": train.dtype == "bfloat16", "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's own optimizers JIT-compile on CPU
+        "zero_force_ds_cpu_optimizer": False,  # offload steps torch's AdamW on the host, not DeepSpeedCPUAdam
         "steps_per_print": 1 << 30,
     }
+
+
+def _offload(offload: str) -> dict:
+    """DeepSpeed's ZeRO-3 offload sections: pinned host memory for the optimizer state (and the parameters)."""
+    if offload == "none":
+        return {}
+    cpu = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {"offload_optimizer": cpu, **({"offload_param": cpu} if offload == "all" else {})}
 
 
 def check_launchable(cfg: RunConfig, world_size: int) -> None:
     """Reject what no worker group can run, before any worker starts."""
     if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
         raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
+    if cfg.train.offload != "none" and cfg.train.zero_stage != 3:
+        raise ConfigError("train.offload", f"{cfg.train.offload!r} needs ZeRO stage 3 (train.zero_stage=3), got stage "
+                          f"{cfg.train.zero_stage}")
     if cfg.train.compile and (cfg.model.moe is not None or cfg.train.zero_stage == 3):
         raise ConfigError("train.compile", "compiles dense models at ZeRO 0-2 only: an MoE layer's routing has "
                           "data-dependent shapes, and ZeRO-3 gathers parameters in hooks a compiled block would "
