@@ -124,3 +124,24 @@ def test_no_prefix_caching_turns_the_engine_setting_off():
     assert serve_config(serve_settings(parser.parse_args(["serve", "folder"]))).engine.enable_prefix_caching
     off = serve_config(serve_settings(parser.parse_args(["serve", "folder", "--no-prefix-caching"])))
     assert off.engine.enable_prefix_caching is False
+
+
+def test_gpu_scale_presets_count_their_published_sizes_without_being_built():
+    """Counting is arithmetic on the config: a 7B model is never built on this box to be counted."""
+    from rung.jobs.model.counting import count
+    from rung.jobs.presets import GPU_PRESETS
+
+    small = load_run_config("small")
+    expected = {"gpt-125m": 124e6, "gpt-350m": 354e6, "gpt-1.3b": 1.31e9, "llama-7b": 6.74e9, "moe-8x350m": 1.77e9}
+    assert set(GPU_PRESETS) == set(expected)
+    for name, params in expected.items():
+        cfg = load_run_config(name)
+        size = count(cfg.model, cfg.train.seq_len)
+        assert size.total_params == pytest.approx(params, rel=0.01), name
+        assert cfg.param.base_shape(cfg.model) == (small.model.d_model, small.model.n_layers), name  # the proxy
+    assert count(load_run_config("llama-7b").model, 4096).total_params == 6_738_415_616  # Llama-2-7B's own count
+    moe = count(load_run_config("moe-8x350m").model, 2048)
+    assert moe.active_params < moe.total_params / 3  # top-2 of 8 experts
+    result = run_rung("count", "llama-7b")
+    assert result.returncode == 0 and '"total_params": 6738415616' in result.stdout
+    assert_clean_failure(run_rung("count", "gpt-9b"), "unknown config", "llama-7b")
