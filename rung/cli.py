@@ -15,12 +15,13 @@ from pathlib import Path
 from rung.config import default
 from rung.errors import ConfigError, RungError
 from rung.jobs.pipeline import PipelineOptions
+from rung.jobs.presets import PRESETS
 from rung.serving.flags import add_serve_settings, flag_of, serve_settings
 
 
 def _add_config(parser: argparse.ArgumentParser, optional: bool = False) -> None:
     parser.add_argument("config", nargs="?" if optional else None, default="tiny" if optional else None,
-                        help="a preset (tiny, tiny-moe, small) or a YAML file" + (" (default: tiny)" if optional else ""))
+                        help=f"a preset ({', '.join(PRESETS)}) or a YAML file" + (" (default: tiny)" if optional else ""))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set model.d_model=128 (repeatable)")
 
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = data_commands.add_parser("prepare", help="train/load the tokenizer and write training and validation "
                                        "token shards (cached)")
     _add_config(prepare, optional=True)
-    prepare.add_argument("--workers", dest="data_workers", type=int, default=0,
+    prepare.add_argument("--workers", dest="data_workers", type=int, default=0, metavar="N",
                          help="tokenize on Ray Data with this many parallel workers (0: in this process); the shards "
                          "are the same bytes either way")
     prepare.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local "
