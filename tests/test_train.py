@@ -120,3 +120,13 @@ def test_activation_checkpointing_lowers_the_measured_peak_memory(tmp_path, data
     result = run_rung("train", "tiny", "--set", "train.offload=all", "--set", f"out_dir={tmp_path}")
     assert_clean_failure(result, "train.offload", "ZeRO stage 3")
     assert not (tmp_path / "tiny-moe").exists() and not (tmp_path / "tiny").exists()
+
+
+def test_the_reported_peak_memory_is_the_runs_own_not_its_parents(tmp_path, data_cache):
+    """Linux carries an address space's high-water mark across exec, so ru_maxrss of a run started by a large
+    process is that process's size; rung reads its own address space's mark (VmHWM) instead."""
+    ballast = bytearray(3 << 29)  # 1.5 GiB held by this process while it starts the run
+    ballast[::4096] = b"\x01" * len(range(0, len(ballast), 4096))
+    rows = train(tmp_path, data_cache, "train.steps=2", "train.warmup_steps=1")
+    assert rows[-1]["peak_memory_bytes"] < 1 << 30, rows[-1]["peak_memory_bytes"]  # the run's own: ~0.45 GiB
+    del ballast

@@ -44,9 +44,23 @@ def group_lrs(optimizer) -> dict[str, float]:
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    return resident_high_water()
+
+
+def resident_high_water() -> int:
+    """This process's peak resident set: Linux's VmHWM, the high-water mark of its own address space. Not
+    ru_maxrss: Linux carries the old address space's mark across exec, so a run started by a large process (a
+    notebook, a test runner — Python starts children by vfork and exec) would report its parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere: KiB on Linux, the best there is
 
 
 def train_step(engine, loader: SequenceLoader, step: int, rank: int, world_size: int,
