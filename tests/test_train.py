@@ -130,3 +130,18 @@ def test_the_reported_peak_memory_is_the_runs_own_not_its_parents(tmp_path, data
     rows = train(tmp_path, data_cache, "train.steps=2", "train.warmup_steps=1")
     assert rows[-1]["peak_memory_bytes"] < 1 << 30, rows[-1]["peak_memory_bytes"]  # the run's own: ~0.45 GiB
     del ballast
+
+
+def test_compile_blocks_compiles_every_block_and_nothing_else():
+    """The equivalence test above would pass if nothing were compiled; this one checks that every block's call goes
+    through torch.compile (the embedding, final norm and head stay eager)."""
+    from rung.jobs.loading import load_run_config
+    from rung.jobs.model.build import build_model
+    from rung.jobs.train.deepspeed_engine import compile_blocks
+
+    model, _ = build_model(load_run_config("tiny"))
+    assert all(getattr(block, "_compiled_call_impl", None) is None for block in model.layers)
+    compile_blocks(model)
+    assert all(block._compiled_call_impl is not None for block in model.layers)
+    assert getattr(model.embed_tokens, "_compiled_call_impl", None) is None
+    assert getattr(model.lm_head, "_compiled_call_impl", None) is None

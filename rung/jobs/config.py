@@ -18,6 +18,7 @@ from rung.errors import ConfigError
 
 Parametrization = Literal["sp", "mup", "depth-mup", "completep"]
 DType = Literal["float32", "bfloat16"]
+Recompute = Literal["none", "full", "selective"]  # activation checkpointing (Transformer.checkpoint_activations)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -190,7 +191,7 @@ class TrainConfig:
     max_loss: float | None = None  # stop as diverged when the loss exceeds this after warmup
     # Recompute activations in backward instead of keeping them: "full" keeps each block's input only, "selective"
     # keeps attention outputs and recomputes the FFN / MoE layer; same losses, less memory, more compute
-    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    activation_checkpointing: Recompute = "none"
     # torch.compile each transformer block (regional, as torchtitan does): dense models at ZeRO 0-2
     compile: bool = False
     # ZeRO-3 CPU offload: "optimizer" keeps AdamW's state and step in host memory, "all" the parameters as well

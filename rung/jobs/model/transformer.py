@@ -7,14 +7,14 @@ they can, which keeps export a renaming rather than a translation.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from rung.jobs.config import ModelConfig
+from rung.jobs.config import ModelConfig, Recompute
 from rung.jobs.model.expert_parallel import ExpertPlacement
 from rung.jobs.model.layers import Attention, RMSNorm, SwiGLU, rope_tables
 from rung.jobs.model.moe import MoEFeedForward, RouterStats
@@ -51,9 +51,6 @@ class Readout(nn.Module):
     def forward(self, hidden: torch.Tensor, tied_weight: torch.Tensor) -> torch.Tensor:
         weight = tied_weight if self.weight is None else self.weight
         return F.linear(hidden, weight) * self.mult
-
-
-Recompute = Literal["none", "full", "selective"]
 
 
 class Block(nn.Module):
