@@ -2,8 +2,8 @@
 `rung train` builds, `train_step` with its divergence guard — on a ~1.3B-parameter model (`gpt-1.3b`, bf16,
 sequence 2,048) for a few dozen steps under ZeRO-0, ZeRO-2 and ZeRO-3, with and without activation checkpointing
 and compiled blocks. Per variant: tokens/s, MFU (counted FLOPs over the card's datasheet bf16 peak), step time and
-peak allocated memory. Writes OUT/gpu_train.json and OUT/gpu_train.png; sized to finish in under 8 minutes on one
-H100/H200. Batches are random tokens: throughput, not learning, is measured.
+peak allocated memory beside the planner's prediction (`rung plan`'s memory model). Writes OUT/gpu_train.json and
+OUT/gpu_train.png; sized to finish in under 8 minutes on one H100/H200. Batches are random tokens: throughput, not learning, is measured.
 
 On the lent device machine (torch and Triton present; DeepSpeed, hjson and pydantic not), carry their wheels —
 `pip download --no-deps -d .whl deepspeed hjson pydantic pydantic-core annotated-types typing-inspection` here (for
@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from rung.jobs.loading import load_run_config  # noqa: E402
 from rung.jobs.model.counting import count  # noqa: E402
+from rung.jobs.planning.memory import estimate  # noqa: E402
 from rung.jobs.train.deepspeed_engine import build_engine, rung_clips  # noqa: E402
 from rung.jobs.train.guard import DivergenceGuard  # noqa: E402
 from rung.jobs.train.step import train_step  # noqa: E402
@@ -74,7 +75,8 @@ def run_variant(preset: str, overrides: list[str], warmup: int, steps: int) -> d
     result = {"overrides": overrides, "params": size.total_params, "tokens_per_step": timed[0].tokens,
               "step_seconds": seconds / len(timed), "tokens_per_second": tokens / seconds,
               "mfu": size.flops_per_token * tokens / seconds / runtime.peak_flops(cfg.train.dtype),
-              "peak_memory_gib": timed[-1].peak_memory_bytes / (1 << 30), "wall_seconds": first,
+              "peak_memory_gib": timed[-1].peak_memory_bytes / (1 << 30),
+              "planned_memory_gib": estimate(cfg, 1).total / (1 << 30), "wall_seconds": first,
               "final_loss": timed[-1].loss}
     del engine, loader
     gc.collect()
@@ -113,7 +115,8 @@ def main() -> None:
         result = run_variant(preset, [*shape, *VARIANTS[name]], warmup, steps)
         record["variants"][name] = result
         print(f"{name}: {result['tokens_per_second']:,.0f} tokens/s, MFU {result['mfu']:.1%}, "
-              f"step {result['step_seconds']:.3f} s, peak {result['peak_memory_gib']:.1f} GiB", flush=True)
+              f"step {result['step_seconds']:.3f} s, peak {result['peak_memory_gib']:.1f} GiB "
+              f"(planner {result['planned_memory_gib']:.1f} GiB)", flush=True)
         (out / "gpu_train.json").write_text(json.dumps(record, indent=2))
     plot(record, out / "gpu_train.png")
     print(f"wrote {out}/gpu_train.json and gpu_train.png ({device})")

@@ -10,11 +10,11 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from rung.config import default
 from rung.errors import ConfigError, RungError
 from rung.jobs.pipeline import PipelineOptions
+from rung.jobs.planning.command import add_plan_parser, plan_overrides, run_plan
 from rung.jobs.presets import PRESETS
 from rung.serving.flags import add_serve_settings, flag_of, serve_settings
 
@@ -94,10 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ladder.add_argument("--out", required=True, help="output directory")
     ladder.add_argument("--address", help="a Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
 
-    plan = commands.add_parser("plan", help="the compute-optimal model shape and tokens for a FLOP budget")
-    _add_config(plan, optional=True)
-    plan.add_argument("--budget", type=float, required=True, help="training FLOPs, e.g. 1e18")
-    plan.add_argument("--fit", required=True, help="a ladder's fit.json")
+    add_plan_parser(commands, _add_config)
 
     submit = commands.add_parser("submit", help="submit a command as a job to a Ray cluster (Jobs API)")
     submit.add_argument("--address", help="the dashboard's Jobs API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
@@ -241,6 +238,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if getattr(args, "workers", None) is not None:
         overrides.append(f"train.workers={args.workers}")
+    if args.command == "plan":
+        overrides += plan_overrides(args)
     cfg = load_run_config(args.config, overrides)
     if args.command == "data":
         from rung.jobs.data.prepare import prepare_data
@@ -271,16 +270,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_ladder(cfg, args.widths, args.depths or [cfg.model.n_layers], args.experts, budgets, args.out,
                    address=args.address)
     elif args.command == "plan":
-        from rung.jobs.experiments.ladder import plan
-
-        path = Path(args.fit)
-        if not path.is_file():
-            raise RungError(f"--fit {path} not found (a ladder's fit.json)")
-        try:
-            fit = json.loads(path.read_text())
-        except ValueError:
-            raise RungError(f"--fit {path} is not JSON") from None
-        print(json.dumps(plan(args.budget, fit, cfg), indent=2))
+        return run_plan(args, cfg)
     elif args.command == "train":
         from rung.jobs.train.loop import train
 

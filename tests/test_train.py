@@ -15,6 +15,7 @@ def train(tmp_path, data_cache, *overrides: str, preset: str = "tiny") -> list[d
                       *[arg for o in overrides for arg in ("--set", o)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tok/s" in result.stdout and "eta" in result.stdout  # progress with rate and ETA
+    assert "attention kernel flash_attention" in result.stdout  # torch's fused CPU kernel, stated at start-up
     run_dir = tmp_path / preset
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["name"] == preset
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -54,6 +55,24 @@ def test_zero0_fp32_logs_a_finite_grad_norm_and_the_step_figures(tmp_path, data_
     assert all(row["data_seconds"] > 0 and row["peak_memory_bytes"] > 1 << 20 for row in rows)
     assert set(rows[-1]["group_lrs"]) >= {"embedding", "hidden", "block_norm", "final_norm", "readout"}
     assert rows[-1]["group_lrs"]["embedding"] == pytest.approx(rows[-1]["lr"])
+
+
+def test_the_attention_kernel_is_chosen_at_start_up_and_the_math_fallback_is_refused_on_a_gpu():
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from rung.errors import ConfigError
+    from rung.jobs.loading import load_run_config
+    from rung.jobs.train.attention_kernel import attention_kernel, require_fused
+
+    for preset in ("tiny", "gpt-125m", "llama-7b"):
+        assert attention_kernel(load_run_config(preset), torch.device("cpu")) == SDPBackend.FLASH_ATTENTION
+    # No GPU here: the refusal is judged on the kernel torch would report for a CUDA device.
+    odd = load_run_config("tiny", ["model.head_dim=12"])
+    assert require_fused(SDPBackend.EFFICIENT_ATTENTION, torch.device("cuda"), odd) == SDPBackend.EFFICIENT_ATTENTION
+    assert require_fused(SDPBackend.MATH, torch.device("cpu"), odd) == SDPBackend.MATH
+    with pytest.raises(ConfigError, match="model.head_dim.*head dim 12"):
+        require_fused(SDPBackend.MATH, torch.device("cuda"), odd)
 
 
 def test_the_divergence_guard_refuses_a_non_finite_gradient_before_the_update():

@@ -170,9 +170,9 @@ def test_ladder_fits_and_predicts_its_held_out_rung(tmp_path, data_cache):
     assert math.isfinite(held["predicted"]) and held["relative_error"] < 0.5
     assert {"kaplan_n", "kaplan_d", "chinchilla"} <= set(fit)
     assert (tmp_path / "ladder.png").read_bytes()[:4] == b"\x89PNG"
-    planned = run_rung("plan", "tiny", "--budget", "1e15", "--fit", str(tmp_path / "fit.json"))
+    planned = run_rung("plan", "tiny", "--budget", "1e15", "--fit", str(tmp_path / "fit.json"), "--json")
     assert planned.returncode == 0, planned.stderr
-    recommendation = json.loads(planned.stdout)
+    recommendation = json.loads(planned.stdout)["compute_optimal"]
     assert recommendation["shape"]["width"] % 16 == 0 and recommendation["steps"] > 0
     assert_clean_failure(run_rung("ladder", "tiny", "--widths", "32", "--tokens", "1e4", "--out", str(tmp_path)),
                          "--widths")

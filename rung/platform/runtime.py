@@ -16,8 +16,7 @@ import uuid
 
 import torch
 
-# Dense bf16 tensor-core peaks (TF32 is half) of the GPUs rung is run on, for MFU.
-_GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+from rung.platform.gpus import gpu_from_device_name
 
 
 def configure_process(threads: int | None = None) -> None:
@@ -71,11 +70,9 @@ def init_process_group(rank: int, world_size: int, local_rank: int, init_method:
 
 def peak_flops(dtype: str) -> float:
     """Per-device peak FLOP/s for MFU: the datasheet for known GPUs; on CPUs a measured fp32 matmul rate."""
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, bf16 in _GPU_PEAK_BF16.items():
-            if key in name:
-                return bf16 if dtype == "bfloat16" else bf16 / 2
+    gpu = gpu_from_device_name(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    if gpu is not None:
+        return gpu.peak_flops(dtype)
     return _measured_matmul_flops()
 
 

@@ -1,5 +1,5 @@
 """The DeepSpeed engine a worker trains with: ZeRO stage, precision, gradient accumulation to a fixed global batch,
-torch's AdamW with one parameter group per parametrization role, the LR schedule, and expert placement.
+torch's AdamW (fused on GPUs) with one parameter group per parametrization role, the LR schedule, and expert placement.
 
 Gradient clipping: DeepSpeed's own optimizers (ZeRO 1-3, bf16) compute the global gradient norm, skip a step whose
 norm is not finite and clip. Under ZeRO-0 fp32 DeepSpeed steps torch's AdamW directly and reports no norm, so
@@ -96,7 +96,8 @@ def build_engine(cfg: RunConfig, world_size: int = 1):
     if placement is not None:
         mark_expert_parameters(model, placement)
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    optimizer = torch.optim.AdamW(groups, betas=cfg.train.betas)
+    # fused: one kernel per step for every parameter on a GPU, instead of a launch per tensor and operation
+    optimizer = torch.optim.AdamW(groups, betas=cfg.train.betas, fused=torch.cuda.is_available())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg.train))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world_size))

@@ -22,6 +22,7 @@ from rung.jobs.data.loader import SequenceLoader, ValidationSet
 from rung.jobs.data.prepare import prepare_data
 from rung.jobs.model.counting import count
 from rung.jobs.run_dir import RunDir
+from rung.jobs.train.attention_kernel import attention_kernel
 from rung.jobs.train.checkpointer import Checkpointer
 from rung.jobs.train.deepspeed_engine import build_engine, check_launchable, rung_clips
 from rung.jobs.train.evaluate import evaluate, perplexity
@@ -58,9 +59,10 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
     guard = DivergenceGuard(cfg.train, computes_norm=rung_clips(cfg))
     metrics = MetricsLogger(run_dir, cfg, rank, world_size, start, say)
     size = count(cfg.model, cfg.train.seq_len)
+    kernel = attention_kernel(cfg, engine.device)
     say(f"train: {cfg.name}: {size.total_params:,} params ({size.active_params:,} active), {cfg.param.name}, "
         f"{cfg.train.dtype}, ZeRO-{cfg.train.zero_stage}, {world_size} worker(s), steps {start}->{cfg.train.steps} "
-        f"× {cfg.train.global_batch * cfg.train.seq_len:,} tokens")
+        f"× {cfg.train.global_batch * cfg.train.seq_len:,} tokens, attention kernel {kernel.name.lower()}")
     history: list[StepMetrics] = []
     try:
         for step in range(start, cfg.train.steps):
