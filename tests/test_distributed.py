@@ -226,3 +226,67 @@ def test_unwritable_run_directory(tmp_path, data_cache):
     blocker.write_text("not a directory")
     result = run_rung(*args_for(blocker, data_cache, "x", SHORT, 1))
     assert_clean_failure(result, "not writable", str(blocker))
+
+
+# Two real DeepSpeed workers (gloo, forked, no Ray): every torch.distributed collective is counted over one
+# optimizer step of the same global batch in one micro-batch and in four.
+COUNT_COLLECTIVES = r"""
+import json, sys, torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from rung.platform import runtime
+
+
+class Batches:
+    tokens = torch.randint(2048, (16, 129), generator=torch.Generator().manual_seed(0))
+
+    def batch(self, step, rank, world_size):
+        share = self.tokens[rank::world_size]
+        return share[:, :-1], share[:, 1:]
+
+
+def worker(rank, stage, init, out):
+    runtime.configure_process()
+    runtime.init_process_group(rank=rank, world_size=2, local_rank=rank, init_method=init)
+    from rung.jobs.loading import load_run_config
+    from rung.jobs.train.deepspeed_engine import build_engine, rung_clips
+    from rung.jobs.train.guard import DivergenceGuard
+    from rung.jobs.train.step import train_step
+
+    calls = []
+    for name in ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "reduce", "all_gather"):
+        def counted(*args, _name=name, _call=getattr(dist, name), **kwargs):
+            calls.append(_name)
+            return _call(*args, **kwargs)
+        setattr(dist, name, counted)
+    counts = {}
+    for micro in (8, 2):
+        cfg = load_run_config("tiny", [f"train.zero_stage={stage}", "train.global_batch=16", "train.workers=2",
+                                       f"train.micro_batch={micro}", "train.steps=4", "train.warmup_steps=1"])
+        engine = build_engine(cfg, 2)
+        guard = DivergenceGuard(cfg.train, computes_norm=rung_clips(cfg))
+        train_step(engine, Batches(), 0, rank, 2, guard)
+        calls.clear()
+        train_step(engine, Batches(), 1, rank, 2, guard)
+        counts[micro] = len(calls)
+    if rank == 0:
+        with open(out, "w") as file:
+            json.dump(counts, file)
+
+
+stage, out = int(sys.argv[1]), sys.argv[2]
+mp.start_processes(worker, args=(stage, runtime.file_rendezvous(), out), nprocs=2, start_method="fork")
+"""
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_gradient_accumulation_adds_no_collectives_at_zero_0_and_1(tmp_path, stage):
+    """DeepSpeed reduces gradients once per optimizer step at ZeRO 0-1 (its no_sync behaviour): four micro-batches
+    cost the collectives of one. ZeRO 2-3 reduce-scatter every micro-batch by design — the reduced partition is
+    what saves their memory — so they are not held to it."""
+    out = tmp_path / "counts.json"
+    result = subprocess.run([sys.executable, "-c", COUNT_COLLECTIVES, str(stage), str(out)], cwd=REPO, text=True,
+                            capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(out.read_text())
+    assert counts["8"] > 0 and counts["2"] == counts["8"], counts
