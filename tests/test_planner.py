@@ -56,7 +56,7 @@ print(json.dumps({"overrides": overrides, "measured": rows[-1].peak_memory_bytes
 LONG = ["train.seq_len=512", "train.micro_batch=8", "train.global_batch=8"]
 WIDE = ["model.d_model=512", "model.n_heads=8", "train.micro_batch=2", "train.global_batch=2"]
 SHAPES = [LONG, [*LONG, "train.activation_checkpointing=full"], [*LONG, "train.activation_checkpointing=selective"],
-          [*WIDE, "train.zero_stage=2"]]
+          [*WIDE, "train.zero_stage=2"], [*WIDE, "train.zero_stage=3"]]
 
 
 def measure(overrides: list[str]) -> dict:

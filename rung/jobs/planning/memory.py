@@ -3,10 +3,10 @@ is left on the card — the memory half of `rung plan`.
 
 Model states (DeepSpeed's layout, per device, with P parameters, N data-parallel devices and E-way expert
 parallelism holding 1/E of the experts' P_e; the states ZeRO shards are P/N per device either way):
-- parameters in the training dtype, whole below ZeRO-3 (P - P_e + P_e/E), P/N at ZeRO-3 plus the gathered
-  parameters of the block in use and the one prefetched;
+- parameters in the training dtype, whole below ZeRO-3 (P - P_e + P_e/E), P/N at ZeRO-3 plus the gathered ones
+  it may keep live (stage3_max_live_parameters, 1e9: the whole model below that, as measured);
 - gradients in the training dtype: whole at ZeRO 0-1 (bf16 at ZeRO-0 adds DeepSpeed's fp32 accumulation buffer),
-  P/N at ZeRO 2-3, plus at ZeRO 1-2 the partition's gradients flattened for the update and at ZeRO-3 the
+  P/N at ZeRO 2-3, plus at ZeRO 1-2 the partition's fp32 gradients flattened for the update and at ZeRO-3 the
   reduction bucket (DeepSpeed's reduce_bucket_size, 5e8 elements, allocated whole on a GPU: a model below 5e8
   parameters touches only its own size of it on a CPU, and is counted so);
 - optimizer: AdamW's two fp32 moments, plus an fp32 master copy of the partition wherever DeepSpeed keeps one
@@ -24,7 +24,9 @@ from rung.jobs.model.counting import count
 from rung.jobs.planning.activations import activation_bytes
 
 
-REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce_bucket_size, which rung leaves as it is
+# DeepSpeed's defaults, which rung leaves as they are
+REDUCE_BUCKET_ELEMENTS = 500_000_000  # reduce_bucket_size
+MAX_LIVE_PARAMETERS = 1_000_000_000  # stage3_max_live_parameters: gathered parameters ZeRO-3 may keep at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +63,6 @@ def expert_parameters(cfg: RunConfig) -> int:
     return 0 if moe is None else model.n_layers * moe.n_experts * 3 * model.d_model * model.ffn_hidden
 
 
-def largest_block_parameters(cfg: RunConfig) -> int:
-    size = count(cfg.model, cfg.train.seq_len)
-    return (size.total_params - size.embedding_params) // cfg.model.n_layers
-
-
 def model_state_bytes(cfg: RunConfig, devices: int) -> tuple[int, int, int, int]:
     """(parameters, gradients, optimizer, host) bytes per device for `devices` data-parallel devices."""
     train = cfg.train
@@ -76,13 +73,13 @@ def model_state_bytes(cfg: RunConfig, devices: int) -> tuple[int, int, int, int]
     element = 2 if train.dtype == "bfloat16" else 4
     stage = train.zero_stage
     if stage == 3:
-        parameters = element * (shard + 2 * largest_block_parameters(cfg))
+        parameters = element * (shard + min(local, MAX_LIVE_PARAMETERS))
         gradients = element * (shard + min(local, REDUCE_BUCKET_ELEMENTS))
     else:
         parameters = element * local
         gradients = element * (local if stage < 2 else shard)
         if stage in (1, 2):
-            gradients += 4 * shard if element == 4 or stage == 1 else 0
+            gradients += 4 * shard
         if stage == 0 and element == 2:
             gradients += 4 * local
     optimizer = 8 * local if stage == 0 and element == 4 else 12 * shard
