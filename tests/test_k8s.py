@@ -295,7 +295,7 @@ def test_dashboards_cover_serving_and_training():
     assert serving_panels_cover_the_issue()
     training = " ".join(p["title"].lower() for p in panels(json.loads(DASHBOARDS[1].read_text())))
     assert all(w in training for w in ("loss", "learning rate", "gradient", "tokens per second", "mfu",
-                                       "step time", "moe", "checkpoint"))
+                                       "step time", "moe", "checkpoint", "peak memory", "data loading", "per group"))
 
 
 def test_alert_rules_pass_promtool_and_their_unit_tests(tmp_path):
