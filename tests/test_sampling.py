@@ -115,3 +115,20 @@ def test_logit_bias_comes_before_the_penalties_and_takes_greedy_rows_off_the_fas
     assert 1 not in draws
     with pytest.raises(SamplingError, match="logit_bias"):
         SamplingParams(logit_bias=((3, 100.5),))
+
+
+def test_a_grammar_mask_comes_first_keeps_the_models_logprobs_and_never_leaves_a_row_without_tokens():
+    from rung.serving.core.structured import StructuredOutput
+
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [0.0, 5.0, 1.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
+    structured = SamplingParams(temperature=0, logprobs=1, structured=StructuredOutput("regex", "x"),
+                                logit_bias=((1, 100.0),))
+    sampled = SamplingParams(temperature=1.0, seed=0, structured=StructuredOutput("regex", "x"))
+    rows = [SampleInput("a", structured, (), ()), SampleInput("b", sampled, (), ()),
+            SampleInput("c", SamplingParams(temperature=0), (), ())]
+    allowed = torch.tensor([[False, False, True, True], [False, False, False, False]])
+    samples = Sampler().sample(logits, rows, ([0, 1], allowed))
+    assert samples[0].token_id == 3  # the bias on token 1 cannot lift a masked token; 3 is the best allowed
+    assert samples[0].logprob == pytest.approx(torch.log_softmax(logits[0], -1)[3].item())  # the model's own
+    assert 0 <= samples[1].token_id < 4  # a mask that allows nothing (a finished grammar) is not applied
+    assert samples[2].token_id == 0  # an unconstrained row is untouched

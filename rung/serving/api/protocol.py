@@ -7,11 +7,13 @@ required fields such as `logprobs` and `finish_reason` are always there (null or
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from rung.serving.core.params import SamplingError, SamplingParams
+from rung.serving.core.structured import StructuredOutput, problem
 
 MAX_N = 128
 
@@ -36,6 +38,35 @@ class RequestBody(BaseModel):
 
 class StreamOptions(RequestBody):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(RequestBody):
+    model_config = ConfigDict(populate_by_name=True)
+    name: Text
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # `schema` would shadow BaseModel's
+    strict: bool | None = None  # rung always enforces the schema through the token mask
+
+
+class ResponseFormat(RequestBody):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
+class StructuredOutputs(RequestBody):
+    """vLLM's `structured_outputs` extra: one of these constraints."""
+
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
 
 
 class Sampling(RequestBody):
@@ -63,6 +94,13 @@ class Sampling(RequestBody):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None  # token id (as JSON keys are strings) -> bias in [-100, 100]
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -84,10 +122,41 @@ class Sampling(RequestBody):
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def structured_output(self) -> StructuredOutput | None:
+        """The one constraint the request sets, checked: SamplingError naming the field if it is not one the
+        engine can follow, or if several fields set one."""
+        given = [(field, constraint) for field, constraint in self._constraints() if constraint is not None]
+        if len(given) > 1:
+            raise SamplingError(given[1][0], f"conflicts with {given[0][0]}: give one structured-output constraint")
+        if not given:
+            return None
+        field, constraint = given[0]
+        if (reason := problem(constraint)) is not None:
+            raise SamplingError(field, reason)
+        return constraint
+
+    def _constraints(self) -> list[tuple[str, StructuredOutput | None]]:
+        fmt, extra = self.response_format, self.structured_outputs or StructuredOutputs()
+        return [
+            ("response_format", None if fmt is None or fmt.type == "text" else
+             StructuredOutput("json_object") if fmt.type == "json_object" else
+             StructuredOutput("json_schema", json.dumps(fmt.json_schema.schema_))),
+            ("structured_outputs.json", _json_constraint(extra.json_)),
+            ("structured_outputs.regex", _maybe("regex", extra.regex)),
+            ("structured_outputs.choice", _maybe("choice", extra.choice is not None and json.dumps(extra.choice))),
+            ("structured_outputs.grammar", _maybe("grammar", extra.grammar)),
+            ("structured_outputs.json_object", StructuredOutput("json_object") if extra.json_object else None),
+            ("guided_json", _json_constraint(self.guided_json)),
+            ("guided_regex", _maybe("regex", self.guided_regex)),
+            ("guided_choice", _maybe("choice", self.guided_choice is not None and json.dumps(self.guided_choice))),
+            ("guided_grammar", _maybe("grammar", self.guided_grammar)),
+        ]
+
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises SamplingError naming the offending field."""
         if self.seed is not None and not 0 <= self.seed < 2 ** 63:
             raise SamplingError("seed", f"must be in [0, 2^63), got {self.seed}")
+        structured = self.structured_output()
         return SamplingParams(max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -95,7 +164,19 @@ class Sampling(RequestBody):
                               ignore_eos=self.ignore_eos, logprobs=logprobs,
                               skip_special_tokens=self.skip_special_tokens,
                               spaces_between_special_tokens=self.spaces_between_special_tokens,
-                              logit_bias=tuple((int(t), bias) for t, bias in (self.logit_bias or {}).items()))
+                              logit_bias=tuple((int(t), bias) for t, bias in (self.logit_bias or {}).items()),
+                              structured=structured)
+
+
+def _maybe(kind: str, spec: str | None) -> StructuredOutput | None:
+    return None if spec is None or spec is False else StructuredOutput(kind, spec)
+
+
+def _json_constraint(schema: dict[str, Any] | str | None) -> StructuredOutput | None:
+    """vLLM takes a schema as an object or as its JSON text."""
+    if schema is None:
+        return None
+    return StructuredOutput("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
 
 
 class CompletionRequest(Sampling):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import AsyncGenerator
 
 from rung.errors import ConfigError
@@ -20,6 +21,7 @@ from rung.serving.config import EngineConfig
 from rung.serving.core.outputs import Sample
 from rung.serving.core.params import SamplingParams
 from rung.serving.core.request import Status
+from rung.serving.core.structured import StructuredOutput
 from rung.serving.core.validation import validate_request
 from rung.serving.engine.client import EngineFailure, Output
 from rung.serving.metrics import RequestClock, ServeMetrics
@@ -36,6 +38,19 @@ def import_vllm():
         raise ConfigError("engine", f"vllm cannot be imported here ({err}); install the extra where vLLM supports "
                                     "the machine: pip install 'rung[vllm]'") from None
     return AsyncEngineArgs, AsyncLLM, StatLoggerBase
+
+
+def vllm_structured_outputs(structured: StructuredOutput | None):
+    """rung's constraint as vLLM's StructuredOutputsParams (vLLM picks its own grammar engine; a `grammar` is
+    passed as written, so it must be in a dialect that engine reads)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    spec = structured.spec
+    fields = {"json_object": {"json_object": True}, "json_schema": {"json": spec}, "regex": {"regex": spec},
+              "choice": {"choice": json.loads(spec) if spec else []}, "grammar": {"grammar": spec}}
+    return StructuredOutputsParams(**fields[structured.kind])
 
 
 class VLLMAsyncEngine:
@@ -131,7 +146,8 @@ class VLLMAsyncEngine:
             logit_bias=dict(params.logit_bias) or None,
             ignore_eos=params.ignore_eos, logprobs=params.logprobs or 0, output_kind=RequestOutputKind.DELTA,
             skip_special_tokens=params.skip_special_tokens,
-            spaces_between_special_tokens=params.spaces_between_special_tokens)
+            spaces_between_special_tokens=params.spaces_between_special_tokens,
+            structured_outputs=vllm_structured_outputs(params.structured))
         outputs = self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_token_ids)), sampling, request_id,
                                     priority=priority)
         handle = VLLMRequestHandle(self, request_id, outputs, RequestClock(self.metrics, len(prompt_token_ids)),

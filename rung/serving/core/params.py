@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from rung.errors import ConfigError
+from rung.serving.core.structured import StructuredOutput
 
 
 class SamplingError(ConfigError):
@@ -33,6 +34,8 @@ class SamplingParams:
     # (token id, bias) pairs added to the model's logits before anything else (OpenAI's logit_bias); the
     # vocabulary bound is checked with the prompt (core/validation.py)
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # what the output must match (JSON, a schema, a regex, choices, a grammar): a token mask before sampling
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         checks = [

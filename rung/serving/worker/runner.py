@@ -19,6 +19,7 @@ from rung.serving.config import DEFAULT_BLOCK_SIZE, DType, EngineConfig
 from rung.serving.core.outputs import Sample
 from rung.serving.core.scheduler import PENDING, StepPlan
 from rung.serving.worker.model import InferenceModel
+from rung.serving.worker.grammar import GrammarMasks
 from rung.serving.worker.model_spec import ModelSpec, load_spec
 from rung.serving.worker.sampling import SampleInput, Sampler
 from rung.serving.worker.step import StepInputs
@@ -53,9 +54,10 @@ class PreparedStep:
 
 class ModelRunner:
     def __init__(self, model: InferenceModel, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
-                 nano_batches: int = 1, deterministic: bool = False):
+                 nano_batches: int = 1, deterministic: bool = False, grammars: GrammarMasks | None = None):
         spec = model.spec
         self.model, self.num_blocks, self.block_size = model, num_blocks, block_size
+        self.grammars = grammars  # structured outputs' masks; None: a runner without a tokenizer refuses them
         self.nano_batches = nano_batches
         # batch-invariant: every request's rows go through their own GEMMs (one nano-batch per span, one logits
         # row at a time), so no other request in the step can change its numerics
@@ -78,7 +80,8 @@ class ModelRunner:
         model = InferenceModel(spec, load_weights(model_dir), dtype, device)
         block_size = config.block_size or DEFAULT_BLOCK_SIZE
         num_blocks = config.num_blocks or num_kv_blocks(spec, block_size, dtype, config.kv_cache_memory)
-        return cls(model, num_blocks, block_size, dtype, nano_batches, config.deterministic)
+        grammars = GrammarMasks(model_dir, spec.vocab_size, list(spec.eos_token_ids))
+        return cls(model, num_blocks, block_size, dtype, nano_batches, config.deterministic, grammars)
 
     @property
     def num_slots(self) -> int:
@@ -154,6 +157,13 @@ class ModelRunner:
 
     def execute(self, step: PreparedStep) -> dict[str, Sample]:
         """A sampled token (with logprobs, when asked) for every span that reached its request's end."""
+        structured = [index for index, row in enumerate(step.sample_inputs) if row.params.structured]
+        masks = None
+        if structured:  # filled on the grammar thread while the forward runs
+            if self.grammars is None:
+                raise ConfigError("structured", "this model runner was built without a tokenizer for grammars")
+            masks = self.grammars.fill([(step.sample_inputs[i].request_id, step.sample_inputs[i].params.structured)
+                                        for i in structured])
         parts = len(step.inputs.spans) if self.deterministic else self.nano_batches
         hidden = self.model.forward(step.inputs, self.cache, parts)
         rows = step.sample_rows
@@ -161,12 +171,18 @@ class ModelRunner:
             return {}
         logits = torch.cat([self.model.logits(hidden[[row]]) for row in rows]) if self.deterministic else \
             self.model.logits(hidden[rows])
-        samples = self.sampler.sample(logits.cpu(), step.sample_inputs)  # generators and penalties live on the CPU
+        # generators, penalties and grammar masks live on the CPU
+        samples = self.sampler.sample(logits.cpu(), step.sample_inputs,
+                                      (structured, masks.result()) if masks else None)
+        for index in structured:
+            self.grammars.accept(step.sample_inputs[index].request_id, samples[index].token_id)
         return {row.request_id: sample for row, sample in zip(step.sample_inputs, samples)}
 
     def run(self, plan: StepPlan) -> dict[str, Sample]:
         return self.execute(self.prepare(plan)) if plan.spans else {}
 
     def release(self, request_id: str) -> None:
-        """Forget a finished request's sampling state (its random stream)."""
+        """Forget a finished request's sampling state (its random stream, its grammar's matcher)."""
         self.sampler.release(request_id)
+        if self.grammars is not None:
+            self.grammars.release(request_id)

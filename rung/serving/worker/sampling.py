@@ -1,7 +1,8 @@
 """Sampling: the sampler that turns a step's logits into tokens (the parameters a request may set live in
 `core/params.py`).
 
-Order of operations, as in vLLM: the request's logit bias added to the raw logits, then penalties (repetition over
+Order of operations, as in vLLM: a structured output's token mask (`grammar.py`), the request's logit bias added to
+the raw logits, then penalties (repetition over
 prompt and output, presence and frequency over the output), then temperature, top-k, top-p and min-p, then a draw
 from each request's own seeded generator (one uniform number a token, `draw`) — so a seeded request samples the
 same tokens whatever else shares its batch. Returned logprobs are those of the model's distribution before any
@@ -46,10 +47,20 @@ class Sampler:
             self._generators[row.request_id] = generator
         return generator
 
-    def sample(self, logits: torch.Tensor, rows: list[SampleInput]) -> list[Sample]:
-        """logits: [len(rows), vocab] fp32. Plain greedy rows (no bias or penalties) take one batched argmax; the others
-        are processed row by row. Log-probabilities are computed for the rows that asked for them only: for 64
-        rows of 8k logits, a log-softmax of all costs as much as the greedy pick."""
+    def sample(self, logits: torch.Tensor, rows: list[SampleInput],
+               allowed: tuple[list[int], torch.Tensor] | None = None) -> list[Sample]:
+        """logits: [len(rows), vocab] fp32. `allowed`: the structured rows' indices and their token masks [rows,
+        vocab], applied before anything else (a mask that allows nothing — a finished grammar's request still in
+        an overlapped step, whose token is discarded — is not applied). Plain greedy rows (no bias or penalties)
+        take one batched argmax; the others are processed row by row. Log-probabilities are computed for the rows
+        that asked for them only: for 64 rows of 8k logits, a log-softmax of all costs as much as the greedy
+        pick."""
+        model_logits = logits
+        if allowed is not None:
+            indices, masks = allowed
+            masks = masks | ~masks.any(dim=-1, keepdim=True)
+            logits = logits.clone()
+            logits[indices] = logits[indices].masked_fill(~masks, float("-inf"))
         greedy = logits.max(dim=-1).indices.tolist()  # the first maximum, as argmax, at a third of its cost
         tokens, drawn, scores = [], [], []
         for index, row in enumerate(rows):
@@ -71,7 +82,7 @@ class Sampler:
         wanted = [index for index, row in enumerate(rows) if row.params.logprobs is not None]
         logprobs, chosen = {}, {}
         if wanted:
-            table = torch.log_softmax(logits[wanted], dim=-1)
+            table = torch.log_softmax(model_logits[wanted], dim=-1)
             picked = table.gather(1, torch.tensor([tokens[i] for i in wanted])[:, None])[:, 0].tolist()
             logprobs, chosen = dict(zip(wanted, table)), dict(zip(wanted, picked))
         samples = []
