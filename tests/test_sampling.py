@@ -119,6 +119,7 @@ def test_logit_bias_comes_before_the_penalties_and_takes_greedy_rows_off_the_fas
 
 def test_a_grammar_mask_comes_first_keeps_the_models_logprobs_and_never_leaves_a_row_without_tokens():
     from rung.serving.core.structured import StructuredOutput
+    from rung.serving.worker.grammar import additive
 
     logits = torch.tensor([[0.0, 5.0, 1.0, 2.0], [0.0, 5.0, 1.0, 2.0], [3.0, 0.0, 0.0, 0.0]])
     structured = SamplingParams(temperature=0, logprobs=1, structured=StructuredOutput("regex", "x"),
@@ -127,7 +128,7 @@ def test_a_grammar_mask_comes_first_keeps_the_models_logprobs_and_never_leaves_a
     rows = [SampleInput("a", structured, (), ()), SampleInput("b", sampled, (), ()),
             SampleInput("c", SamplingParams(temperature=0), (), ())]
     allowed = torch.tensor([[False, False, True, True], [False, False, False, False]])
-    samples = Sampler().sample(logits, rows, ([0, 1], allowed))
+    samples = Sampler().sample(logits.clone(), rows, ([0, 1], additive(allowed)))
     assert samples[0].token_id == 3  # the bias on token 1 cannot lift a masked token; 3 is the best allowed
     assert samples[0].logprob == pytest.approx(torch.log_softmax(logits[0], -1)[3].item())  # the model's own
     assert 0 <= samples[1].token_id < 4  # a mask that allows nothing (a finished grammar) is not applied

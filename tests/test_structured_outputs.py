@@ -1,11 +1,12 @@
-"""Structured outputs through the official `openai` SDK against a real `rung serve` (async scheduling on, so every
-mask is filled with a step in flight): the model is the barely trained tiny one, so what makes the output parse is
-the token mask, not the model."""
+"""Structured outputs and tool calls through the official `openai` SDK against a real `rung serve` (async scheduling
+on, so every mask is filled with a step in flight): the model is the barely trained tiny one, so what makes the
+output parse is the token mask, not the model."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import jsonschema
 import openai
@@ -21,7 +22,13 @@ ASK = [{"role": "user", "content": "Describe a person as JSON."}]
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    server = Server(model_dir, tmp_path_factory.mktemp("log") / "serve.log", "--async-scheduling")
+    """The tiny model with a 1,024-token window (its config's positions raised: rotary embeddings compute any
+    position, and the model is near random anyway), so a system prompt listing tools fits."""
+    wide = tmp_path_factory.mktemp("wide-tiny") / "tiny"
+    shutil.copytree(model_dir, wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    server = Server(wide, tmp_path_factory.mktemp("log") / "serve.log", "--async-scheduling")
     yield server
     server.stop()
 
@@ -92,6 +99,102 @@ def test_a_constraint_the_engine_cannot_follow_is_a_400_naming_its_field(server,
                                   {"model": "tiny", "messages": ASK, "max_tokens": 5, **extra})
     error = json.loads(body)["error"]
     assert status == 400 and error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 12},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
+                                       "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 14}}}}}
+SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in (WEATHER, TIME)}
+
+
+def assert_valid_calls(message, names: set[str]) -> None:
+    assert message.tool_calls, message
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_required_and_named_tool_choices_always_yield_valid_calls(client):
+    required = client.chat.completions.create(model="tiny", messages=ASK, n=8, temperature=1.0, seed=5,
+                                              max_tokens=100, tools=[WEATHER, TIME], tool_choice="required")
+    for choice in required.choices:
+        assert choice.finish_reason == "tool_calls", choice
+        assert_valid_calls(choice.message, {"get_weather", "get_time"})
+    named = client.chat.completions.create(model="tiny", messages=ASK, n=8, temperature=1.0, seed=6, max_tokens=100,
+                                           tools=[WEATHER, TIME], parallel_tool_calls=False,
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}})
+    for choice in named.choices:
+        assert len(choice.message.tool_calls) == 1 and choice.finish_reason == "tool_calls"
+        assert_valid_calls(choice.message, {"get_time"})
+    # streamed: the calls arrive as delta.tool_calls and add up to the same call
+    stream = client.chat.completions.create(model="tiny", messages=ASK, temperature=1.0, seed=6, max_tokens=100,
+                                            tools=[WEATHER, TIME], parallel_tool_calls=False, stream=True,
+                                            tool_choice={"type": "function", "function": {"name": "get_time"}})
+    deltas, finish = [], None
+    for chunk in stream:
+        deltas += chunk.choices[0].delta.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and [d.function.name for d in deltas] == ["get_time"]
+    assert deltas[0].function.arguments == named.choices[0].message.tool_calls[0].function.arguments
+
+
+def test_auto_reads_a_call_written_in_the_templates_format_and_a_tool_conversation_round_trips(client):
+    call = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "[a-z]{2,8}", "unit": "celsius"\}\}\n</tool_call>'
+    auto = client.chat.completions.create(model="tiny", messages=ASK, temperature=1.0, seed=7, max_tokens=60,
+                                          tools=[WEATHER], extra_body={"guided_regex": call})  # the model "writes" it
+    message = auto.choices[0].message
+    assert auto.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert_valid_calls(message, {"get_weather"})
+    plain = client.chat.completions.create(model="tiny", messages=ASK, temperature=0, max_tokens=8, tools=[WEATHER],
+                                           tool_choice="none")
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason != "tool_calls"
+    conversation = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+                        {"id": message.tool_calls[0].id, "type": "function",
+                         "function": {"name": "get_weather", "arguments": message.tool_calls[0].function.arguments}}]},
+                    {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "18 degrees, sunny"}]
+    answer = client.chat.completions.create(model="tiny", messages=conversation, temperature=0, max_tokens=8,
+                                            tools=[WEATHER])
+    assert answer.choices[0].message.role == "assistant" and answer.usage.prompt_tokens > 60
+
+
+def test_the_hermes_reader_finds_calls_however_the_text_is_split():
+    from rung.serving.api.tool_calls import HermesFormat
+
+    fmt = HermesFormat()
+    text = ('Checking.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": 2}}\n</tool_call>\n'
+            '<tool_call>\n{not json}\n</tool_call> <tool_')
+    content, calls = fmt.parse(text)
+    assert [c.name for c in calls] == ["get_time"] and json.loads(calls[0].arguments) == {"zone": 2}
+    assert content == "Checking.\n\n<tool_call>\n{not json}\n</tool_call> <tool_"  # a block that is no call stays
+    for size in (1, 2, 5, 13):
+        reader, pieces, found = fmt.reader(), [], []
+        for at in range(0, len(text), size):
+            piece, calls = reader.feed(text[at:at + size])
+            pieces.append(piece)
+            found += calls
+        pieces.append(reader.finish()[0])
+        assert "".join(pieces).strip() == content and [c.name for c in found] == ["get_time"], size
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": 5}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "tool", "content": "18 degrees"}]}, "messages.0"),
+])
+def test_bad_tools_are_a_400_naming_the_field(server, extra, param):
+    status, _headers, body = http("POST", f"{server.url}/v1/chat/completions",
+                                  {"model": "tiny", "messages": ASK, "max_tokens": 5, **extra})
+    error = json.loads(body)["error"]
+    assert status == 400 and error["param"] == param, error
 
 
 def _parses(text: str) -> bool:

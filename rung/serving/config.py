@@ -62,6 +62,8 @@ class ServeConfig:
     max_body_bytes: int = 4 << 20
     grace_seconds: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     backend: Backend = "rung"  # which engine computes: rung's own, or vLLM's (an optional extra)
+    # how the model writes tool calls (api/tool_calls.py); None: the format its chat template shows, if rung knows it
+    tool_call_parser: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:

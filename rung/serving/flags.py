@@ -9,6 +9,7 @@ import os
 
 from rung.config import default
 from rung.errors import ConfigError
+from rung.serving.api.tool_calls import TOOL_CALL_FORMATS
 from rung.serving.config import DEFAULT_BLOCK_SIZE, EngineConfig, ServeConfig
 
 SERVE_FLAGS: dict[str, str] = {
@@ -18,6 +19,7 @@ SERVE_FLAGS: dict[str, str] = {
     "--kv-cache-memory": "kv_cache_memory", "--block-size": "block_size", "--grace-period": "grace_seconds",
     "--nano-batches": "nano_batches", "--deterministic": "deterministic", "--async-scheduling": "async_scheduling",
     "--device": "device", "--engine": "backend", "--no-prefix-caching": "enable_prefix_caching",
+    "--tool-call-parser": "tool_call_parser",
 }
 GIB = 1 << 30
 
@@ -62,6 +64,9 @@ def add_serve_settings(serve: argparse.ArgumentParser) -> None:
                             "vLLM's own choice with --engine vllm)")
     serve.add_argument("--device", help="where rung's engine computes: cpu, cuda, cuda:N (default: the GPU when "
                                         "there is one, else the CPU)")
+    serve.add_argument("--tool-call-parser", choices=list(TOOL_CALL_FORMATS),
+                       help="how the model writes tool calls, for `tools` in chat requests (default: the format its "
+                            "chat template shows; rung's exports write hermes)")
     serve.add_argument("--engine", dest="backend", default=default(ServeConfig, "backend"), choices=["rung", "vllm"],
                        help="what computes: rung's engine, or vLLM's (needs the vllm extra; default: rung)")
 

@@ -29,8 +29,30 @@ from rung.jobs.run_dir import STATE, WEIGHTS, RunDir
 from rung.platform.checkpoint import MANIFEST, CheckpointStore, verify
 from rung.platform.tensor_files import load_tensors
 
+# ChatML turns. With `tools`, a system turn lists them (one JSON object per line) and shows the Hermes call format
+# that rung's server reads back (`serving/api/tool_calls.py`); an assistant's calls are written in that format and a
+# tool's answer comes back in a user turn between <tool_response> tags.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- if tools and messages[0]['role'] == 'system' -%}"
+    "{%- set system_prompt = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- if tools -%}"
+    "{{ '<|im_start|>system\\n' }}{% if system_prompt is defined %}{{ system_prompt + '\\n\\n' }}{% endif %}"
+    "{{ 'Functions you may call, one JSON signature per line:\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson + '\\n' }}{% endfor %}"
+    "{{ '</tools>\\nTo call one, reply with its name and arguments as JSON between tags, one call per line:\\n'"
+    " + '<tool_call>\\n{\"name\": <function name>, \"arguments\": <arguments object>}\\n</tool_call><|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\\n' }}{% if message['content'] %}{{ message['content'] + '\\n' }}{% endif %}"
+    "{% for call in message['tool_calls'] %}{{ '<tool_call>\\n{\"name\": ' + call['function']['name'] | tojson"
+    " + ', \"arguments\": ' + (call['function']['arguments'] | tojson if call['function']['arguments'] is mapping"
+    " else call['function']['arguments']) + '}\\n</tool_call>' }}{% if not loop.last %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from rung.serving.api.errors import APIError
-from rung.serving.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                       Usage, body)
+from rung.serving.api.protocol import CompletionRequest
+from rung.serving.api.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, body
 from rung.serving.api.state import ServerState
 from rung.serving.api.streaming import Choice, collect, event_stream, merge, sse
 from rung.serving.engine.client import Output

@@ -1,9 +1,7 @@
-"""The OpenAI API's shapes as pydantic models: the request bodies rung accepts and the responses it sends (their
-JSON schemas are what /openapi.json shows). Requests are checked as strictly as OpenAI's schema reads: no "5" for an
-integer, no `true` for a number, no Infinity, no string that is not valid Unicode (a lone UTF-16 surrogate), no empty
-stop string. Unknown request fields are ignored, as OpenAI-compatible servers do, so newer SDKs keep working. A response has exactly the fields its handler sets (`body()`), so each body has the keys
-OpenAI's has: no `usage` on a stream's chunks but the last, an empty `delta` where a chunk carries no text, while
-required fields such as `logprobs` and `finish_reason` are always there (null or not)."""
+"""The OpenAI API's request bodies as pydantic models (their JSON schemas are what /openapi.json shows; the
+responses are in `responses.py`). Requests are checked as strictly as OpenAI's schema reads: no "5" for an integer,
+no `true` for a number, no Infinity, no string that is not valid Unicode (a lone UTF-16 surrogate), no empty stop
+string. Unknown request fields are ignored, as OpenAI-compatible servers do, so newer SDKs keep working."""
 
 from __future__ import annotations
 
@@ -122,10 +120,12 @@ class Sampling(RequestBody):
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def structured_output(self) -> StructuredOutput | None:
-        """The one constraint the request sets, checked: SamplingError naming the field if it is not one the
-        engine can follow, or if several fields set one."""
-        given = [(field, constraint) for field, constraint in self._constraints() if constraint is not None]
+    def structured_output(self, tool_calls: StructuredOutput | None = None) -> StructuredOutput | None:
+        """The one constraint the request sets (`tool_calls`: the grammar of a required or named tool call),
+        checked: SamplingError naming the field if it is not one the engine can follow, or if several fields set
+        one."""
+        given = [(field, constraint) for field, constraint in [("tool_choice", tool_calls), *self._constraints()]
+                 if constraint is not None]
         if len(given) > 1:
             raise SamplingError(given[1][0], f"conflicts with {given[0][0]}: give one structured-output constraint")
         if not given:
@@ -152,11 +152,12 @@ class Sampling(RequestBody):
             ("guided_grammar", _maybe("grammar", self.guided_grammar)),
         ]
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        tool_calls: StructuredOutput | None = None) -> SamplingParams:
         """Raises SamplingError naming the offending field."""
         if self.seed is not None and not 0 <= self.seed < 2 ** 63:
             raise SamplingError("seed", f"must be in [0, 2^63), got {self.seed}")
-        structured = self.structured_output()
+        structured = self.structured_output(tool_calls)
         return SamplingParams(max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
                               top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, seed=self.seed,
                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -212,14 +213,35 @@ class TextPart(RequestBody):
     text: Text
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # OpenAI's rule for function names
+
+
+class FunctionCallIn(RequestBody):
+    name: FunctionName
+    arguments: Text  # JSON text
+
+
+class ToolCallIn(RequestBody):
+    """A call an assistant message made earlier in the conversation."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(RequestBody):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Text | list[TextPart] | None = None
+    name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant: the calls it made
+    tool_call_id: Text | None = None  # tool: the call this message answers
 
     @model_validator(mode="after")
     def _has_content(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
         return self
 
     def text(self) -> str:
@@ -227,12 +249,98 @@ class ChatMessage(RequestBody):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: a call's arguments as an object where they are JSON."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": _json_or_text(call.function.arguments)}}
+                for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name:
+            message["name"] = self.name
+        return message
+
+
+class FunctionDefinition(RequestBody):
+    name: FunctionName
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema for the arguments
+    strict: bool | None = None  # with tool_choice required or named, rung always enforces the schema
+
+    @field_validator("parameters")
+    @classmethod
+    def _a_schema(cls, parameters: dict[str, Any] | None) -> dict[str, Any] | None:
+        from jsonschema import Draft202012Validator, SchemaError
+
+        try:
+            Draft202012Validator.check_schema(parameters or {})
+        except SchemaError as err:
+            raise ValueError(f"not a valid JSON schema: {err.message}") from None
+        return parameters
+
+
+class Tool(RequestBody):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(RequestBody):
+    name: Text
+
+
+class NamedToolChoice(RequestBody):
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatCompletionRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _distinct_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("two functions share a name")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _names_a_tool(cls, choice, info: ValidationInfo):
+        names = [tool.function.name for tool in info.data.get("tools") or []]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"names {choice.function.name!r}, which is not among the tools "
+                             f"({', '.join(names) or 'none given'})")
+        if choice == "required" and not names:
+            raise ValueError("'required' needs tools")
+        return choice
+
+    def functions(self) -> list[dict[str, Any]]:
+        """The functions the model is offered (none when tool_choice is 'none'), as OpenAI function objects."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [tool.function.model_dump(exclude_none=True) for tool in self.tools]
+
+    def forced_functions(self) -> list[dict[str, Any]]:
+        """The functions the output must call (tool_choice 'required' or named); empty when the model chooses."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [f for f in self.functions() if f["name"] == self.tool_choice.function.name]
+        return self.functions() if self.tool_choice == "required" else []
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class TokenizeRequest(RequestBody):
@@ -245,148 +353,3 @@ class TokenizeRequest(RequestBody):
 class DetokenizeRequest(RequestBody):
     model: Text | None = None
     tokens: list[int]
-
-
-# -- responses --------------------------------------------------------------------------------------------------------
-class Response(BaseModel):
-    """A response body. Written with `body()` / `sse()`, which keep exactly the fields the handler set: a field
-    every body has is therefore required (no default), and an optional one defaults to None and is left unset."""
-
-
-class ErrorInfo(Response):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(Response):
-    error: ErrorInfo
-
-
-class Usage(Response):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
-
-
-class CompletionLogprobs(Response):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]]
-    text_offset: list[int]
-
-
-class CompletionChoice(Response):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: str | None
-
-
-class CompletionResponse(Response):
-    """A whole completion, and (with `object` "text_completion" too) each chunk of a streamed one."""
-
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class TopLogprob(Response):
-    token: str
-    logprob: float | None
-    bytes: list[int]
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(Response):
-    content: list[TokenLogprob]
-
-
-class ChatMessageOut(Response):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(Response):
-    index: int
-    message: ChatMessageOut
-    logprobs: ChatLogprobs | None
-    finish_reason: str | None
-
-
-class ChatCompletionResponse(Response):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ChatDelta(Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(Response):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None
-    finish_reason: str | None
-
-
-class ChatCompletionChunk(Response):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(Response):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    max_model_len: int
-
-
-class ModelList(Response):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class TokenizeResponse(Response):
-    tokens: list[int]
-    count: int
-    max_model_len: int
-
-
-class DetokenizeResponse(Response):
-    prompt: str
-
-
-class Status(Response):
-    status: str
-
-
-class Version(Response):
-    version: str
-
-
-def body(response: BaseModel) -> dict[str, Any]:
-    """A response as JSON data with exactly the fields its handler set (see the module docstring)."""
-    return response.model_dump(exclude_unset=True)

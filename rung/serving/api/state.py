@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 
-from rung.errors import RungError
+from rung.errors import ConfigError, RungError
 from rung.serving.api.errors import APIError
 from rung.serving.api.protocol import ChatMessage, Sampling
 from rung.serving.api.streaming import OpenRequests
+from rung.serving.api.tool_calls import TOOL_CALL_FORMATS, format_for_template
 from rung.serving.config import ServeConfig
+from rung.serving.core.structured import StructuredOutput
 from rung.serving.engine.client import EngineClient, RequestStream
 from rung.serving.metrics import ServeMetrics
 
@@ -33,6 +35,11 @@ class ServerState:
         self.ready = False
         self.draining = False
         self.open_requests = OpenRequests()  # what a drain's end cuts off
+        named = config.tool_call_parser
+        if named is not None and named not in TOOL_CALL_FORMATS:
+            raise ConfigError("tool_call_parser", f"unknown format {named!r}; known: {', '.join(TOOL_CALL_FORMATS)}")
+        self.tool_format = TOOL_CALL_FORMATS[named] if named else \
+            format_for_template(getattr(tokenizer, "chat_template", None))
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.config.model_name:
@@ -62,13 +69,16 @@ class ServerState:
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    async def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
+    async def chat_prompt(self, messages: list[ChatMessage], functions: list[dict] | None = None) -> list[int]:
+        """The conversation through the model's chat template; `functions` (OpenAI function objects) are given to
+        the template as its `tools`."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         from jinja2 import TemplateError
 
+        tools = [{"type": "function", "function": f} for f in functions] if functions else None
         try:
-            text = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in messages],
+            text = self.tokenizer.apply_chat_template([m.for_template() for m in messages], tools=tools,
                                                       tokenize=False, add_generation_prompt=True)
         except TemplateError as err:  # the template refuses these messages (an order of roles it does not know)
             raise APIError(400, f"the chat template refused the messages: {err}"[:500], param="messages") from None
@@ -88,12 +98,13 @@ class ServerState:
         return window - len(prompt)
 
     def start(self, request: Sampling, prompts: list[list[int]], requested: int | None,
-              logprobs: int | None) -> list[RequestStream]:
-        """Validate everything, then start n streams per prompt (nothing is queued if any part is invalid)."""
+              logprobs: int | None, tool_calls: StructuredOutput | None = None) -> list[RequestStream]:
+        """Validate everything, then start n streams per prompt (nothing is queued if any part is invalid).
+        `tool_calls`: the grammar a required or named tool call holds the output to."""
         self.check_model(request.model)
         plans = []
         for prompt in prompts:
-            params = request.sampling_params(self.max_tokens(prompt, requested), logprobs)
+            params = request.sampling_params(self.max_tokens(prompt, requested), logprobs, tool_calls)
             self.engine.validate(prompt, params)
             plans.extend((prompt, params.for_sample(i)) for i in range(request.n))
         self.check_capacity(len(plans), sum(len(prompt) for prompt, _ in plans))

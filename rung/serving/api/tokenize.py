@@ -6,7 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from rung.serving.api.errors import APIError
-from rung.serving.api.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, body
+from rung.serving.api.protocol import DetokenizeRequest, TokenizeRequest
+from rung.serving.api.responses import DetokenizeResponse, TokenizeResponse, body
 from rung.serving.api.state import ServerState
 
 router = APIRouter()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from rung.serving.core.structured import StructuredOutput
@@ -50,8 +51,8 @@ class GrammarMasks:
         return matcher
 
     def fill(self, rows: list[tuple[str, StructuredOutput]]) -> Future:
-        """Start filling one mask row per (request id, constraint) on the mask thread; the Future gives the
-        [rows, vocab] bool tensor of allowed tokens."""
+        """Start filling one mask row per (request id, constraint) on the mask thread; the Future gives the rows'
+        masks as `additive` makes them."""
         return self._thread.submit(self._fill, rows)
 
     def _fill(self, rows: list[tuple[str, StructuredOutput]]) -> torch.Tensor:
@@ -64,7 +65,7 @@ class GrammarMasks:
         if self._executor is None:
             self._executor = LLExecutor()
         fill_next_token_bitmask_par(self._executor, matchers, bitmask)
-        return unpack(bitmask, self.vocab_size)
+        return additive(unpack(bitmask, self.vocab_size))
 
     def accept(self, request_id: str, token_id: int) -> None:
         """Advance the request's matcher by the token it sampled."""
@@ -74,10 +75,16 @@ class GrammarMasks:
         self._matchers.pop(request_id, None)
 
 
-_BITS = 1 << torch.arange(32, dtype=torch.int64)
-
-
 def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """llguidance's packed int32 bitmask [rows, ceil(vocab / 32)] as a bool tensor [rows, vocab]."""
-    words = bitmask.to(torch.int64) & 0xFFFFFFFF
-    return ((words[:, :, None] & _BITS) != 0).flatten(1)[:, :vocab_size]
+    """llguidance's packed int32 bitmask [rows, ceil(vocab / 32)] (bit i of word w: token 32 w + i) as a bool
+    tensor [rows, vocab]."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+    return torch.from_numpy(bits[:, :vocab_size].astype(bool))
+
+
+def additive(allowed: torch.Tensor) -> torch.Tensor:
+    """Masks as the sampler adds them to the logits: 0 where a token is allowed, -inf elsewhere; a row that allows
+    nothing (a finished grammar's request still in an overlapped step, its token discarded) adds nothing. Built
+    here, on the mask thread, so the step itself pays one addition."""
+    blocked = ~allowed & allowed.any(dim=-1, keepdim=True)
+    return torch.zeros(allowed.shape).masked_fill_(blocked, float("-inf"))

@@ -48,19 +48,17 @@ class Sampler:
         return generator
 
     def sample(self, logits: torch.Tensor, rows: list[SampleInput],
-               allowed: tuple[list[int], torch.Tensor] | None = None) -> list[Sample]:
-        """logits: [len(rows), vocab] fp32. `allowed`: the structured rows' indices and their token masks [rows,
-        vocab], applied before anything else (a mask that allows nothing — a finished grammar's request still in
-        an overlapped step, whose token is discarded — is not applied). Plain greedy rows (no bias or penalties)
-        take one batched argmax; the others are processed row by row. Log-probabilities are computed for the rows
-        that asked for them only: for 64 rows of 8k logits, a log-softmax of all costs as much as the greedy
-        pick."""
-        model_logits = logits
-        if allowed is not None:
-            indices, masks = allowed
-            masks = masks | ~masks.any(dim=-1, keepdim=True)
-            logits = logits.clone()
-            logits[indices] = logits[indices].masked_fill(~masks, float("-inf"))
+               masks: tuple[list[int], torch.Tensor] | None = None) -> list[Sample]:
+        """logits: [len(rows), vocab] fp32. `masks`: the structured rows' indices and their
+        grammar masks (0 / -inf, `grammar.additive`), added before anything else. Plain greedy rows (no bias or
+        penalties) take one batched argmax; the others are processed row by row. Log-probabilities are computed
+        for the rows that asked for them only: for 64 rows of 8k logits, a log-softmax of all costs as much as the
+        greedy pick."""
+        model_logits = logits  # what returned logprobs are computed from
+        if masks is not None:
+            indices, additive = masks
+            logits = logits + additive if indices == list(range(len(rows))) else \
+                logits.index_add(0, torch.tensor(indices), additive)
         greedy = logits.max(dim=-1).indices.tolist()  # the first maximum, as argmax, at a third of its cost
         tokens, drawn, scores = [], [], []
         for index, row in enumerate(rows):
