@@ -1,4 +1,4 @@
-"""Structured outputs and tool calls through the official `openai` SDK against a real `rung serve` (async scheduling
+"""Structured outputs, tool calls and the Responses API through the official `openai` SDK against a real `rung serve` (async scheduling
 on, so every mask is filled with a step in flight): the model is the barely trained tiny one, so what makes the
 output parse is the token mask, not the model."""
 
@@ -195,6 +195,59 @@ def test_bad_tools_are_a_400_naming_the_field(server, extra, param):
                                   {"model": "tiny", "messages": ASK, "max_tokens": 5, **extra})
     error = json.loads(body)["error"]
     assert status == 400 and error["param"] == param, error
+
+
+WEATHER_FLAT = {"type": "function", **WEATHER["function"]}  # the Responses API's tool shape
+
+
+def test_the_responses_api_answers_as_chat_does_whole_and_streamed(client):
+    ask = {"model": "tiny", "instructions": "Be brief.", "max_output_tokens": 12, "temperature": 0}
+    response = client.responses.create(input="Describe a person.", **ask)
+    chat = client.chat.completions.create(model="tiny", max_tokens=12, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Describe a person."}])
+    assert response.output_text == chat.choices[0].message.content and response.output_text
+    assert response.object == "response" and response.status in ("completed", "incomplete")
+    assert response.usage.input_tokens == chat.usage.prompt_tokens and response.usage.output_tokens > 0
+    events = list(client.responses.create(input=[{"role": "user", "content": "Describe a person."}], stream=True,
+                                          **ask))
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in ("response.completed",
+                                                                                    "response.incomplete")
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert deltas == response.output_text == events[-1].response.output_text
+
+
+def test_the_responses_api_calls_functions_takes_their_outputs_and_formats_json(client):
+    called = client.responses.create(model="tiny", input="Weather in Paris?", tools=[WEATHER_FLAT],
+                                     tool_choice="required", parallel_tool_calls=False, temperature=1.0,
+                                     max_output_tokens=100, extra_body={"seed": 8})
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id.startswith("call_")
+    jsonschema.validate(json.loads(call.arguments), SCHEMAS["get_weather"])
+    follow_up = client.responses.create(model="tiny", tools=[WEATHER_FLAT], max_output_tokens=8, temperature=0,
+                                        input=[{"role": "user", "content": "Weather in Paris?"},
+                                               {"type": "function_call", "call_id": call.call_id,
+                                                "name": call.name, "arguments": call.arguments},
+                                               {"type": "function_call_output", "call_id": call.call_id,
+                                                "output": "18 degrees"}])
+    assert follow_up.usage.input_tokens > called.usage.input_tokens
+    shaped = client.responses.create(model="tiny", input="A person:", temperature=1.0, max_output_tokens=100,
+                                     text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}})
+    jsonschema.validate(json.loads(shaped.output_text), PERSON)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"tools": [WEATHER_FLAT], "tool_choice": {"type": "function", "name": "get_time"}}, "tool_choice"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objectx"}}}}, "text.format"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, None),
+])
+def test_the_responses_api_refuses_what_it_cannot_do_with_a_400(server, extra, param):
+    status, _headers, body = http("POST", f"{server.url}/v1/responses",
+                                  {"model": "tiny", "input": "hi", "max_output_tokens": 5, **extra})
+    error = json.loads(body)["error"]
+    assert status == 400 and (param is None or error["param"] == param), error
 
 
 def _parses(text: str) -> bool:

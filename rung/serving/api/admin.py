@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rung import __version__
 from rung.serving.api.errors import APIError, error_response
-from rung.serving.api.responses import ModelCard, ModelList, Status, Version, body
+from rung.serving.api.response_bodies import ModelCard, ModelList, Status, Version, body
 from rung.serving.api.state import ServerState
 
 router = APIRouter()

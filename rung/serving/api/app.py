@@ -13,7 +13,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from rung import __version__
-from rung.serving.api import admin, chat, completions, tokenize
+from rung.serving.api import admin, chat, completions, responses, tokenize
 from rung.serving.api.errors import install_error_handlers
 from rung.serving.api.guard import Guard
 from rung.serving.api.state import ServerState, load_tokenizer
@@ -59,6 +59,6 @@ def create_app(config: ServeConfig, engine: Engine | EngineClient | None = None,
     install_error_handlers(app)
 
     app.add_middleware(Guard, config=config, metrics=metrics)
-    for module in (admin, completions, chat, tokenize):
+    for module in (admin, completions, chat, responses, tokenize):
         app.include_router(module.router)
     return app

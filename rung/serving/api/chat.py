@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from rung.serving.api.errors import APIError
 from rung.serving.api.protocol import ChatCompletionRequest
-from rung.serving.api.responses import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
+from rung.serving.api.response_bodies import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse,
                                         ChatDelta, ChatLogprobs, ChatMessageOut, FunctionCallOut, TokenLogprob,
                                         ToolCallDelta, ToolCallOut, TopLogprob, Usage, body)
 from rung.serving.api.state import ServerState
 from rung.serving.api.streaming import Choice, collect, event_stream, merge, sse
 from rung.serving.api.tool_calls import HermesFormat
 from rung.serving.core.structured import StructuredOutput
-from rung.serving.engine.client import Output
+from rung.serving.engine.client import Output, RequestStream
 
 router = APIRouter()
 
@@ -36,9 +37,18 @@ def logprobs_of(state: ServerState, outputs: list[Output]) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
-async def chat_completions(request: ChatCompletionRequest, raw: Request):
-    state: ServerState = raw.app.state.rung
+@dataclass
+class ChatRun:
+    """A started chat request: its prompt, one stream per choice, and the tool-call format to read its replies with
+    (None when no tools were offered)."""
+
+    prompt: list[int]
+    streams: list[RequestStream]
+    tool_format: HermesFormat | None
+
+
+async def start_chat(state: ServerState, request: ChatCompletionRequest, logprobs: int | None = None) -> ChatRun:
+    """Render, validate and start a chat request — for /v1/chat/completions and /v1/responses alike."""
     functions, fmt = request.functions(), state.tool_format
     if functions and fmt is None:
         raise APIError(400, "this model's chat template shows no tool-call format rung can read; serve it with "
@@ -46,9 +56,17 @@ async def chat_completions(request: ChatCompletionRequest, raw: Request):
     forced = request.forced_functions()
     tool_grammar = StructuredOutput("grammar", fmt.grammar(forced, request.parallel_tool_calls)) if forced else None
     prompt = await state.chat_prompt(request.messages, functions)
-    logprobs = (request.top_logprobs or 0) if request.logprobs else None
     streams = state.start(request, [prompt], request.max_completion_tokens or request.max_tokens, logprobs,
                           tool_grammar)
+    return ChatRun(prompt, streams, fmt if functions else None)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+async def chat_completions(request: ChatCompletionRequest, raw: Request):
+    state: ServerState = raw.app.state.rung
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    run = await start_chat(state, request, logprobs)
+    prompt, streams, fmt = run.prompt, run.streams, run.tool_format
     choices = [Choice() for _ in streams]
     rid, created, model = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.config.model_name
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
@@ -57,7 +75,7 @@ async def chat_completions(request: ChatCompletionRequest, raw: Request):
         return Usage.of(len(prompt), sum(c.output_tokens for c in choices))
 
     if request.stream:
-        readers = [fmt.reader() if functions else None for _ in streams]
+        readers = [fmt.reader() if fmt else None for _ in streams]
         calls_sent = [0] * len(streams)
 
         def chunk(index: int, delta: ChatDelta, output: Output | None, finish_reason: str | None) -> str:
@@ -95,8 +113,8 @@ async def chat_completions(request: ChatCompletionRequest, raw: Request):
 
         return event_stream(events())
     await collect(raw, streams, choices, state.open_requests)
-    replies = [reply(i, c, fmt if functions else None, logprobs_of(state, c.outputs) if logprobs is not None else
-                     None) for i, c in enumerate(choices)]
+    replies = [reply(i, c, fmt, logprobs_of(state, c.outputs) if logprobs is not None else None)
+               for i, c in enumerate(choices)]
     return JSONResponse(body(ChatCompletionResponse(id=rid, object="chat.completion", created=created, model=model,
                                                     choices=replies, usage=usage())))
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from rung.serving.api.errors import APIError
 from rung.serving.api.protocol import CompletionRequest
-from rung.serving.api.responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, body
+from rung.serving.api.response_bodies import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage, body
 from rung.serving.api.state import ServerState
 from rung.serving.api.streaming import Choice, collect, event_stream, merge, sse
 from rung.serving.engine.client import Output

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rung.serving.api.responses import ErrorInfo, ErrorResponse, body
+from rung.serving.api.response_bodies import ErrorInfo, ErrorResponse, body
 from rung.serving.core.params import SamplingError
 from rung.serving.engine.client import EngineFailure
 

@@ -1,5 +1,5 @@
 """The OpenAI API's request bodies as pydantic models (their JSON schemas are what /openapi.json shows; the
-responses are in `responses.py`). Requests are checked as strictly as OpenAI's schema reads: no "5" for an integer,
+responses are in `response_bodies.py`). Requests are checked as strictly as OpenAI's schema reads: no "5" for an integer,
 no `true` for a number, no Infinity, no string that is not valid Unicode (a lone UTF-16 surrogate), no empty stop
 string. Unknown request fields are ignored, as OpenAI-compatible servers do, so newer SDKs keep working."""
 

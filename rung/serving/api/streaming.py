@@ -13,7 +13,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from rung.serving.api.responses import ErrorInfo, ErrorResponse
+from rung.serving.api.response_bodies import ErrorInfo, ErrorResponse
 from rung.serving.engine.client import EngineFailure, Output, RequestStream
 
 DISCONNECT_POLL_SECONDS = 0.5

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from rung.serving.api.errors import APIError
 from rung.serving.api.protocol import DetokenizeRequest, TokenizeRequest
-from rung.serving.api.responses import DetokenizeResponse, TokenizeResponse, body
+from rung.serving.api.response_bodies import DetokenizeResponse, TokenizeResponse, body
 from rung.serving.api.state import ServerState
 
 router = APIRouter()
