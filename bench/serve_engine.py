@@ -157,7 +157,7 @@ def decode_step_times(folder: Path) -> list[dict]:
     engine = Engine(folder, EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096))
     spec = engine.spec
     flops_per_token = 2 * sum(t.numel() for n, t in engine.model.w.items() if n != "model.embed_tokens.weight")
-    peak = _measured_matmul_flops()
+    peak = _measured_matmul_flops("cpu", torch.float32)
     rows = []
     for batch in (1, 2, 4, 8, 16, 32, 64):
         for index in range(batch):

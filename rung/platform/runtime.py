@@ -69,20 +69,25 @@ def init_process_group(rank: int, world_size: int, local_rank: int, init_method:
 
 
 def peak_flops(dtype: str) -> float:
-    """Per-device peak FLOP/s for MFU: the datasheet for known GPUs; on CPUs a measured fp32 matmul rate."""
+    """Per-device peak FLOP/s for MFU: the datasheet for known GPUs; elsewhere (a CPU, a GPU rung has no datasheet
+    for) a measured matmul rate on that device, in the training dtype."""
     gpu = gpu_from_device_name(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     if gpu is not None:
         return gpu.peak_flops(dtype)
-    return _measured_matmul_flops()
+    if torch.cuda.is_available():
+        return _measured_matmul_flops("cuda", torch.bfloat16 if dtype == "bfloat16" else torch.float32, size=4096)
+    return _measured_matmul_flops("cpu", torch.float32)
 
 
-def _measured_matmul_flops(size: int = 512, seconds: float = 0.2) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def _measured_matmul_flops(device: str, dtype: torch.dtype, size: int = 512, seconds: float = 0.2) -> float:
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm up
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         a @ b
         count += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
     return 2 * size**3 * count / (time.perf_counter() - started)
 
 
