@@ -162,7 +162,7 @@ class ModelRunner:
         if structured:  # filled on the grammar thread while the forward runs
             if self.grammars is None:
                 raise ConfigError("structured", "this model runner was built without a tokenizer for grammars")
-            masks = self.grammars.fill([(step.sample_inputs[i].request_id, step.sample_inputs[i].params.structured)
+            masks = self.grammars.fill([(step.sample_inputs[i].request_id, step.sample_inputs[i].params)
                                         for i in structured])
         parts = len(step.inputs.spans) if self.deterministic else self.nano_batches
         hidden = self.model.forward(step.inputs, self.cache, parts)
