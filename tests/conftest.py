@@ -17,6 +17,9 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# No GPU here: Triton kernels run in Triton's interpreter on CPU tensors. Triton reads this when it is first imported,
+# so it is set before anything can import it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 

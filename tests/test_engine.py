@@ -37,17 +37,33 @@ MODELS = {
 }
 
 
+def saved_reference(name: str, folder, **config_changes):
+    """The transformers model `name` (MODELS), seeded, with weights 4x the default init (greedy paths are less
+    degenerate), saved to `folder`."""
+    cls, config = MODELS[name]
+    config = type(config)(**{**config.to_dict(), **config_changes}) if config_changes else config
+    torch.manual_seed(0)
+    reference = cls(config).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.mul_(4.0) if param.dim() > 1 else None
+    reference.save_pretrained(folder)
+    return reference
+
+
+def transformers_greedy(reference, prompt: list[int], tokens: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`, exactly `tokens` long."""
+    with torch.no_grad():
+        ids = torch.tensor([prompt])  # an explicit mask: generate would otherwise mask every token equal to pad
+        return reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                  min_new_tokens=tokens, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+
+
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("nano_batches", [1, 3])
 @pytest.mark.parametrize("name", MODELS)
 def test_greedy_outputs_equal_transformers(name, nano_batches, async_scheduling, tmp_path):
-    cls, config = MODELS[name]
-    torch.manual_seed(0)
-    reference = cls(config).eval()
-    with torch.no_grad():  # larger weights than the default init make greedy paths less degenerate
-        for param in reference.parameters():
-            param.mul_(4.0) if param.dim() > 1 else None
-    reference.save_pretrained(tmp_path)
+    reference = saved_reference(name, tmp_path)
     rng = torch.Generator().manual_seed(1)
     shared = torch.randint(0, 211, (20,), generator=rng).tolist()
     prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (1, 3, 17, 40, 90)]
@@ -57,11 +73,7 @@ def test_greedy_outputs_equal_transformers(name, nano_batches, async_scheduling,
     outputs = [c[0].token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
                                                                                 ignore_eos=True))]
     for prompt, output in zip(prompts, outputs):
-        with torch.no_grad():
-            ids = torch.tensor([prompt])  # an explicit mask: generate would otherwise mask every token equal to pad
-            expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                          min_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-        assert output == expected, (name, len(prompt))
+        assert output == transformers_greedy(reference, prompt, 12), (name, len(prompt))
     assert engine.scheduler.num_preemptions > 0 and engine.kv.prefix_hits > 0
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
 
@@ -110,25 +122,22 @@ def test_n_samples_share_the_prompt_and_seeds_reproduce_in_a_busy_batch(tmp_path
     assert engine.kv.prefix_hits > 0 and engine.kv.num_free_blocks == engine.kv.num_blocks
 
 
-def use_ops(monkeypatch: pytest.MonkeyPatch, ops: str) -> None:
-    """Models built from now on run rung's compiled kernels (which `make install` builds) or PyTorch's operators
-    (the path chooses how weights are laid out at load, so it is chosen before the model is built)."""
-    from rung.serving.worker import model
-    from rung.serving.worker.ops import cpu_kernels
-    from rung.serving.worker.ops.cpu_ops import CpuKernelOps
-    from rung.serving.worker.ops.torch_ops import TorchOps
+BACKENDS = {"kernels": "cpu", "pytorch": "torch"}  # the engine's attention_backend for each compute path
 
-    assert cpu_kernels.loaded(), "rung's kernels are not built: run `make install`"
-    monkeypatch.setattr(model, "select_ops", lambda device: CpuKernelOps() if ops == "kernels" else TorchOps())
+
+def built_with(engine: LLM, ops: str) -> LLM:
+    """The engine, having checked it runs the compute path asked for (`make install` builds the kernels)."""
+    assert engine.engine.model.ops.name == ("cpu-kernels" if ops == "kernels" else "pytorch"), engine.engine.model.ops
+    return engine
 
 
 @pytest.mark.parametrize("ops", ["kernels", "pytorch"])
-def test_deterministic_mode_is_batch_invariant_to_the_bit(ops, tmp_path, monkeypatch):
+def test_deterministic_mode_is_batch_invariant_to_the_bit(ops, tmp_path):
     cls, config = MODELS["mixtral"]
     torch.manual_seed(0)
     cls(config).save_pretrained(tmp_path)
-    use_ops(monkeypatch, ops)
-    engine = LLM(tmp_path, num_blocks=128, block_size=4, max_num_batched_tokens=32, deterministic=True)
+    engine = built_with(LLM(tmp_path, num_blocks=128, block_size=4, max_num_batched_tokens=32, deterministic=True,
+                            attention_backend=BACKENDS[ops]), ops)
     prompt = list(range(1, 45))  # longer than a chunk: chunked at the same boundaries alone and in company
     params = SamplingParams(max_tokens=10, temperature=0.8, seed=5, ignore_eos=True, logprobs=0)
     alone = engine.generate([prompt], params)[0][0]
@@ -181,30 +190,19 @@ def test_32_concurrent_requests_of_1_to_300_tokens_match_transformers(name, nano
 
     counts, runs = set(), ModelRunner._runs
     monkeypatch.setattr(ModelRunner, "_runs", lambda self, *a: counts.add(len(found := runs(self, *a))) or found)
-    cls, config = MODELS[name]
-    config = type(config)(**{**config.to_dict(), "max_position_embeddings": 512})
-    torch.manual_seed(0)
-    reference = cls(config).eval()
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.mul_(4.0) if param.dim() > 1 else None
-    reference.save_pretrained(tmp_path)
+    reference = saved_reference(name, tmp_path, max_position_embeddings=512)
     rng = torch.Generator().manual_seed(2)
     lengths = [1, 2, 300, 299] + torch.randint(3, 300, (24,), generator=rng).tolist()
     prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in lengths]
     shared = prompts[2][:64]
     prompts += [shared + [1], shared + [2, 3], shared[:40], shared + prompts[5][:10]]
     assert len(prompts) == 32 and min(map(len, prompts)) == 1 and max(map(len, prompts)) == 300
-    use_ops(monkeypatch, ops)
-    engine = LLM(tmp_path, num_blocks=160, block_size=4, max_num_seqs=16, max_num_batched_tokens=64,
-                 nano_batches=nano_batches, async_scheduling=async_scheduling)
+    engine = built_with(LLM(tmp_path, num_blocks=160, block_size=4, max_num_seqs=16, max_num_batched_tokens=64,
+                            nano_batches=nano_batches, async_scheduling=async_scheduling,
+                            attention_backend=BACKENDS[ops]), ops)
     outputs = engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     for prompt, output in zip(prompts, outputs):
-        with torch.no_grad():
-            ids = torch.tensor([prompt])
-            expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                          min_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(prompt):]
-        assert output[0].token_ids == expected.tolist(), (name, len(prompt))
+        assert output[0].token_ids == transformers_greedy(reference, prompt, 8), (name, len(prompt))
     assert engine.scheduler.num_preemptions > 0 and engine.kv.prefix_hits > 0
     assert engine.kv.num_free_blocks == engine.kv.num_blocks
     assert {1, 2} <= counts and max(counts) > RUNS_READ_IN_PLACE, counts

@@ -16,6 +16,7 @@ from rung.errors import ConfigError
 
 DType = Literal["float32", "bfloat16", "float16"]
 Backend = Literal["rung", "vllm"]
+AttentionBackend = Literal["auto", "cpu", "torch", "triton"]
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block when the config leaves it to rung's engine
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
@@ -36,6 +37,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # reuse the KV of full blocks of earlier prompts (off when deterministic)
     async_scheduling: bool | None = None  # plan step i+1 while step i computes; None: on a GPU only
     device: str | None = None  # where the model and KV cache live; None: the GPU when there is one, else the CPU
+    # attention (and the other per-layer operations): auto = rung's C++ kernels on a CPU, Triton on a GPU where it is
+    # installed, else PyTorch's operators; cpu / torch / triton to choose (worker/ops/select.py)
+    attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
@@ -77,6 +81,9 @@ class ServeConfig:
             if getattr(self.engine, name):
                 raise ConfigError(f"engine.{name}", "applies to rung's engine only; leave it unset with the vllm "
                                   "engine")
+        if self.backend == "vllm" and self.engine.attention_backend != "auto":
+            raise ConfigError("engine.attention_backend", "applies to rung's engine only; leave it unset with the "
+                              "vllm engine")
 
     @property
     def model_name(self) -> str:

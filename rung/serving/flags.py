@@ -19,7 +19,7 @@ SERVE_FLAGS: dict[str, str] = {
     "--kv-cache-memory": "kv_cache_memory", "--block-size": "block_size", "--grace-period": "grace_seconds",
     "--nano-batches": "nano_batches", "--deterministic": "deterministic", "--async-scheduling": "async_scheduling",
     "--device": "device", "--engine": "backend", "--no-prefix-caching": "enable_prefix_caching",
-    "--tool-call-parser": "tool_call_parser",
+    "--tool-call-parser": "tool_call_parser", "--attention-backend": "attention_backend",
 }
 GIB = 1 << 30
 
@@ -62,6 +62,11 @@ def add_serve_settings(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                        help="schedule step i+1 while step i computes (default: rung's engine on a GPU only, "
                             "vLLM's own choice with --engine vllm)")
+    serve.add_argument("--attention-backend", default=engine("attention_backend"),
+                       choices=["auto", "cpu", "torch", "triton"],
+                       help="rung's compute path: cpu (its C++ kernels), torch (PyTorch's operators), triton (paged "
+                            "attention in Triton: GPUs, or a CPU under TRITON_INTERPRET=1); auto: cpu on a CPU, triton "
+                            "on a GPU where it is installed (default: auto)")
     serve.add_argument("--device", help="where rung's engine computes: cpu, cuda, cuda:N (default: the GPU when "
                                         "there is one, else the CPU)")
     serve.add_argument("--tool-call-parser", choices=list(TOOL_CALL_FORMATS),

@@ -41,11 +41,13 @@ class ActivationBytes:
     logits_grad: int  # backward's first transient: the fp32 gradient of the log-softmax and of the logits
 
     def per_micro_batch(self, n_layers: int, recompute: str) -> tuple[int, int]:
-        """(kept from forward to backward, the largest extra working set in backward) for one sequence."""
+        """(kept from forward to backward, the largest extra working set in backward) for one sequence. The logits'
+        gradient is freed before the last block's backward begins, so a recomputed block's activations replace it
+        rather than add to it."""
         if recompute == "full":
-            return self.head + n_layers * self.block_input, self.logits_grad + self.block
+            return self.head + n_layers * self.block_input, max(self.logits_grad, self.block)
         if recompute == "selective":
-            return self.head + n_layers * (self.block - self.ffn + self.block_input), self.logits_grad + self.ffn
+            return self.head + n_layers * (self.block - self.ffn + self.block_input), max(self.logits_grad, self.ffn)
         return self.head + n_layers * self.block, self.logits_grad
 
 

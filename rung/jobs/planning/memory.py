@@ -6,9 +6,9 @@ parallelism holding 1/E of the experts' P_e; the states ZeRO shards are P/N per 
 - parameters in the training dtype, whole below ZeRO-3 (P - P_e + P_e/E), P/N at ZeRO-3 plus the gathered ones
   it may keep live (stage3_max_live_parameters, 1e9: the whole model below that, as measured);
 - gradients in the training dtype: whole at ZeRO 0-1 (bf16 at ZeRO-0 adds DeepSpeed's fp32 accumulation buffer),
-  P/N at ZeRO 2-3, plus at ZeRO 1-2 the flat partition they are reduced into and its fp32 copy for the update,
-  and at ZeRO-3 the reduction bucket (DeepSpeed's reduce_bucket_size, 5e8 elements, allocated whole on a GPU: a
-  model below 5e8 parameters touches only its own size of it on a CPU, and is counted so);
+  P/N at ZeRO 2-3, plus at ZeRO 1-2 the partition's fp32 gradients flattened for the update, and at ZeRO-3 the
+  reduction bucket (DeepSpeed's reduce_bucket_size, 5e8 elements, allocated whole on a GPU: a model below 5e8
+  parameters touches only its own size of it on a CPU, and is counted so);
 - optimizer: AdamW's two fp32 moments, plus an fp32 master copy of the partition wherever DeepSpeed keeps one
   (every bf16 run, and ZeRO 1-3 in fp32, where the optimizer steps a flat copy): 8P at fp32 ZeRO-0, else 12P/N.
   train.offload moves it (and with `all` the parameters) to host memory.
@@ -79,7 +79,7 @@ def model_state_bytes(cfg: RunConfig, devices: int) -> tuple[int, int, int, int]
         parameters = element * local
         gradients = element * (local if stage < 2 else shard)
         if stage in (1, 2):
-            gradients += (element + 4) * shard
+            gradients += 4 * shard
         if stage == 0 and element == 2:
             gradients += 4 * local
     optimizer = 8 * local if stage == 0 and element == 4 else 12 * shard

@@ -18,9 +18,10 @@ from rung.errors import ConfigError
 from rung.serving.config import DEFAULT_BLOCK_SIZE, DType, EngineConfig
 from rung.serving.core.outputs import Sample
 from rung.serving.core.scheduler import PENDING, StepPlan
-from rung.serving.worker.model import InferenceModel
 from rung.serving.worker.grammar import GrammarMasks
+from rung.serving.worker.model import InferenceModel
 from rung.serving.worker.model_spec import ModelSpec, load_spec
+from rung.serving.worker.ops.select import select_ops
 from rung.serving.worker.sampling import SampleInput, Sampler
 from rung.serving.worker.step import StepInputs
 from rung.serving.worker.weights import load_weights
@@ -77,7 +78,8 @@ class ModelRunner:
         """The model of a Hugging Face folder on the configured device, over a KV pool sized by the config."""
         spec = load_spec(model_dir)
         dtype, device = DTYPES[config.dtype], resolve_device(config.device)
-        model = InferenceModel(spec, load_weights(model_dir), dtype, device)
+        model = InferenceModel(spec, load_weights(model_dir), dtype, device,
+                               select_ops(device, config.attention_backend))
         block_size = config.block_size or DEFAULT_BLOCK_SIZE
         num_blocks = config.num_blocks or num_kv_blocks(spec, block_size, dtype, config.kv_cache_memory)
         grammars = GrammarMasks(model_dir, spec.vocab_size, list(spec.eos_token_ids))

@@ -2,11 +2,10 @@
 `core/params.py`).
 
 Order of operations, as in vLLM: a structured output's token mask (`grammar.py`), the request's logit bias added to
-the raw logits, then penalties (repetition over
-prompt and output, presence and frequency over the output), then temperature, top-k, top-p and min-p, then a draw
-from each request's own seeded generator (one uniform number a token, `draw`) — so a seeded request samples the
-same tokens whatever else shares its batch. Returned logprobs are those of the model's distribution before any
-processing.
+the raw logits, then penalties (repetition over prompt and output, presence and frequency over the output), then
+temperature, top-k, top-p and min-p, then a draw from each request's own seeded generator (one uniform number a
+token, `draw`) — so a seeded request samples the same tokens whatever else shares its batch. Returned logprobs are
+those of the model's distribution before any processing.
 """
 
 from __future__ import annotations
@@ -49,11 +48,10 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SampleInput],
                masks: tuple[list[int], torch.Tensor] | None = None) -> list[Sample]:
-        """logits: [len(rows), vocab] fp32. `masks`: the structured rows' indices and their
-        grammar masks (0 / -inf, `grammar.additive`), added before anything else. Plain greedy rows (no bias or
-        penalties) take one batched argmax; the others are processed row by row. Log-probabilities are computed
-        for the rows that asked for them only: for 64 rows of 8k logits, a log-softmax of all costs as much as the
-        greedy pick."""
+        """logits: [len(rows), vocab] fp32. `masks`: the structured rows' indices and their grammar masks (0 / -inf,
+        `grammar.additive`), added before anything else. Plain greedy rows (no bias or penalties) take one batched
+        argmax; the others are processed row by row. Log-probabilities are computed for the rows that asked for
+        them only: for 64 rows of 8k logits, a log-softmax of all costs as much as the greedy pick."""
         model_logits = logits  # what returned logprobs are computed from
         if masks is not None:
             indices, additive = masks

@@ -3,11 +3,14 @@ one interface, so the model (`worker/model.py`) is written once and a new device
 
     Ops (this interface)
      ├─ TorchOps       PyTorch operators: any device; the reference every other path is tested against
-     └─ CpuKernelOps   rung's C++ kernels (csrc/) for CPUs: decode attention of a whole step in one call,
-                       fused KV writes, RMSNorm, RoPE and SwiGLU; and oneDNN's GEMMs over weights packed at load
+     ├─ CpuKernelOps   rung's C++ kernels (csrc/) for CPUs: decode attention of a whole step in one call,
+     │                 fused KV writes, RMSNorm, RoPE and SwiGLU; and oneDNN's GEMMs over weights packed at load
+     └─ TritonOps      paged attention of the whole step in one Triton launch per layer (GPUs; on a CPU under
+                       Triton's interpreter, for tests), PyTorch's operators for the rest
 
-`select.select_ops(device)` picks the best path that is available: the C++ kernels on a CPU where they are built (and
-RUNG_KERNELS is not 0), PyTorch's operators everywhere else.
+`select.select_ops(device, backend)` picks (the engine's `attention_backend`, `auto` by default): the C++ kernels on a
+CPU where they are built (and RUNG_KERNELS is not 0), Triton on a GPU where it is installed, PyTorch's operators
+everywhere else.
 """
 
 from __future__ import annotations

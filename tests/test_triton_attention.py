@@ -1,0 +1,90 @@
+"""The Triton compute path on this CPU, under Triton's interpreter (no GPU here: the same kernels compile on one):
+paged attention of a packed step against the PyTorch reference — decodes and prefill chunks, GQA ratios, head dims
+that are and are not powers of two, fp32 and bf16, contexts of 1-2,000 tokens in block tables with holes and blocks
+shared by two requests — and greedy outputs through `LLM(..., attention_backend="triton")` equal transformers'. conftest.py sets TRITON_INTERPRET=1 before anything imports
+Triton."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from test_engine import MODELS, saved_reference, transformers_greedy
+
+from rung.errors import ConfigError
+from rung.serving.core.params import SamplingParams
+from rung.serving.engine.llm import LLM
+from rung.serving.worker.ops.torch_ops import TorchOps
+from rung.serving.worker.step import StepInputs
+
+BLOCK = 16
+
+
+def packed_step(spans_spec: list[tuple[int, int]], slots: int, shared_blocks: int, seed: int) -> StepInputs:
+    """Spans of (query rows, context tokens) whose blocks sit at random places of the pool (so contexts are several
+    runs, with holes between them); every span after the first begins with the first span's `shared_blocks`."""
+    rng = random.Random(seed)
+    free = list(range(slots // BLOCK))
+    rng.shuffle(free)
+    spans, first, shared = [], 0, []
+    for index, (rows, context) in enumerate(spans_spec):
+        blocks = list(shared[:min(shared_blocks, -(-context // BLOCK))]) if index else []
+        while len(blocks) * BLOCK < context:
+            blocks.append(free.pop())
+        shared = shared or blocks
+        runs = [slice(b * BLOCK, b * BLOCK + min(BLOCK, context - i * BLOCK)) for i, b in enumerate(blocks)]
+        spans.append((first, rows, runs))
+        first += rows
+    empty = torch.zeros(first, dtype=torch.long)
+    return StepInputs(empty, empty, empty, spans)
+
+
+@pytest.mark.parametrize("kv_heads, group, head_dim, dtype, spans, tolerance", [
+    (2, 2, 64, torch.float32, [(1, 40), (1, 7), (5, 20), (16, 16)], 1e-5),  # decodes and prefills mixed
+    (1, 4, 96, torch.float32, [(1, 300), (17, 17), (3, 290)], 1e-5),  # head dim not a power of two
+    (4, 1, 128, torch.bfloat16, [(1, 1), (3, 50), (1, 130)], 2e-2),
+    (2, 3, 32, torch.float32, [(1, 2000), (1, 1999)], 1e-5),  # long contexts sharing 100 blocks
+])
+def test_the_kernel_equals_the_pytorch_reference(kv_heads, group, head_dim, dtype, spans, tolerance):
+    from rung.serving.worker.ops.triton_ops import TritonOps
+
+    slots = 8192
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, kv_heads, (slots + 32) * head_dim, generator=generator).to(dtype)
+    keys, values = cache[0].view(kv_heads, head_dim, -1), cache[1].view(kv_heads, -1, head_dim)
+    step = packed_step(spans, slots, shared_blocks=100, seed=head_dim)
+    q = (torch.randn(len(step.token_ids), kv_heads * group, head_dim, generator=generator) * head_dim ** -0.5).to(dtype)
+    ops = TritonOps()
+    ops.prepare(step)
+    torch.testing.assert_close(ops.attention(q, keys, values, step).float(),
+                               TorchOps().attention(q, keys, values, step).float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa1-tied", "qwen2-bias", "mixtral", "granite"])
+def test_greedy_outputs_through_the_triton_path_equal_transformers(name, tmp_path):
+    reference = saved_reference(name, tmp_path)
+    rng = torch.Generator().manual_seed(1)
+    shared = torch.randint(0, 211, (12,), generator=rng).tolist()
+    prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (1, 9, 30)] + [shared + [5], shared]
+    engine = LLM(tmp_path, num_blocks=40, block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
+                 attention_backend="triton")
+    assert engine.engine.model.ops.name == "triton"
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    for prompt, output in zip(prompts, outputs):
+        assert output[0].token_ids == transformers_greedy(reference, prompt, 6), (name, len(prompt))
+    assert engine.kv.prefix_hits > 0
+
+
+def test_the_triton_path_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
+    cls, config = MODELS["qwen2-bias"]
+    cls(config).save_pretrained(tmp_path)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ConfigError, match="attention_backend.*TRITON_INTERPRET=1"):
+        LLM(tmp_path, num_blocks=8, block_size=4, attention_backend="triton")
+    from rung.serving.worker.ops.select import select_ops
+
+    with pytest.raises(ConfigError, match="attention_backend.*--device cpu"):
+        select_ops(torch.device("cuda"), "cpu")  # decided before any CUDA call: no GPU is needed to test it
+    with pytest.raises(ConfigError, match="attention_backend"):
+        LLM(tmp_path, num_blocks=8, block_size=4, attention_backend="cuda-graphs")
