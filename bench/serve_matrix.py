@@ -57,6 +57,11 @@ CONCURRENCY = (1, 8, 32, 64)
 PREFIX_WORKLOADS, PREFIX_CONCURRENCY = ("shared-prefix", "multi-turn"), 8
 
 
+# the tokenizer's only special token, <|endoftext|>, is id 0: the configs' default ids (bos 1, eos 2) are ordinary
+# byte-level tokens of it, and a request would stop whenever it sampled token 2
+SPECIAL_IDS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+
+
 def make_folder(root: Path, name: str) -> Path:
     import torch
     import transformers
@@ -67,7 +72,12 @@ def make_folder(root: Path, name: str) -> Path:
         torch.manual_seed(0)
         model_class = getattr(transformers, f"{family}ForCausalLM")
         config_class = getattr(transformers, f"{family}Config")
-        model_class(config_class(**config, max_position_embeddings=WINDOW)).save_pretrained(folder)
+        model_class(config_class(**config, **SPECIAL_IDS, max_position_embeddings=WINDOW)).save_pretrained(folder)
+    for file_name in ("config.json", "generation_config.json"):  # folders made before SPECIAL_IDS: ids fixed
+        path = folder / file_name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            path.write_text(json.dumps({**data, **{k: v for k, v in SPECIAL_IDS.items() if k in data}}, indent=2))
     add_tokenizer(folder, min(8000, SHAPES[name][1]["vocab_size"]))
     return folder
 
