@@ -65,6 +65,8 @@ class Engine:
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> None:
         self.validate(prompt_token_ids, params)
+        if params.structured is not None:
+            self.runner.prepare_grammar(params.structured)
         self.scheduler.add(Request(request_id, list(prompt_token_ids), params, priority=priority,
                                    eos_token_ids=frozenset(self.spec.eos_token_ids)))
 

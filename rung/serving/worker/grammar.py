@@ -1,9 +1,9 @@
 """The token masks of structured outputs: one llguidance matcher per constrained request, advanced by every token
 the request samples, and a step's masks filled on llguidance's threads while the model's forward runs.
 
-A request's first mask creates its matcher from the grammar (`core/structured.py`); the grammar's compiled state is
-kept per constraint and copied for each new request, so a schema is compiled once however many requests use it,
-and the compilation happens on the mask thread, overlapped with the forward, not on the engine's step. When the
+A constraint is compiled on the mask thread as soon as its request arrives (`prepare`), while the request waits and
+its prompt prefills, so its first mask finds it ready; the compiled state is kept per constraint and copied for each
+new request, so a schema is compiled once however many requests use it. Nothing of it runs on the engine's step. When the
 grammar is complete the mask leaves only the end-of-sequence tokens, so the request stops with valid output.
 
 JSON mode (`json_object`) also ends on time: once the tokens of the shortest completion of the JSON written so far
@@ -44,25 +44,34 @@ class GrammarMasks:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="rung-grammar")
         self._executor = None
 
+    def prepare(self, structured: StructuredOutput) -> None:
+        """Compile a constraint on the mask thread now — when its request arrives, while it waits and prefills —
+        so that its first mask finds it ready (and the vocabulary's view built, the first time)."""
+        self._thread.submit(self._template, structured)
+
+    def _template(self, structured: StructuredOutput):
+        """The constraint's compiled matcher (kept, least recently used dropped), compiled on first use."""
+        from llguidance import LLMatcher
+
+        if self._tokenizer is None:
+            from llguidance.hf import from_tokenizer
+            from transformers import AutoTokenizer
+
+            self._text_tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+            self._tokenizer = from_tokenizer(self._text_tokenizer, n_vocab=self.vocab_size,
+                                             eos_token=self.eos_token_ids)
+        template = self._compiled.pop(structured, None)
+        if template is None:
+            template = LLMatcher(self._tokenizer, structured.grammar())
+            if len(self._compiled) >= COMPILED_KEPT:
+                del self._compiled[next(iter(self._compiled))]
+        self._compiled[structured] = template
+        return template
+
     def _matcher(self, request_id: str, structured: StructuredOutput):
         matcher = self._matchers.get(request_id)
         if matcher is None:
-            from llguidance import LLMatcher
-
-            if self._tokenizer is None:
-                from llguidance.hf import from_tokenizer
-                from transformers import AutoTokenizer
-
-                self._text_tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-                self._tokenizer = from_tokenizer(self._text_tokenizer, n_vocab=self.vocab_size,
-                                                 eos_token=self.eos_token_ids)
-            template = self._compiled.pop(structured, None)
-            if template is None:
-                template = LLMatcher(self._tokenizer, structured.grammar())
-                if len(self._compiled) >= COMPILED_KEPT:
-                    del self._compiled[next(iter(self._compiled))]  # the least recently used
-            self._compiled[structured] = template
-            matcher = self._matchers[request_id] = template.deep_copy()
+            matcher = self._matchers[request_id] = self._template(structured).deep_copy()
             self._accepted[request_id] = []
         return matcher
 

@@ -18,6 +18,7 @@ from rung.errors import ConfigError
 from rung.serving.config import DEFAULT_BLOCK_SIZE, DType, EngineConfig
 from rung.serving.core.outputs import Sample
 from rung.serving.core.scheduler import PENDING, StepPlan
+from rung.serving.core.structured import StructuredOutput
 from rung.serving.worker.grammar import GrammarMasks
 from rung.serving.worker.model import InferenceModel
 from rung.serving.worker.model_spec import ModelSpec, load_spec
@@ -182,6 +183,11 @@ class ModelRunner:
 
     def run(self, plan: StepPlan) -> dict[str, Sample]:
         return self.execute(self.prepare(plan)) if plan.spans else {}
+
+    def prepare_grammar(self, structured: StructuredOutput) -> None:
+        """A request with this constraint arrived: compile it off the step (`GrammarMasks.prepare`)."""
+        if self.grammars is not None:
+            self.grammars.prepare(structured)
 
     def release(self, request_id: str) -> None:
         """Forget a finished request's sampling state (its random stream, its grammar's matcher)."""
