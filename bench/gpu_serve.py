@@ -20,14 +20,15 @@ import argparse
 import gc
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
+from serve_engine import median_decode_step  # noqa: E402
 
 SHAPES = {  # name: (transformers family, config)
     "llama-1b": ("Llama", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
@@ -138,9 +139,9 @@ def bandwidth() -> float:
 
 
 def decode_steps(folder: Path, dtype: str, batches: list[int], context: int, bytes_per_s: float) -> list[dict]:
-    """Median decode step time per batch size, and the roofline: weights + every context's KV read once a step."""
+    """Median decode step time per batch size, and the roofline: weights + every context's KV read once a step (NaN
+    without a GPU to measure the bandwidth of)."""
     from rung.serving.config import EngineConfig
-    from rung.serving.core.params import SamplingParams
     from rung.serving.engine.engine import Engine
 
     release_memory()
@@ -151,18 +152,7 @@ def decode_steps(folder: Path, dtype: str, batches: list[int], context: int, byt
     kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * engine.runner.cache.element_size()
     rows = []
     for batch in batches:
-        for index in range(batch):
-            engine.add(f"b{batch}-{index}", list(range(1, context + 1)), SamplingParams(max_tokens=8, temperature=0,
-                                                                                        ignore_eos=True))
-        while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.waiting +
-                  engine.scheduler.running):
-            engine.step()
-        times = []
-        while engine.has_work:
-            started = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - started)
-        step = statistics.median(times)
+        step = median_decode_step(engine, batch, context)
         roofline = (weight_bytes + batch * context * kv_per_token) / bytes_per_s
         rows.append({"batch": batch, "step_ms": step * 1e3, "roofline_ms": roofline * 1e3,
                      "fraction_of_roofline": roofline / step})
@@ -220,8 +210,8 @@ def main() -> None:
             print(f"{name} nano-batches 1 / 2: {record['nano_batches']}", flush=True)
         (out / "gpu_serve.json").write_text(json.dumps(record, indent=2))
     record["bandwidth_bytes_per_s"] = bytes_per_s = bandwidth()
-    record["decode_steps"] = decode_steps(out / "gpu-serve-models" / "llama-1b", dtype, batches, 512 if not args.smoke
-                                          else 32, bytes_per_s if bytes_per_s == bytes_per_s else 1e11)
+    record["decode_steps"] = decode_steps(out / "gpu-serve-models" / "llama-1b", dtype, batches,
+                                          32 if args.smoke else 512, bytes_per_s)
     for row in record["decode_steps"]:
         print(f"decode batch {row['batch']}: {row['step_ms']:.2f} ms, roofline {row['roofline_ms']:.2f} ms "
               f"({row['fraction_of_roofline']:.0%})", flush=True)

@@ -152,6 +152,23 @@ def vllm_offline(python: str, folder: Path, prompts, outputs, out: Path) -> dict
     return {"error": (result.stderr or result.stdout)[-1500:]}
 
 
+def median_decode_step(engine: Engine, batch: int, context: int) -> float:
+    """Seconds of the median decode step of `batch` requests with `context`-token prompts (prefilled first, not
+    timed), each decoding 8 tokens."""
+    for index in range(batch):
+        engine.add(f"b{batch}-{index}", list(range(1, context + 1)), SamplingParams(max_tokens=8, temperature=0,
+                                                                                    ignore_eos=True))
+    while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.waiting +
+              engine.scheduler.running):
+        engine.step()
+    times = []
+    while engine.has_work:
+        started = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def decode_step_times(folder: Path) -> list[dict]:
     """Forward + sampling of one decode token for each of B requests with 256-token contexts."""
     engine = Engine(folder, EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096))
@@ -160,18 +177,7 @@ def decode_step_times(folder: Path) -> list[dict]:
     peak = _measured_matmul_flops("cpu", torch.float32)
     rows = []
     for batch in (1, 2, 4, 8, 16, 32, 64):
-        for index in range(batch):
-            engine.add(f"b{batch}-{index}", list(range(1, 257)), SamplingParams(max_tokens=8, temperature=0,
-                                                                                ignore_eos=True))
-        while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in engine.scheduler.waiting +
-                  engine.scheduler.running):
-            engine.step()  # prefill
-        times = []
-        while engine.has_work:
-            started = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - started)
-        step = statistics.median(times)
+        step = median_decode_step(engine, batch, 256)
         attention = 4 * batch * 256 * spec.num_heads * spec.head_dim * spec.num_layers
         rows.append({"batch": batch, "step_ms": step * 1000,
                      "flops_fraction": (flops_per_token * batch + attention) / step / peak})

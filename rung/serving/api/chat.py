@@ -90,8 +90,7 @@ async def chat_completions(request: ChatCompletionRequest, raw: Request):
                 return ChatDelta(content=output.text) if output.text else ChatDelta()
             text, calls = reader.feed(output.text)
             if output.finish_reason:
-                rest, _ = reader.finish()
-                text += rest
+                text += reader.finish()
             first, calls_sent[index] = calls_sent[index], calls_sent[index] + len(calls)
             fields = {"content": text} if text else {}
             if calls:

@@ -143,12 +143,12 @@ class Sampling(RequestBody):
              StructuredOutput("json_schema", json.dumps(fmt.json_schema.schema_))),
             ("structured_outputs.json", _json_constraint(extra.json_)),
             ("structured_outputs.regex", _maybe("regex", extra.regex)),
-            ("structured_outputs.choice", _maybe("choice", extra.choice is not None and json.dumps(extra.choice))),
+            ("structured_outputs.choice", _maybe("choice", _choices(extra.choice))),
             ("structured_outputs.grammar", _maybe("grammar", extra.grammar)),
             ("structured_outputs.json_object", StructuredOutput("json_object") if extra.json_object else None),
             ("guided_json", _json_constraint(self.guided_json)),
             ("guided_regex", _maybe("regex", self.guided_regex)),
-            ("guided_choice", _maybe("choice", self.guided_choice is not None and json.dumps(self.guided_choice))),
+            ("guided_choice", _maybe("choice", _choices(self.guided_choice))),
             ("guided_grammar", _maybe("grammar", self.guided_grammar)),
         ]
 
@@ -170,7 +170,12 @@ class Sampling(RequestBody):
 
 
 def _maybe(kind: str, spec: str | None) -> StructuredOutput | None:
-    return None if spec is None or spec is False else StructuredOutput(kind, spec)
+    return None if spec is None else StructuredOutput(kind, spec)
+
+
+def _choices(choices: list[str] | None) -> str | None:
+    """Choices as a constraint's spec: their JSON list."""
+    return None if choices is None else json.dumps(choices)
 
 
 def _json_constraint(schema: dict[str, Any] | str | None) -> StructuredOutput | None:

@@ -86,7 +86,7 @@ async def create_response(request: ResponsesRequest, raw: Request):
             choice.add(out)
             text, calls = (out.text, []) if reader is None else reader.feed(out.text)
             if reader is not None and out.finish_reason:
-                text += reader.finish()[0]
+                text += reader.finish()
             for event in stream.text(text):
                 yield event
             for call in calls:

@@ -43,9 +43,8 @@ class HermesFormat:
         JSON stays in the text."""
         reader = self.reader()
         content, calls = reader.feed(text)
-        rest, more = reader.finish()
-        content = (content + rest).strip()
-        return content or None, calls + more
+        content = (content + reader.finish()).strip()
+        return content or None, calls
 
     def reader(self) -> ToolCallReader:
         return ToolCallReader(self)
@@ -92,11 +91,11 @@ class ToolCallReader:
                 calls.append(call)
             self.buffer, self.inside = self.buffer[at + len(self.fmt.end):], False
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        """What is left when the text ends: an unclosed call is text."""
+    def finish(self) -> str:
+        """The text left when the stream ends: what was held back, and an unclosed call as text."""
         rest = (self.fmt.start if self.inside else "") + self.buffer
         self.buffer, self.inside = "", False
-        return rest, []
+        return rest
 
 
 def _partial_tag(text: str, tag: str) -> int:
