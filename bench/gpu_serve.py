@@ -6,12 +6,18 @@ minutes: rung's engine (its Triton paged attention, `--attention-backend auto`) 
   through transformers' `generate` in static batches of 32 (SDPA), output tokens/s each; vLLM's `LLM` too where it
   is installed;
 - decode step time against batch size (1-256, 512-token contexts) beside the HBM roofline: bytes of weights and KV
-  read per step over the card's bandwidth, measured in the same run with a device-to-device copy;
+  read per step over the card's bandwidth, measured in the same run with a device-to-device copy — with CUDA graphs
+  (the default) and without (`enforce_eager`);
 - nano-batching off and on (1 and 2 nano-batches) on the MoE, on a quarter of its requests.
 
-Writes OUT/gpu_serve.json and OUT/gpu_serve.png naming the card. CUDA graphs and device-side sampling are not built
-yet, so there is nothing to switch for them. `--smoke` runs every part on tiny shapes on a CPU (the torch path) in
-about a minute, to check the plumbing.
+The engines size their KV pool from the device (`gpu_memory_utilization`, the default 0.9), so the run exercises
+the profiling too. Writes OUT/gpu_serve.json and OUT/gpu_serve.png naming the card. `--smoke` runs every part on
+tiny shapes on a CPU (the torch path, where graphs are off) in about a minute, to check the plumbing.
+
+On the lent device machine (torch and Triton present, nothing fetchable), carry the wheels rung's engine and this
+script import beside them — `pip download --no-deps --only-binary :all: --python-version 3.12 -d .whl transformers
+tokenizers safetensors huggingface-hub llguidance` here — install them with `--target /tmp/site`, then:
+`PYTHONPATH=/tmp/site:. python3 bench/gpu_serve.py --out $OUT`.
 """
 
 from __future__ import annotations
@@ -79,8 +85,8 @@ def run_rung(folder: Path, requests, dtype: str, nano_batches: int | None = None
     from rung.serving.engine.llm import LLM
 
     release_memory()
-    llm = LLM(folder, dtype=dtype, max_num_seqs=256, max_num_batched_tokens=8192, kv_cache_memory=20 << 30
-              if torch.cuda.is_available() else 1 << 30, nano_batches=nano_batches)
+    llm = LLM(folder, dtype=dtype, max_num_seqs=256, max_num_batched_tokens=8192,
+              kv_cache_memory=None if torch.cuda.is_available() else 1 << 30, nano_batches=nano_batches)
     engine = llm.engine
     for index, (prompt, output) in enumerate(requests):
         engine.add(f"r{index}", prompt, SamplingParams(max_tokens=output, temperature=0, ignore_eos=True))
@@ -139,23 +145,29 @@ def bandwidth() -> float:
 
 
 def decode_steps(folder: Path, dtype: str, batches: list[int], context: int, bytes_per_s: float) -> list[dict]:
-    """Median decode step time per batch size, and the roofline: weights + every context's KV read once a step (NaN
-    without a GPU to measure the bandwidth of)."""
+    """Median decode step time per batch size with CUDA graphs and eagerly, and the roofline: weights + every
+    context's KV read once a step (NaN without a GPU to measure the bandwidth of)."""
     from rung.serving.config import EngineConfig
     from rung.serving.engine.engine import Engine
 
-    release_memory()
-    engine = Engine(folder, EngineConfig(dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=8192,
-                                         kv_cache_memory=20 << 30 if torch.cuda.is_available() else 1 << 30))
-    spec = engine.spec
-    weight_bytes = sum(t.numel() * t.element_size() for t in engine.model.w.values())
-    kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * engine.runner.cache.element_size()
-    rows = []
-    for batch in batches:
-        step = median_decode_step(engine, batch, context)
-        roofline = (weight_bytes + batch * context * kv_per_token) / bytes_per_s
-        rows.append({"batch": batch, "step_ms": step * 1e3, "roofline_ms": roofline * 1e3,
-                     "fraction_of_roofline": roofline / step})
+    rows = [{"batch": batch} for batch in batches]
+    for eager in (False, True):
+        release_memory()
+        engine = Engine(folder, EngineConfig(dtype=dtype, max_num_seqs=max(batches), max_num_batched_tokens=8192,
+                                             kv_cache_memory=None if torch.cuda.is_available() else 1 << 30,
+                                             enforce_eager=eager))
+        spec = engine.spec
+        weight_bytes = sum(t.numel() * t.element_size() for t in engine.model.w.values())
+        kv_per_token = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * engine.runner.cache.element_size()
+        for row in rows:
+            step = median_decode_step(engine, row["batch"], context)
+            roofline = (weight_bytes + row["batch"] * context * kv_per_token) / bytes_per_s
+            row.update({"step_ms_eager": step * 1e3} if eager else
+                       {"step_ms": step * 1e3, "roofline_ms": roofline * 1e3, "fraction_of_roofline": roofline / step,
+                        "cuda_graphs": engine.runner.graphs is not None, "kv_blocks": engine.runner.num_blocks})
+        del engine
+    for row in rows:
+        row["graphs_speedup"] = row["step_ms_eager"] / row["step_ms"]
     return rows
 
 
@@ -171,7 +183,8 @@ def plot(record: dict, path: Path) -> None:
     left.barh([b[0] for b in bars][::-1], [b[1] for b in bars][::-1])
     left.set_xlabel("output tokens/s")
     steps = record["decode_steps"]
-    right.plot([r["batch"] for r in steps], [r["step_ms"] for r in steps], marker="o", label="rung")
+    right.plot([r["batch"] for r in steps], [r["step_ms"] for r in steps], marker="o", label="rung, CUDA graphs")
+    right.plot([r["batch"] for r in steps], [r["step_ms_eager"] for r in steps], marker="x", label="rung, eager")
     right.plot([r["batch"] for r in steps], [r["roofline_ms"] for r in steps], linestyle="--", label="HBM roofline")
     right.set_xscale("log", base=2)
     right.set_xlabel("decode batch (512-token contexts)")
@@ -213,8 +226,9 @@ def main() -> None:
     record["decode_steps"] = decode_steps(out / "gpu-serve-models" / "llama-1b", dtype, batches,
                                           32 if args.smoke else 512, bytes_per_s)
     for row in record["decode_steps"]:
-        print(f"decode batch {row['batch']}: {row['step_ms']:.2f} ms, roofline {row['roofline_ms']:.2f} ms "
-              f"({row['fraction_of_roofline']:.0%})", flush=True)
+        print(f"decode batch {row['batch']}: {row['step_ms']:.2f} ms (eager {row['step_ms_eager']:.2f} ms, graphs "
+              f"{row['graphs_speedup']:.2f}x), roofline {row['roofline_ms']:.2f} ms ({row['fraction_of_roofline']:.0%})",
+              flush=True)
     (out / "gpu_serve.json").write_text(json.dumps(record, indent=2))
     plot(record, out / "gpu_serve.png")
     print(f"wrote {out}/gpu_serve.json and gpu_serve.png ({device})")

@@ -99,7 +99,9 @@ def test_serve_settings_go_through_the_config_loader():
 @pytest.mark.parametrize("flag, value, message", [
     ("--max-num-seqs", "0", "must be at least 1, got 0"), ("--block-size", "0", "must be at least 1, got 0"),
     ("--nano-batches", "0", "must be at least 1, got 0"), ("--max-num-batched-tokens", "-1", "must be at least 1, got -1"),
-    ("--max-queued-requests", "0", "must be at least 1, got 0"), ("--device", "tpu", "must be cpu, cuda or cuda:N")])
+    ("--max-queued-requests", "0", "must be at least 1, got 0"), ("--device", "tpu", "must be cpu, cuda or cuda:N"),
+    ("--gpu-memory-utilization", "0", "must be in (0, 1], got 0.0"),
+    ("--gpu-memory-utilization", "1.2", "must be in (0, 1], got 1.2")])
 def test_bad_serve_flags_exit_2_naming_the_flag(tmp_path, flag, value, message):
     result = run_rung("serve", str(tmp_path), flag, value)
     assert result.returncode == 2

@@ -18,6 +18,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 Backend = Literal["rung", "vllm"]
 AttentionBackend = Literal["auto", "cpu", "torch", "triton"]
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block when the config leaves it to rung's engine
+CPU_KV_CACHE_MEMORY = 256 << 20  # bytes of KV pool on a CPU when the config does not say
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
 
 
@@ -28,7 +29,11 @@ class EngineConfig:
     dtype: DType = "float32"  # weights and KV cache
     block_size: int | None = None  # tokens per KV block; None: 16 for rung's engine, vLLM's own choice for vLLM's
     num_blocks: int | None = None  # None: as many as kv_cache_memory holds
-    kv_cache_memory: int = 256 << 20  # bytes for the preallocated KV pool
+    # bytes for the preallocated KV pool; None: CPU_KV_CACHE_MEMORY on a CPU, and on a GPU what
+    # gpu_memory_utilization of its memory leaves after the weights and a profiled forward (worker/kv_sizing.py)
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9  # the share of the GPU's memory the engine may take, as vLLM's
+    enforce_eager: bool = False  # no CUDA graphs: every decode step launches its kernels one by one
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 2048  # per step: decodes first, then chunked prefill
     max_model_len: int | None = None  # None: the model's context window
@@ -47,6 +52,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(name, f"must be at least 1, got {value}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.device is not None and not _DEVICE.match(self.device):
             raise ConfigError("device", f"must be cpu, cuda or cuda:N, got {self.device!r}")
 

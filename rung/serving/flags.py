@@ -10,7 +10,7 @@ import os
 from rung.config import default
 from rung.errors import ConfigError
 from rung.serving.api.tool_calls import TOOL_CALL_FORMATS
-from rung.serving.config import DEFAULT_BLOCK_SIZE, EngineConfig, ServeConfig
+from rung.serving.config import CPU_KV_CACHE_MEMORY, DEFAULT_BLOCK_SIZE, EngineConfig, ServeConfig
 
 SERVE_FLAGS: dict[str, str] = {
     "--served-model-name": "served_model_name", "--api-key": "api_key", "--max-num-seqs": "max_num_seqs",
@@ -20,6 +20,7 @@ SERVE_FLAGS: dict[str, str] = {
     "--nano-batches": "nano_batches", "--deterministic": "deterministic", "--async-scheduling": "async_scheduling",
     "--device": "device", "--engine": "backend", "--no-prefix-caching": "enable_prefix_caching",
     "--tool-call-parser": "tool_call_parser", "--attention-backend": "attention_backend",
+    "--gpu-memory-utilization": "gpu_memory_utilization", "--enforce-eager": "enforce_eager",
 }
 GIB = 1 << 30
 
@@ -42,9 +43,16 @@ def add_serve_settings(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
     serve.add_argument("--dtype", default=engine("dtype"), choices=["float32", "bfloat16", "float16"],
                        help=f"weights and KV cache dtype (default: {engine('dtype')})")
-    memory = engine("kv_cache_memory") / GIB
-    serve.add_argument("--kv-cache-memory", type=float, default=memory, metavar="GIB",
-                       help=f"memory for the preallocated KV-cache pool in GiB (default: {memory:g})")
+    serve.add_argument("--kv-cache-memory", type=float, metavar="GIB",
+                       help=f"memory for the preallocated KV-cache pool in GiB (default: {CPU_KV_CACHE_MEMORY / GIB:g} "
+                            "on a CPU; on a GPU, what --gpu-memory-utilization leaves after the weights and a "
+                            "profiled forward at the largest batch)")
+    utilization = engine("gpu_memory_utilization")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=utilization, metavar="FRACTION",
+                       help=f"share of the GPU's memory the engine may take, in (0, 1] (default: {utilization:g})")
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="no CUDA graphs: launch every decode step's kernels one by one (graphs are captured on "
+                            "a GPU with --attention-backend triton and a dense model)")
     serve.add_argument("--block-size", type=int,
                        help=f"tokens per KV-cache block (default: {DEFAULT_BLOCK_SIZE}; with --engine vllm, vLLM's "
                             "choice)")
@@ -82,7 +90,7 @@ def serve_settings(args: argparse.Namespace) -> dict:
     for flag, name in SERVE_FLAGS.items():
         value = getattr(args, {"--engine": "backend", "--no-prefix-caching": name}.get(flag,
                                                                                         flag[2:].replace("-", "_")))
-        settings[name] = round(value * GIB) if name == "kv_cache_memory" else value
+        settings[name] = round(value * GIB) if name == "kv_cache_memory" and value is not None else value
     return settings
 
 

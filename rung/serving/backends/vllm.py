@@ -89,6 +89,8 @@ class VLLMAsyncEngine:
         args = AsyncEngineArgs(model=str(model_dir), dtype=config.dtype, block_size=config.block_size,
                                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                                max_model_len=config.max_model_len, kv_cache_memory_bytes=config.kv_cache_memory,
+                               gpu_memory_utilization=config.gpu_memory_utilization,
+                               enforce_eager=config.enforce_eager,
                                scheduling_policy="priority", seed=0, async_scheduling=config.async_scheduling,
                                enable_prefix_caching=config.enable_prefix_caching)
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[Gauges])

@@ -29,20 +29,25 @@ class LLM:
         self.spec, self.kv, self.scheduler = self.engine.spec, self.engine.kv, self.engine.scheduler
         self._next_id = 0
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[list[Completion]]:
         """`params.n` completions of each token-id prompt, all scheduled together (siblings share the prompt's
-        cached blocks)."""
-        params = params or SamplingParams()
-        for prompt in prompts:
-            self.engine.validate(prompt, params)
-        ids = []
-        for prompt in prompts:
+        cached blocks). `params`: one for every prompt, or a list with one per prompt (as vLLM's `generate`)."""
+        each = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(each) != len(prompts):
+            raise ValueError(f"{len(each)} sampling params for {len(prompts)} prompts: give one, or one per prompt")
+        for prompt, prompt_params in zip(prompts, each):
+            self.engine.validate(prompt, prompt_params)
+        ids, wants_logprobs = [], set()
+        for prompt, params in zip(prompts, each):
             siblings = []
             for index in range(params.n):
                 request_id = f"req-{self._next_id}"
                 self._next_id += 1
                 self.engine.add(request_id, prompt, params.for_sample(index))
                 siblings.append(request_id)
+                if params.logprobs is not None:
+                    wants_logprobs.add(request_id)
             ids.append(siblings)
         tokens: dict[str, list[int]] = {}
         logprobs: dict[str, list[float]] = {}
@@ -50,7 +55,7 @@ class LLM:
         while self.engine.has_work:
             for event in self.engine.step():
                 tokens.setdefault(event.request_id, []).append(event.token_id)
-                if params.logprobs is not None:
+                if event.request_id in wants_logprobs:
                     logprobs.setdefault(event.request_id, []).append(event.sample.logprob)
                 if event.finish_reason:
                     reasons[event.request_id] = event.finish_reason

@@ -19,9 +19,11 @@ from rung.serving.config import DEFAULT_BLOCK_SIZE, DType, EngineConfig
 from rung.serving.core.outputs import Sample
 from rung.serving.core.scheduler import PENDING, StepPlan
 from rung.serving.core.structured import StructuredOutput
+from rung.serving.worker.cuda_graphs import Capture, DecodeGraphs, cuda_graph_capture, graphs_blocked
 from rung.serving.worker.grammar import GrammarMasks
+from rung.serving.worker.kv_sizing import check_device_fits, kv_cache_bytes, num_kv_blocks
 from rung.serving.worker.model import InferenceModel
-from rung.serving.worker.model_spec import ModelSpec, load_spec
+from rung.serving.worker.model_spec import load_spec
 from rung.serving.worker.ops.select import select_ops
 from rung.serving.worker.sampling import SampleInput, Sampler
 from rung.serving.worker.step import StepInputs
@@ -29,12 +31,6 @@ from rung.serving.worker.weights import load_weights
 
 SLOT_PADDING = 32
 DTYPES = {name: getattr(torch, name) for name in typing.get_args(DType)}  # the config's names, as torch dtypes
-
-
-def num_kv_blocks(spec: ModelSpec, block_size: int, dtype: torch.dtype, memory: int) -> int:
-    """How many blocks of `block_size` tokens of every layer's keys and values fit in `memory` bytes (at least 1)."""
-    block_bytes = spec.num_layers * 2 * block_size * spec.num_kv_heads * spec.head_dim * dtype.itemsize
-    return max(memory // block_bytes, 1)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -73,18 +69,30 @@ class ModelRunner:
         self.cache = torch.zeros(spec.num_layers, 2, spec.num_kv_heads,
                                  (num_blocks * block_size + SLOT_PADDING) * spec.head_dim, dtype=dtype,
                                  device=model.device)
+        self.graphs: DecodeGraphs | None = None  # decode steps replayed from CUDA graphs (`capture_graphs`)
+
+    def capture_graphs(self, max_num_seqs: int, capture: Capture) -> None:
+        """Capture decode steps of up to max_num_seqs requests; the graphs' padding rows write to the pool's first
+        padding slot, which no block owns."""
+        self.graphs = DecodeGraphs(self.model, self.cache, max_num_seqs, self.num_blocks + max_num_seqs,
+                                   self.num_slots, capture)
 
     @classmethod
     def for_folder(cls, model_dir: str | Path, config: EngineConfig, nano_batches: int = 1) -> ModelRunner:
         """The model of a Hugging Face folder on the configured device, over a KV pool sized by the config."""
         spec = load_spec(model_dir)
         dtype, device = DTYPES[config.dtype], resolve_device(config.device)
-        model = InferenceModel(spec, load_weights(model_dir), dtype, device,
-                               select_ops(device, config.attention_backend))
+        ops = select_ops(device, config.attention_backend)
+        ops.check_model(spec.head_dim)
+        check_device_fits(spec, dtype, device, config.gpu_memory_utilization)
+        model = InferenceModel(spec, load_weights(model_dir), dtype, device, ops)
         block_size = config.block_size or DEFAULT_BLOCK_SIZE
-        num_blocks = config.num_blocks or num_kv_blocks(spec, block_size, dtype, config.kv_cache_memory)
+        num_blocks = config.num_blocks or num_kv_blocks(spec, block_size, dtype, kv_cache_bytes(model, config))
         grammars = GrammarMasks(model_dir, spec.vocab_size, list(spec.eos_token_ids))
-        return cls(model, num_blocks, block_size, dtype, nano_batches, config.deterministic, grammars)
+        runner = cls(model, num_blocks, block_size, dtype, nano_batches, config.deterministic, grammars)
+        if graphs_blocked(device, ops.name, spec.num_experts, config.enforce_eager, config.deterministic) is None:
+            runner.capture_graphs(config.max_num_seqs, cuda_graph_capture())
+        return runner
 
     @property
     def num_slots(self) -> int:
@@ -168,14 +176,15 @@ class ModelRunner:
             masks = self.grammars.fill([(step.sample_inputs[i].request_id, step.sample_inputs[i].params)
                                         for i in structured])
         parts = len(step.inputs.spans) if self.deterministic else self.nano_batches
-        hidden = self.model.forward(step.inputs, self.cache, parts)
+        hidden = self.graphs.run(step.inputs) if self.graphs else None
+        if hidden is None:
+            hidden = self.model.forward(step.inputs, self.cache, parts)
         rows = step.sample_rows
         if not rows:
             return {}
         logits = torch.cat([self.model.logits(hidden[[row]]) for row in rows]) if self.deterministic else \
             self.model.logits(hidden[rows])
-        # generators, penalties and grammar masks live on the CPU
-        samples = self.sampler.sample(logits.cpu(), step.sample_inputs,
+        samples = self.sampler.sample(logits, step.sample_inputs,
                                       (structured, masks.result()) if masks else None)
         for index in structured:
             self.grammars.accept(step.sample_inputs[index].request_id, samples[index].token_id)

@@ -51,7 +51,14 @@ class Sampler:
         """logits: [len(rows), vocab] fp32. `masks`: the structured rows' indices and their grammar masks (0 / -inf,
         `grammar.additive`), added before anything else. Plain greedy rows (no bias or penalties) take one batched
         argmax; the others are processed row by row. Log-probabilities are computed for the rows that asked for
-        them only: for 64 rows of 8k logits, a log-softmax of all costs as much as the greedy pick."""
+        them only: for 64 rows of 8k logits, a log-softmax of all costs as much as the greedy pick.
+
+        On a GPU, a step of plain greedy rows is picked there, and only the ids come back (one small device-to-host
+        copy); a step with any other row moves its logits to the host, where generators, penalties and grammar
+        masks live."""
+        if masks is not None or any(not row.params.greedy or row.params.processed or row.params.logprobs is not None
+                                    for row in rows):
+            logits = logits.cpu()
         model_logits = logits  # what returned logprobs are computed from
         if masks is not None:
             indices, additive = masks

@@ -43,6 +43,34 @@ def _contexts(spans: list[tuple[int, int, list[slice]]]) -> tuple[torch.Tensor, 
 
 
 @dataclass
+class RunLayout:
+    """The step's contexts per query token, as the Triton kernels read them (int32, on the step's device): token t
+    attends over runs first_run[t]..last_run[t]-1, run r being run_lengths[r] slots from run_starts[r], and sees the
+    first visible[t] tokens of that context (its causal limit). Every value is a tensor, so a CUDA graph can replay
+    a decode step from static copies of them (`cuda_graphs.py`)."""
+
+    run_starts: torch.Tensor
+    run_lengths: torch.Tensor
+    first_run: torch.Tensor
+    last_run: torch.Tensor
+    visible: torch.Tensor
+
+    @classmethod
+    def of(cls, spans: list[tuple[int, int, list[slice]]], device: torch.device) -> RunLayout:
+        starts, lengths, first, last, visible = [], [], [], [], []
+        for _, rows, runs in spans:
+            begin = len(starts)
+            starts += [run.start for run in runs]
+            lengths += [run.stop - run.start for run in runs]
+            context = sum(run.stop - run.start for run in runs)
+            first += [begin] * rows
+            last += [len(starts)] * rows
+            visible += range(context - rows + 1, context + 1)
+        return cls(*(torch.tensor(values, dtype=torch.int32, device=device)
+                     for values in (starts, lengths, first, last, visible)))
+
+
+@dataclass
 class StepInputs:
     """What one forward pass needs, built by the runner from a step plan."""
 
@@ -54,6 +82,18 @@ class StepInputs:
     # a decode reads a context of a few runs in place, one product per run; off, every context of several runs is
     # copied into one first, so a request's arithmetic never depends on where its blocks sit (deterministic mode)
     read_in_place: bool = True
+    layout: RunLayout | None = None  # built on first use (`run_layout`), or given: a CUDA graph's static copy
+
+    def run_layout(self) -> RunLayout:
+        """The per-token layout, built once per step (or nano-batch) and read by every layer."""
+        if self.layout is None:
+            self.layout = RunLayout.of(self.spans, self.token_ids.device)
+        return self.layout
+
+    @property
+    def is_decode(self) -> bool:
+        """Every span is a single token: the steps CUDA graphs replay."""
+        return len(self.spans) == len(self.token_ids)
 
     @cached_property
     def decodes(self) -> DecodeBatch | None:

@@ -28,6 +28,9 @@ class Ops(Protocol):
 
     name: str
 
+    def check_model(self, head_dim: int) -> None:
+        """Refuse (ConfigError) a model shape this path cannot compute, before any weight is loaded."""
+
     def prepare(self, step: StepInputs) -> None:
         """Build whatever per-step metadata this path needs, once per step (not per layer), before it runs."""
 

@@ -97,6 +97,9 @@ class TorchOps:
 
     name = "pytorch"
 
+    def check_model(self, head_dim: int) -> None:
+        """Any head dim: PyTorch's operators take every shape."""
+
     def prepare(self, step: StepInputs) -> None:
         """Nothing to precompute: spans carry their runs."""
 

@@ -1,6 +1,9 @@
 """The Triton compute path: paged attention for the whole step — every decode and every prefill chunk, over contexts
-that are runs of pool slots — in one kernel launch per layer, instead of PyTorch operators per span. The other
-operations are PyTorch's (TorchOps).
+that are runs of pool slots — in one kernel launch per layer, instead of PyTorch operators per span; and one launch
+each for RMSNorm (fp32 statistics, cast, scale), rotary embedding of queries and keys together (in place), and the
+step's KV-cache writes, where PyTorch spends several operators on each. The GEMMs, SwiGLU and the experts' grouped
+GEMM are PyTorch's (TorchOps). Every kernel reads only tensors (no per-step Python values), so a decode step's
+launches can be captured in a CUDA graph and replayed (`worker/cuda_graphs.py`).
 
 One program per (query token, query head) walks its span's runs of the pool block by block with an online softmax
 in fp32, reading only the keys its position may see (the causal limit), any head dim up to 256 (padded to a power of
@@ -11,8 +14,10 @@ PyTorch reference here.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -33,10 +38,53 @@ def triton_available(device: torch.device) -> None:
                           "TRITON_INTERPRET=1 (for tests; use the C++ kernels, attention backend cpu, to serve)")
 
 
-def _kernel():
-    """The kernel, defined on first use so that importing rung does not import Triton."""
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    """The kernels, defined on first use so that importing rung does not import Triton."""
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def rms_norm(x_ptr, weight_ptr, out_ptr, stride_x, stride_out, eps, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        i = tl.arange(0, BLOCK)
+        inside = i < WIDTH
+        x = tl.load(x_ptr + row * stride_x + i, mask=inside, other=0.0).to(tl.float32)
+        normed = (x * tl.rsqrt(tl.sum(x * x, axis=0) / WIDTH + eps)).to(out_ptr.dtype.element_ty)
+        weight = tl.load(weight_ptr + i, mask=inside, other=0.0)
+        tl.store(out_ptr + row * stride_out + i, (weight.to(tl.float32) * normed.to(tl.float32))
+                 .to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def rotary(x_ptr, cos_ptr, sin_ptr, stride_xt, stride_xh, stride_ct, HEADS: tl.constexpr, HALF: tl.constexpr,
+               BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        token = tl.program_id(0)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_HALF)[None, :]
+        inside = (h < HEADS) & (d < HALF)
+        low = x_ptr + token * stride_xt + h * stride_xh + d
+        x1 = tl.load(low, mask=inside, other=0.0).to(tl.float32)
+        x2 = tl.load(low + HALF, mask=inside, other=0.0).to(tl.float32)
+        cos1 = tl.load(cos_ptr + token * stride_ct + d, mask=d < HALF, other=0.0)
+        cos2 = tl.load(cos_ptr + token * stride_ct + HALF + d, mask=d < HALF, other=0.0)
+        sin1 = tl.load(sin_ptr + token * stride_ct + d, mask=d < HALF, other=0.0)
+        sin2 = tl.load(sin_ptr + token * stride_ct + HALF + d, mask=d < HALF, other=0.0)
+        tl.store(low, (x1 * cos1 - x2 * sin1).to(x_ptr.dtype.element_ty), mask=inside)
+        tl.store(low + HALF, (x2 * cos2 + x1 * sin2).to(x_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def write_kv(k_ptr, v_ptr, keys_ptr, values_ptr, slots_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                 stride_keys_h, stride_keys_d, stride_keys_s, stride_values_h, stride_values_s, stride_values_d,
+                 HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        token = tl.program_id(0)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        inside = (h < HEADS) & (d < HEAD_DIM)
+        slot = tl.load(slots_ptr + token)
+        k = tl.load(k_ptr + token * stride_kt + h * stride_kh + d, mask=inside)
+        v = tl.load(v_ptr + token * stride_vt + h * stride_vh + d, mask=inside)
+        tl.store(keys_ptr + h * stride_keys_h + d * stride_keys_d + slot * stride_keys_s, k, mask=inside)
+        tl.store(values_ptr + h * stride_values_h + slot * stride_values_s + d * stride_values_d, v, mask=inside)
 
     @triton.jit
     def paged_attention(q_ptr, k_ptr, v_ptr, out_ptr, run_start_ptr, run_length_ptr, first_run_ptr, last_run_ptr,
@@ -76,10 +124,8 @@ def _kernel():
         out = acc / total
         tl.store(out_ptr + token * stride_ot + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=in_head)
 
-    return paged_attention
-
-
-_KERNEL = None
+    return SimpleNamespace(paged_attention=paged_attention, rms_norm=rms_norm, rotary=rotary, write_kv=write_kv,
+                           next_power_of_2=triton.next_power_of_2)
 
 
 class TritonOps(TorchOps):
@@ -87,47 +133,52 @@ class TritonOps(TorchOps):
 
     name = "triton"
 
-    def __init__(self) -> None:
-        self._layouts: dict[int, tuple[torch.Tensor, ...]] = {}
+    def check_model(self, head_dim: int) -> None:
+        if head_dim > MAX_HEAD_DIM or head_dim % 2:
+            raise ConfigError("attention_backend", f"triton's kernels take even head dims up to {MAX_HEAD_DIM}; "
+                              f"this model's is {head_dim} (use --attention-backend torch)")
 
     def prepare(self, step: StepInputs) -> None:
-        """A new step: forget the last step's per-token layouts (each nano-batch's is built on its first layer)."""
-        self._layouts.clear()
+        step.run_layout()  # now, while (under async scheduling) the step before computes; nano-batches build theirs
 
-    def _layout(self, step: StepInputs, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Per query token: the first and last+1 run of its span, and how many context tokens it sees; and every
-        run's first slot and length. Built once per step (or nano-batch), read by every layer."""
-        layout = self._layouts.get(id(step))
-        if layout is None:
-            starts, lengths, first, last, visible = [], [], [], [], []
-            for _, rows, runs in step.spans:
-                begin = len(starts)
-                starts += [run.start for run in runs]
-                lengths += [run.stop - run.start for run in runs]
-                context = sum(run.stop - run.start for run in runs)
-                first += [begin] * rows
-                last += [len(starts)] * rows
-                visible += range(context - rows + 1, context + 1)
-            layout = tuple(torch.tensor(values, dtype=torch.int32, device=device)
-                           for values in (starts, lengths, first, last, visible))
-            self._layouts[id(step)] = layout
-        return layout
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        kernels = _kernels()
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.empty_like(rows)
+        kernels.rms_norm[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), eps, WIDTH=x.shape[-1],
+                                          BLOCK=kernels.next_power_of_2(x.shape[-1]))
+        return out.view(x.shape)
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """In place: queries and keys are a view of the fused QKV projection's output, rotated in one launch."""
+        kernels = _kernels()
+        tokens, heads, head_dim = x.shape
+        cos, sin = cos.reshape(tokens, head_dim), sin.reshape(tokens, head_dim)
+        kernels.rotary[(tokens,)](x, cos, sin, x.stride(0), x.stride(1), cos.stride(0), HEADS=heads,
+                                  HALF=head_dim // 2, BLOCK_H=kernels.next_power_of_2(heads),
+                                  BLOCK_HALF=kernels.next_power_of_2(head_dim // 2))
+        return x
+
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        kernels = _kernels()
+        tokens, heads, head_dim = k.shape
+        kernels.write_kv[(tokens,)](k, v, keys, values, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                    keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+                                    values.stride(1), values.stride(2), HEADS=heads, HEAD_DIM=head_dim,
+                                    BLOCK_H=kernels.next_power_of_2(heads),
+                                    BLOCK_D=kernels.next_power_of_2(head_dim))
 
     def attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   step: StepInputs) -> torch.Tensor:
-        global _KERNEL
-        import triton
-
+        kernels = _kernels()
         tokens, heads, head_dim = q.shape
-        if head_dim > MAX_HEAD_DIM:
-            raise ConfigError("attention_backend", f"triton attention takes head dims up to {MAX_HEAD_DIM}, "
-                              f"got {head_dim}")
-        _KERNEL = _KERNEL or _kernel()
-        starts, lengths, first, last, visible = self._layout(step, q.device)
+        layout = step.run_layout()
         out = torch.empty(tokens, heads * head_dim, dtype=q.dtype, device=q.device)
-        _KERNEL[(tokens, heads)](q, keys, values, out, starts, lengths, first, last, visible,
-                                 q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-                                 values.stride(0), values.stride(1), values.stride(2), out.stride(0),
-                                 GROUP=heads // keys.shape[0], HEAD_DIM=head_dim,
-                                 BLOCK_D=triton.next_power_of_2(head_dim), BLOCK=BLOCK_N)
+        kernels.paged_attention[(tokens, heads)](q, keys, values, out, layout.run_starts, layout.run_lengths, layout.first_run,
+                                                 layout.last_run, layout.visible, q.stride(0), q.stride(1),
+                                                 keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0),
+                                                 values.stride(1), values.stride(2), out.stride(0),
+                                                 GROUP=heads // keys.shape[0], HEAD_DIM=head_dim,
+                                                 BLOCK_D=kernels.next_power_of_2(head_dim), BLOCK=BLOCK_N)
         return out

@@ -1,8 +1,9 @@
 """The Triton compute path on this CPU, under Triton's interpreter (no GPU here: the same kernels compile on one):
 paged attention of a packed step against the PyTorch reference — decodes and prefill chunks, GQA ratios, head dims
 that are and are not powers of two, fp32 and bf16, contexts of 1-2,000 tokens in block tables with holes and blocks
-shared by two requests — and greedy outputs through `LLM(..., attention_backend="triton")` equal transformers'. conftest.py sets TRITON_INTERPRET=1 before anything imports
-Triton."""
+shared by two requests —, the RMSNorm, rotary and KV-write kernels against theirs, and greedy outputs through
+`LLM(..., attention_backend="triton")` equal transformers'. conftest.py sets TRITON_INTERPRET=1 before anything
+imports Triton."""
 
 from __future__ import annotations
 
@@ -61,6 +62,38 @@ def test_the_kernel_equals_the_pytorch_reference(kv_heads, group, head_dim, dtyp
                                TorchOps().attention(q, keys, values, step).float(), atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("tokens, heads, kv_heads, head_dim, dtype, tolerance", [
+    (7, 4, 2, 64, torch.float32, 1e-5), (5, 6, 1, 96, torch.float32, 1e-5), (9, 8, 8, 128, torch.bfloat16, 2e-2),
+    (1, 2, 2, 256, torch.float16, 2e-3),
+])
+def test_the_norm_rotary_and_kv_write_kernels_equal_the_pytorch_reference(tokens, heads, kv_heads, head_dim, dtype,
+                                                                          tolerance):
+    from rung.serving.worker.ops.torch_ops import rope_tables
+    from rung.serving.worker.ops.triton_ops import TritonOps
+
+    triton_ops, torch_ops = TritonOps(), TorchOps()
+    generator = torch.Generator().manual_seed(head_dim)
+    width = heads * head_dim
+    x = torch.randn(tokens, width, generator=generator).to(dtype) * 3
+    weight = torch.randn(width, generator=generator).to(dtype)
+    torch.testing.assert_close(triton_ops.rms_norm(x, weight, 1e-5), torch_ops.rms_norm(x, weight, 1e-5),
+                               atol=tolerance, rtol=tolerance)
+
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=generator).to(dtype)
+    cos, sin = rope_tables(torch.randint(0, 3000, (tokens,), generator=generator), head_dim, 10000.0)
+    expected = torch_ops.rotary(qkv[:, :heads + kv_heads].clone(), cos, sin)
+    rotated = triton_ops.rotary(qkv[:, :heads + kv_heads], cos, sin)  # a strided view, rotated in place
+    assert rotated.data_ptr() == qkv.data_ptr()
+    torch.testing.assert_close(qkv[:, :heads + kv_heads], expected, atol=tolerance, rtol=tolerance)
+
+    slots = torch.randperm(200, generator=generator)[:tokens]
+    pools = [torch.zeros(2, kv_heads, 232 * head_dim, dtype=dtype) for _ in range(2)]
+    for ops, pool in zip((triton_ops, torch_ops), pools):
+        k, v = qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+        ops.write_kv(k, v, pool[0].view(kv_heads, head_dim, -1), pool[1].view(kv_heads, -1, head_dim), slots)
+    assert torch.equal(pools[0], pools[1]) and pools[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("name", ["llama-gqa1-tied", "qwen2-bias", "mixtral", "granite"])
 def test_greedy_outputs_through_the_triton_path_equal_transformers(name, tmp_path):
     reference = saved_reference(name, tmp_path)
@@ -88,3 +121,7 @@ def test_the_triton_path_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
         select_ops(torch.device("cuda"), "cpu")  # decided before any CUDA call: no GPU is needed to test it
     with pytest.raises(ConfigError, match="attention_backend"):
         LLM(tmp_path, num_blocks=8, block_size=4, attention_backend="cuda-graphs")
+    from rung.serving.worker.ops.triton_ops import TritonOps
+
+    with pytest.raises(ConfigError, match="head dims up to 256; this model's is 320"):
+        TritonOps().check_model(320)
