@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from rung.serving.core.params import SamplingError, SamplingParams
-from rung.serving.worker.sampling import SampleInput, Sampler, processed_logits
+from rung.serving.worker.sampling import SampleInput, Sampler, processed
+
+
+
+def processed_logits(logits: torch.Tensor, row: SampleInput) -> torch.Tensor:
+    """One row through the sampler's batched processing."""
+    return processed(logits[None], [row])[0]
+
 
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}  # chi-square quantiles at p = 0.999
 
@@ -61,10 +68,10 @@ def test_a_draw_never_lands_on_a_token_without_mass(monkeypatch):
 
     probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0], [0.3, 0.0, 0.7, 0.0, 0.0]])
     generators = [torch.Generator(), torch.Generator()]
-    monkeypatch.setattr(torch, "rand", lambda *size, generator=None: torch.ones(size))
-    assert draw(probs, generators) == [2, 2]
-    monkeypatch.setattr(torch, "rand", lambda *size, generator=None: torch.zeros(size))
-    assert draw(probs, generators) == [1, 0]
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None, device=None: torch.ones(size))
+    assert draw(probs, generators).tolist() == [2, 2]
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None, device=None: torch.zeros(size))
+    assert draw(probs, generators).tolist() == [1, 0]
 
 
 def test_a_seed_reproduces_the_same_tokens_alone_and_in_a_batch():
@@ -133,3 +140,30 @@ def test_a_grammar_mask_comes_first_keeps_the_models_logprobs_and_never_leaves_a
     assert samples[0].logprob == pytest.approx(torch.log_softmax(logits[0], -1)[3].item())  # the model's own
     assert 0 <= samples[1].token_id < 4  # a mask that allows nothing (a finished grammar) is not applied
     assert samples[2].token_id == 0  # an unconstrained row is untouched
+
+
+def test_a_batch_processes_each_row_as_it_would_alone():
+    """Rows of every kind in one batch — histories of different lengths (a short one padded over a long one, token 0
+    among them), penalties on some rows only, greedy rows beside sampled ones — each get exactly their own
+    processing."""
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(2)) * 3
+    rows = [SampleInput("a", SamplingParams(temperature=0, repetition_penalty=1.5), (0, 3), (0,)),
+            SampleInput("b", SamplingParams(temperature=0.7, top_k=5, frequency_penalty=0.5, presence_penalty=0.25),
+                        tuple(range(20)), (7, 7, 7, 0, 9)),
+            SampleInput("c", SamplingParams(temperature=1.2, top_p=0.6, min_p=0.05), (), ()),
+            SampleInput("d", SamplingParams(temperature=0), (1, 2), (4,)),
+            SampleInput("e", SamplingParams(temperature=0.9, repetition_penalty=0.8, logit_bias=((0, -3.0),)),
+                        (0, 0, 5), (5, 6))]
+    together = processed(logits, rows)
+    for index, row in enumerate(rows):
+        torch.testing.assert_close(together[index], processed_logits(logits[index], row), rtol=0, atol=0)
+    alone = processed_logits(logits[0], rows[0])
+    assert alone[0] == logits[0, 0] / 1.5 if logits[0, 0] > 0 else alone[0] == logits[0, 0] * 1.5
+    assert torch.equal(alone[4:], logits[0, 4:])
+    counted = processed_logits(logits[1], SampleInput("b", SamplingParams(temperature=0, frequency_penalty=0.5,
+                                                                          presence_penalty=0.25), (), (7, 7, 7, 0, 9)))
+    assert counted[7] == pytest.approx(logits[1, 7].item() - 1.75) and counted[0] == pytest.approx(
+        logits[1, 0].item() - 0.75) and counted[1] == logits[1, 1]
+    samples = Sampler().sample(logits, [replace(row, params=replace(row.params, seed=3)) for row in rows])
+    assert samples[3].token_id == int(logits[3].argmax())  # the plain greedy row took the fast path's pick
+    assert samples[0].token_id == int(together[0].argmax())

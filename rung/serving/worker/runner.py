@@ -60,7 +60,7 @@ class ModelRunner:
         # batch-invariant: every request's rows go through their own GEMMs (one nano-batch per span, one logits
         # row at a time), so no other request in the step can change its numerics
         self.deterministic = deterministic
-        self.sampler = Sampler()
+        self.sampler = Sampler(model.device)
         # [layers, key|value, kv heads, slots x head dim]; a block is block_size consecutive slots. The model
         # views keys as [head dim, slots] and values as [slots, head dim] per head, the layouts its two matrix
         # products read, so a request in consecutive blocks attends over views of the pool. SLOT_PADDING unused
