@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,11 @@ def train_run(root: Path, data_cache: Path, name: str, *overrides: str, workers:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache) -> dict:
     root = tmp_path_factory.mktemp("runs")
-    return {(family, param): train_run(root, data_cache, f"{family}-{param}", *SHAPE, *FAMILIES[family],
-                                       f"param.name={param}")
-            for family in FAMILIES for param in ("sp", "mup", "completep")}
+    keys = [(family, param) for family in FAMILIES for param in ("sp", "mup", "completep")]
+    with ThreadPoolExecutor(2) as pool:  # two one-thread training processes at a time, one per core
+        folders = pool.map(lambda key: train_run(root, data_cache, "-".join(key), *SHAPE, *FAMILIES[key[0]],
+                                                 f"param.name={key[1]}"), keys)
+        return dict(zip(keys, folders))
 
 
 def rung_model(run_dir: Path):

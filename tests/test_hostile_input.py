@@ -11,6 +11,7 @@ import shutil
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -273,8 +274,9 @@ def test_model_folders_that_do_not_match_their_weights_are_refused_at_start(mode
     garbled = _folder(model_dir, tmp_path, "garbled-weights", text)
     (garbled / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes()[:40])
     folders.append((garbled, "is not a readable safetensors file"))
-    for folder, needle in folders:
-        result = run_rung("serve", str(folder), "--port", "1")
+    with ThreadPoolExecutor(2) as pool:  # two CLI start-ups at a time: each is a second or more of imports
+        results = list(pool.map(lambda case: run_rung("serve", str(case[0]), "--port", "1"), folders))
+    for (folder, needle), result in zip(folders, results):
         assert result.returncode == 2, (folder.name, result.stderr)
         assert_clean_failure(result, needle)
 
