@@ -1,8 +1,9 @@
 """The Triton compute path on this CPU, under Triton's interpreter (no GPU here: the same kernels compile on one):
 paged attention of a packed step against the PyTorch reference — decodes and prefill chunks, GQA ratios, head dims
 that are and are not powers of two, fp32 and bf16, contexts of 1-2,000 tokens in block tables with holes and blocks
-shared by two requests —, the RMSNorm, rotary and KV-write kernels against theirs, and greedy outputs through
-`LLM(..., attention_backend="triton")` equal transformers'. conftest.py sets TRITON_INTERPRET=1 before anything
+shared by two requests —, the RMSNorm, rotary and KV-write kernels against theirs, greedy outputs through
+`LLM(..., attention_backend="triton")` equal transformers', and `rung serve --attention-backend triton` answers the
+OpenAI client as the reference path does. conftest.py sets TRITON_INTERPRET=1 before anything
 imports Triton."""
 
 from __future__ import annotations
@@ -107,6 +108,32 @@ def test_greedy_outputs_through_the_triton_path_equal_transformers(name, tmp_pat
     for prompt, output in zip(prompts, outputs):
         assert output[0].token_ids == transformers_greedy(reference, prompt, 6), (name, len(prompt))
     assert engine.kv.prefix_hits > 0
+
+
+def test_rung_serve_on_the_triton_path_answers_the_openai_client_as_the_reference_path(model_dir, tmp_path):
+    """`rung serve --device cpu --attention-backend triton` under the interpreter (inherited from conftest): the
+    OpenAI client gets the greedy text the PyTorch reference path computes offline, streamed and not."""
+    import openai
+    from conftest import Server
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = ["def add(a, b):", "import"]
+    offline = LLM(model_dir, attention_backend="torch").generate(
+        [tokenizer(p)["input_ids"] for p in prompts], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    server = Server(model_dir, tmp_path / "serve.log", "--device", "cpu", "--attention-backend", "triton",
+                    "--max-num-seqs", "2")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        response = client.completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        texts = [choice.text for choice in sorted(response.choices, key=lambda choice: choice.index)]
+        assert texts == [tokenizer.decode(output[0].token_ids) for output in offline]
+        stream = client.completions.create(model="tiny", prompt=prompts[0], max_tokens=8, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].text for chunk in stream) == texts[0]
+    finally:
+        server.stop()
 
 
 def test_the_triton_path_is_refused_where_it_cannot_run(tmp_path, monkeypatch):
