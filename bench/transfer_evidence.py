@@ -1,5 +1,6 @@
-"""Evidence that hyperparameters transfer (`make bench-transfer`): LR sweeps across widths (μP vs SP), depths
-(CompleteP and Depth-μP vs SP) and MoE expert counts, and the ladder's prediction of its held-out rung.
+"""Evidence that hyperparameters transfer (`make bench-transfer`): LR sweeps across widths (μP vs SP; per optimizer
+with `--optimizers adamw,muon`), depths (CompleteP and Depth-μP vs SP) and MoE expert counts, and the ladder's
+prediction of its held-out rung.
 
 Each part writes its sweep/ladder folder under OUT; the figures that matter are printed and collected in
 OUT/evidence.json for bench/RESULTS.md, with the loss each decision used (validation loss since rung has a held-out
@@ -40,6 +41,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/transfer")
     parser.add_argument("--quick", action="store_true", help="a few short runs, to check the plumbing")
     parser.add_argument("--parts", default="width,depth,moe,ladder")
+    parser.add_argument("--optimizers", default="adamw",
+                        help="train.optimizer values the width part sweeps, each into its own folder (width for "
+                             "adamw, width-NAME for the others), e.g. adamw,muon")
+    parser.add_argument("--widths", default="32,64,128,256", help="widths of the width sweep")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--processes", type=int, default=0,
                         help="run points in N local processes instead of Ray tasks (a GPU box without Ray)")
@@ -65,11 +70,12 @@ def main() -> None:
     lrs = dict([parse_grid("lr=2^-10:2^-5:x2" if args.quick else args.lr_grid)])
     evidence_path = out / "evidence.json"  # parts run one at a time add to it
     evidence = json.loads(evidence_path.read_text()) if evidence_path.exists() else {}
-    if "width" in args.parts:
-        summary = run_sweep(load_run_config("tiny", common), lrs, ["mup", "sp"],
-                            [32, 64] if args.quick else [32, 64, 128, 256], None, None, seeds, str(out / "width"),
-                            processes=args.processes)
-        evidence["width"] = {p: verdict(summary, p) for p in ("mup", "sp")}
+    for optimizer in args.optimizers.split(",") if "width" in args.parts else ():
+        part = "width" if optimizer == "adamw" else f"width-{optimizer}"
+        summary = run_sweep(load_run_config("tiny", [*common, f"train.optimizer={optimizer}"]), lrs, ["mup", "sp"],
+                            [32, 64] if args.quick else [int(w) for w in args.widths.split(",")], None, None, seeds,
+                            str(out / part), processes=args.processes)
+        evidence[part] = {p: verdict(summary, p) for p in ("mup", "sp")}
     if "depth" in args.parts:
         depth_params = args.depth_params.split(",")
         summary = run_sweep(load_run_config("tiny", common), lrs, depth_params, None,

@@ -27,6 +27,17 @@ def test_width_mup_is_flat_and_sp_grows(tmp_path, data_cache):
         assert record["slopes"]["sp"][module] >= 0.5, (module, record["slopes"]["sp"])
 
 
+def test_width_mup_under_muon_is_flat_and_sp_grows(tmp_path, data_cache):
+    """The same check with Muon stepping the hidden matrices: its μP rule (LR × m^(−½)) keeps every activation's
+    size flat in width, where SP's constant LR lets the hidden outputs grow."""
+    record = coordcheck(tmp_path, data_cache, "--set", "train.optimizer=muon", "--params", "sp,mup",
+                        "--widths", "32,64,128,256,512")
+    for module, value in record["slopes"]["mup"].items():
+        assert abs(value) <= 0.25, (module, value)
+    for module in ("attention", "ffn", "residual"):
+        assert record["slopes"]["sp"][module] >= 0.5, (module, record["slopes"]["sp"])
+
+
 def test_depth_completep_is_flat_and_sp_grows(tmp_path, data_cache):
     record = coordcheck(tmp_path, data_cache, "--params", "sp,completep", "--depths", "2,4,8,16")
     assert abs(record["slopes"]["completep"]["residual"]) <= 0.25, record["slopes"]["completep"]

@@ -70,17 +70,20 @@ def test_other_zero_stages_and_bf16_train_on_two_workers(tmp_path, data_cache, s
     assert list(losses) == EVALUATED and losses[20] < losses[7]
 
 
-@pytest.mark.parametrize("stage, dtype, offload", [(0, "float32", "none"), (3, "float32", "none"),
-                                                   (2, "bfloat16", "none"),  # stage 2's checkpoint, in bf16
-                                                   (3, "float32", "all")])  # parameters and AdamW on the host
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, stage, dtype, offload):
+@pytest.mark.parametrize("stage, dtype, offload, optimizer, workers", [
+    (0, "float32", "none", "adamw", 1), (3, "float32", "none", "adamw", 1),
+    (2, "bfloat16", "none", "adamw", 1),  # stage 2's checkpoint, in bf16
+    (3, "float32", "all", "adamw", 1),  # parameters and AdamW on the host
+    (0, "float32", "none", "muon", 1), (0, "float32", "none", "muon", 2),  # Muon's momentum, and AdamW's beside it
+])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, stage, dtype, offload, optimizer, workers):
     common = (*SHORT, "train.checkpoint_every=10", f"train.zero_stage={stage}", f"train.dtype={dtype}",
-              f"train.offload={offload}")
-    full = train(tmp_path, data_cache, "full", *common)
+              f"train.offload={offload}", f"train.optimizer={optimizer}")
+    full = train(tmp_path, data_cache, "full", *common, workers=workers)
     # "Stopped after its step-10 checkpoint": a run directory holding only that checkpoint.
     (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
     os.rename(tmp_path / "full" / "checkpoints" / "step_00000010", tmp_path / "cut" / "checkpoints" / "step_00000010")
-    resumed = train(tmp_path, data_cache, "cut", *common, extra=("--resume",))
+    resumed = train(tmp_path, data_cache, "cut", *common, workers=workers, extra=("--resume",))
     assert [r["step"] for r in resumed] == list(range(11, 21))
     tolerance = 1e-6 if dtype == "float32" else 1e-3
     for a, b in zip(full[10:], resumed):
@@ -131,6 +134,9 @@ def test_resume_refuses_another_model_shape_and_keeps_the_checkpoint(tmp_path, d
     result = run_rung(*args_for(tmp_path, data_cache, "run", ("train.steps=10", "train.warmup_steps=2",
                                                               "model.d_model=128"), 1, ("--resume",)))
     assert_clean_failure(result, "different model shape", "d_model")
+    result = run_rung(*args_for(tmp_path, data_cache, "run", ("train.steps=10", "train.warmup_steps=2",
+                                                              "train.optimizer=muon"), 1, ("--resume",)))
+    assert_clean_failure(result, "holds adamw's state", "train.optimizer=adamw")
     store = CheckpointStore(tmp_path / "run" / "checkpoints")
     assert [s for s, _ in store.committed()] == [10] and verify(store.committed()[0][1]) is None
     result = run_rung(*args_for(tmp_path, data_cache, "run", ("train.steps=10", "train.warmup_steps=2"), 1))

@@ -286,7 +286,10 @@ def test_training_refuses_bad_values_before_writing_anything(tmp_path, data_cach
     out = tmp_path / "runs"
     cases = [(["name=../../escaped"], "name"), (["name=a/b"], "name"), (["train.betas=[2,3]"], "betas"),
              (["train.betas=[0.9]"], "betas"), (["train.lr=nan"], "lr"), (["train.lr=inf"], "lr"),
-             (["train.weight_decay=nan"], "weight_decay"), (["data.sources=[/no/such/corpus.txt]"], "corpus")]
+             (["train.weight_decay=nan"], "weight_decay"), (["data.sources=[/no/such/corpus.txt]"], "corpus"),
+             (["train.optimizer=lion"], "train.optimizer"), (["train.muon_momentum=0.9"], "muon_momentum"),
+             (["train.optimizer=muon", "train.muon_momentum=1.5"], "muon_momentum"),
+             (["train.optimizer=muon", "train.zero_stage=2"], "muon orthogonalizes whole matrices")]
     for sets, needle in cases:
         args = ["train", "tiny", "--set", f"out_dir={out}", "--set", f"data.cache_dir={data_cache}",
                 "--set", "train.steps=2", "--set", "train.warmup_steps=0"]

@@ -75,6 +75,40 @@ def test_rules_match_the_reference_table(name, width, depth):
             assert values.std().item() == pytest.approx(std, rel=0.05), role
 
 
+@pytest.mark.parametrize("name", ["sp", "mup", "depth-mup", "completep"])
+@pytest.mark.parametrize("width, depth", [(128, 4), (256, 8)])
+def test_muon_rules_match_its_table_and_leave_other_roles_to_adamw(name, width, depth):
+    """Under train.optimizer=muon the hidden matrices (experts' too) form Muon's group with LR × m^(−½)·m_L^(α−1) and
+    WD × m^½; every other group is AdamW's, exactly as under adamw."""
+    cfg = config(name, width, depth, moe=True)
+    model, param = build_model(cfg)
+    m = width / BASE_WIDTH if name != "sp" else 1.0
+    alpha = {"depth-mup": 0.5, "completep": 1.0}.get(name)
+    depth_factor = (depth / BASE_DEPTH) ** (alpha - 1) if alpha is not None else 1.0
+    muon = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS, "muon")}
+    adamw = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS)}
+    hidden = muon.pop("hidden-muon")
+    assert hidden["optimizer"] == "muon" and "eps" not in hidden
+    assert hidden["lr"] == pytest.approx(LR * depth_factor / math.sqrt(m))
+    assert hidden["weight_decay"] == pytest.approx(WD * math.sqrt(m))
+    assert hidden["lr"] * hidden["weight_decay"] == pytest.approx(adamw["hidden"]["lr"] * adamw["hidden"]["weight_decay"])
+    assert [p.dim() for p in hidden["params"]] == [2] * len(hidden["params"])
+    assert {id(p) for p in hidden["params"]} == {id(p) for p in adamw.pop("hidden")["params"]}
+    strip = lambda group: {k: v for k, v in group.items() if k != "params"}  # noqa: E731
+    assert {k: strip(g) for k, g in muon.items()} == {k: strip(g) for k, g in adamw.items()}
+
+
+def test_muon_at_the_base_shape_is_the_same_for_every_parametrization():
+    groups = {name: [{k: v for k, v in g.items() if k != "params"}
+                     for g in Parametrization(cfg.param, cfg.model).param_groups(build_model(cfg)[0], LR, WD, EPS,
+                                                                                  "muon")]
+              for name in ("sp", "mup", "depth-mup", "completep")
+              for cfg in [config(name, BASE_WIDTH, BASE_DEPTH)]}
+    assert groups["mup"] == groups["sp"] == groups["depth-mup"] == groups["completep"]
+    hidden = next(g for g in groups["sp"] if g["optimizer"] == "muon")
+    assert (hidden["lr"], hidden["weight_decay"]) == (LR, WD)
+
+
 def test_sp_equals_mup_at_the_base_shape():
     sp_model, sp = build_model(config("sp", BASE_WIDTH, BASE_DEPTH))
     mup_model, mup = build_model(config("mup", BASE_WIDTH, BASE_DEPTH))

@@ -18,6 +18,7 @@ from rung.errors import ConfigError
 
 Parametrization = Literal["sp", "mup", "depth-mup", "completep"]
 DType = Literal["float32", "bfloat16"]
+Optimizer = Literal["adamw", "muon"]  # train.optimizer (rung/jobs/train/optimizers.py)
 Recompute = Literal["none", "full", "selective"]  # activation checkpointing (Transformer.checkpoint_activations)
 
 
@@ -196,6 +197,10 @@ class TrainConfig:
     compile: bool = False
     # ZeRO-3 CPU offload: "optimizer" keeps AdamW's state and step in host memory, "all" the parameters as well
     offload: Literal["none", "optimizer", "all"] = "none"
+    # adamw everywhere, or muon: hidden matrices take torch's Muon (orthogonalized momentum), the embedding, norms,
+    # readout and router AdamW (rung/jobs/train/optimizers.py); each with its parametrization rule
+    optimizer: Optimizer = "adamw"
+    muon_momentum: float | None = None  # Muon's (Nesterov) momentum; None: 0.95; muon only
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers",
@@ -226,6 +231,11 @@ class TrainConfig:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.adam_eps <= 0:
             raise ConfigError("adam_eps", f"must be > 0, got {self.adam_eps}")
+        if self.muon_momentum is not None:
+            if self.optimizer != "muon":
+                raise ConfigError("muon_momentum", f"is Muon's; train.optimizer is {self.optimizer}")
+            if not 0 <= self.muon_momentum < 1:
+                raise ConfigError("muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

@@ -23,6 +23,7 @@ from rung.jobs.experiments.shapes import reshape
 from rung.jobs.model.build import build_model
 from rung.jobs.model.transformer import Transformer, language_model_loss
 from rung.jobs.progress import Progress
+from rung.jobs.train.optimizers import build_optimizer
 from rung.platform import runtime
 
 MODULES = ("embedding", "attention", "ffn", "residual", "logits")
@@ -57,7 +58,8 @@ def measure(cfg: RunConfig, loader: SequenceLoader, steps: int, lr: float, seed:
     """Per module kind, the mean |activation| at each of steps + 1 forward passes (the last after `steps` updates)."""
     torch.manual_seed(seed)
     model, param = build_model(cfg, seed=seed)
-    optimizer = torch.optim.AdamW(param.param_groups(model, lr, 0.0, cfg.train.adam_eps), betas=cfg.train.betas)
+    optimizer = build_optimizer(cfg.train, param.param_groups(model, lr, 0.0, cfg.train.adam_eps,
+                                                              cfg.train.optimizer))
     per_step: dict[str, list[float]] = {kind: [] for kind in MODULES}
     for step in range(steps + 1):
         store: dict[str, list[float]] = defaultdict(list)

@@ -163,7 +163,9 @@ def _log2_optimum(values: list[float], losses: list[float]) -> float:
     return float(np.clip(-b / (2 * a), x[best - 1], x[best + 1])) if a > 0 else float(x[best])
 
 
-def summarize(rows: list[dict], fields: list[str], sweep_id: str, base_shape: dict) -> dict:
+def summarize(rows: list[dict], fields: list[str], sweep_id: str, base_shape: dict, optimizer: dict) -> dict:
+    """Per shape the best point and the fitted optimum; per parametrization the optimum's spread across shapes and
+    the values to transfer, with the `optimizer` settings they were tuned under (they transfer together)."""
     shapes = []
     keys = sorted({(r["param"], r["width"], r["depth"], r["experts"] or 0) for r in rows})
     for param, width, depth, experts in keys:
@@ -200,7 +202,8 @@ def summarize(rows: list[dict], fields: list[str], sweep_id: str, base_shape: di
         proxy = min(fitted, key=lambda s: (s["width"], s["depth"], s["experts"] or 0))
         transfer[param] = {"proxy": {"width": proxy["width"], "depth": proxy["depth"], "experts": proxy["experts"]},
                            "values": proxy["optimum"]}
-    return {"sweep_id": sweep_id, "fields": fields, "base_shape": base_shape, "loss_used": loss_used(rows),
+    return {"sweep_id": sweep_id, "fields": fields, "base_shape": base_shape, "optimizer": optimizer,
+            "loss_used": loss_used(rows),
             "shapes": shapes, "spread_octaves": spread, "transfer": transfer}
 
 
@@ -237,7 +240,8 @@ def run_sweep(base: RunConfig, grids: dict[str, list[float]], params: list[str],
     with (out / "results.jsonl").open("w") as handle:
         for row in rows:
             handle.write(json.dumps(row) + "\n")
-    summary = summarize(rows, list(grids), sweep_id, {"width": min(widths), "depth": min(depths)})
+    summary = summarize(rows, list(grids), sweep_id, {"width": min(widths), "depth": min(depths)},
+                        {"train.optimizer": base.train.optimizer, "train.muon_momentum": base.train.muon_momentum})
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_sweep(rows, list(grids)[0], out / "sweep.png")
     failed = sum(r["status"] != "ok" for r in rows)

@@ -14,6 +14,20 @@ sweeps, coordinate checks and export all ask this module; nothing else encodes a
 | readout      | σ (or 0)          | 1                 | 1    | 1              | logits × α_out/m     |
 | router       | σ (or 0)          | 1                 | 1    | 1              | logits × 1/m         |
 
+With `train.optimizer=muon` the hidden matrices are stepped by Muon, whose update is an orthogonalized momentum:
+every singular value ~1, scaled (torch's `adjust_lr_fn="match_rms_adamw"`) to AdamW's RMS, 0.2·√max(fan_out,
+fan_in). Its spectral norm then grows as √m with width where μP's spectral condition (Yang, Simon & Bernstein, "A
+Spectral Condition for Feature Learning") asks for Θ(√(fan_out/fan_in)) = Θ(1) on a hidden matrix; so its LR takes
+m^(−½) rather than AdamW's m⁻¹, and its (decoupled) weight decay m^(½) so that LR × WD keeps AdamW's product. Depth
+factors combine as for AdamW (a normalized update, like Adam's, scales with depth as Adam's does):
+
+| role (Muon)  | init std          | LR ×              | WD × | eps ×          |
+|--------------|-------------------|-------------------|------|----------------|
+| hidden 2-D   | σ/√m              | m^(−½)·m_L^(α−1)  | m^½  | — (no ε)       |
+
+Every other role stays on AdamW with the rows above (as would a hidden tensor that is not a matrix: Muon takes
+matrices; rung's experts are one matrix each).
+
 Attention logits use attn_mult/d_head with attn_mult = √(base_head_dim), so the base shape equals SP's 1/√d_head.
 SP sets m = m_L = 1 in every rule (and keeps 1/√d_head); `mup` applies the width rules only; `depth-mup` (α = ½)
 and `completep` (α = 1) apply width and depth rules together. The reference does not say which groups take the
@@ -30,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rung.jobs.config import ModelConfig, ParamConfig
+from rung.jobs.config import ModelConfig, Optimizer, ParamConfig
 from rung.jobs.params.roles import Role, role_of
 
 _DEPTH_ALPHA = {"sp": None, "mup": None, "depth-mup": 0.5, "completep": 1.0}
@@ -85,11 +99,14 @@ class Parametrization:
             router=1.0 / m,
         )
 
-    def rule(self, role: Role) -> GroupRule:
-        """Init std and optimizer multipliers for one parameter role (the table in the module docstring)."""
+    def rule(self, role: Role, optimizer: Optimizer = "adamw") -> GroupRule:
+        """Init std and optimizer multipliers for one parameter role under `optimizer` (the module docstring's
+        tables); `muon` differs from `adamw` for 2-D hidden matrices only (`muon_steps` says which those are)."""
         sigma, m = self.config.init_std, self.width_mult
         alpha = self.alpha if self.alpha is not None else 0.0
         readout_std = 0.0 if self.config.zero_readout else sigma
+        if optimizer == "muon" and role is Role.HIDDEN:
+            return GroupRule(sigma / math.sqrt(m), self._depth(alpha - 1) / math.sqrt(m), math.sqrt(m), 1.0)
         rules = {
             Role.EMBEDDING: GroupRule(sigma, 1.0, 1.0, 1.0),
             Role.HIDDEN: GroupRule(sigma / math.sqrt(m), self._depth(alpha - 1) / m, m, self._depth(-alpha) / m),
@@ -114,15 +131,25 @@ class Parametrization:
             else:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float, eps: float) -> list[dict]:
-        """AdamW parameter groups, one per role present. LR schedules must scale these relatively."""
-        by_role: dict[Role, list[nn.Parameter]] = {}
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float, eps: float,
+                     optimizer: Optimizer = "adamw") -> list[dict]:
+        """Optimizer parameter groups, one per role present (and per optimizer: under `muon` the 2-D hidden
+        matrices are a group of their own, marked "optimizer": "muon"). LR schedules must scale these relatively."""
+        by_group: dict[tuple[Role, Optimizer], list[nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
-                by_role.setdefault(role_of(name, param), []).append(param)
+                role = role_of(name, param)
+                stepper = "muon" if optimizer == "muon" and muon_steps(role, param) else "adamw"
+                by_group.setdefault((role, stepper), []).append(param)
         groups = []
-        for role, params in by_role.items():
-            rule = self.rule(role)
-            groups.append({"params": params, "name": role.value, "lr": lr * rule.lr_mult,
-                           "weight_decay": weight_decay * rule.wd_mult, "eps": eps * rule.eps_mult})
+        for (role, stepper), params in by_group.items():
+            rule = self.rule(role, stepper)
+            group = {"params": params, "name": role.value if stepper == "adamw" else f"{role.value}-muon",
+                     "optimizer": stepper, "lr": lr * rule.lr_mult, "weight_decay": weight_decay * rule.wd_mult}
+            groups.append(group if stepper == "muon" else {**group, "eps": eps * rule.eps_mult})  # Muon has no ε
         return groups
+
+
+def muon_steps(role: Role, param: torch.Tensor) -> bool:
+    """Whether Muon steps this parameter under `train.optimizer=muon`: the hidden matrices (2-D)."""
+    return role is Role.HIDDEN and param.dim() == 2

@@ -1,7 +1,8 @@
 """Save and restore a training run's complete state through the checkpoint store, with no pickle anywhere.
 
-A checkpoint holds consolidated fp32 weights (the file export reads), AdamW moments, its state (step, tokens, the model
-shape and parametrization it was trained with) and each worker's RNG — named in `rung.jobs.run_dir`. The data
+A checkpoint holds consolidated fp32 weights (the file export reads), the optimizer state (AdamW moments, Muon
+momentum), its state (step, tokens, the model shape and parametrization it was trained with) and each worker's RNG —
+named in `rung.jobs.run_dir`. The data
 position needs no file: batches are a function of the step.
 """
 
@@ -47,7 +48,7 @@ def save_checkpoint(engine, store: CheckpointStore, cfg: RunConfig, step: int, t
         save_file(weights, str(staging / WEIGHTS))
         save_file(moments, str(staging / OPTIMIZER))
         state = {"step": step, "tokens": tokens, "world_size": dist.get_world_size(),
-                 "zero_stage": cfg.train.zero_stage, "dtype": cfg.train.dtype,
+                 "zero_stage": cfg.train.zero_stage, "dtype": cfg.train.dtype, "optimizer": cfg.train.optimizer,
                  "model": to_dict(cfg.model), "param": to_dict(cfg.param)}
         (staging / STATE).write_text(json.dumps(state, indent=2))
         final = store.commit(staging, step)
@@ -62,8 +63,13 @@ def read_state(path: Path) -> dict:
 
 
 def check_compatible(path: Path, cfg: RunConfig) -> None:
-    """Refuse to resume a checkpoint into a model of another shape (the weights would not fit, or worse, would)."""
+    """Refuse to resume a checkpoint into a model of another shape (the weights would not fit, or worse, would), or
+    under another optimizer (its state would be missing)."""
     state = read_state(path)
+    saved = state.get("optimizer", "adamw")  # checkpoints older than the setting are AdamW's
+    if saved != cfg.train.optimizer:
+        raise ConfigError("train.optimizer", f"the checkpoint {path} holds {saved}'s state; resume with "
+                          f"train.optimizer={saved}")
     if state["model"] != to_dict(cfg.model):
         differing = sorted(k for k in state["model"] if state["model"][k] != to_dict(cfg.model).get(k))
         raise ConfigError("model", f"the checkpoint {path} was trained with a different model shape "

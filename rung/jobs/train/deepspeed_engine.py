@@ -1,5 +1,6 @@
 """The DeepSpeed engine a worker trains with: ZeRO stage, precision, gradient accumulation to a fixed global batch,
-torch's AdamW (fused on GPUs) with one parameter group per parametrization role, the LR schedule, and expert placement.
+the optimizer `train.optimizer` names (`optimizers.py`) with one parameter group per parametrization role, the LR
+schedule, and expert placement.
 
 Gradient clipping: DeepSpeed's own optimizers (ZeRO 1-3, bf16) compute the global gradient norm, skip a step whose
 norm is not finite and clip. Under ZeRO-0 fp32 DeepSpeed steps torch's AdamW directly and reports no norm, so
@@ -19,6 +20,7 @@ from rung.errors import ConfigError
 from rung.jobs.config import RunConfig
 from rung.jobs.model.build import build_model
 from rung.jobs.model.expert_parallel import mark_expert_parameters, setup_expert_parallel
+from rung.jobs.train.optimizers import build_optimizer
 from rung.jobs.train.schedule import lr_factor
 
 
@@ -57,6 +59,10 @@ def _offload(offload: str) -> dict:
 
 def check_launchable(cfg: RunConfig, world_size: int) -> None:
     """Reject what no worker group can run, before any worker starts."""
+    if cfg.train.optimizer == "muon" and cfg.train.zero_stage != 0:
+        raise ConfigError("train.optimizer", f"muon orthogonalizes whole matrices, and ZeRO stage "
+                          f"{cfg.train.zero_stage} hands the optimizer flat partitions of them: use "
+                          "train.zero_stage=0")
     if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
         raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
     if cfg.train.offload != "none" and cfg.train.zero_stage != 3:
@@ -81,7 +87,7 @@ def compile_blocks(model) -> None:
 
 
 def build_engine(cfg: RunConfig, world_size: int = 1):
-    """The DeepSpeed engine for `cfg`, with one AdamW group per parametrization role and a relative schedule."""
+    """The DeepSpeed engine for `cfg`, with one optimizer group per parametrization role and a relative schedule."""
     import deepspeed
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
@@ -92,12 +98,12 @@ def build_engine(cfg: RunConfig, world_size: int = 1):
     model.checkpoint_activations(cfg.train.activation_checkpointing)
     if cfg.train.compile:
         compile_blocks(model)
-    groups = param.param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_eps)
+    groups = param.param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_eps,
+                                cfg.train.optimizer)
     if placement is not None:
         mark_expert_parameters(model, placement)
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    # fused: one kernel per step for every parameter on a GPU, instead of a launch per tensor and operation
-    optimizer = torch.optim.AdamW(groups, betas=cfg.train.betas, fused=torch.cuda.is_available())
+    optimizer = build_optimizer(cfg.train, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg.train))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world_size))

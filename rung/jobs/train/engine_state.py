@@ -1,6 +1,7 @@
 """The full training state of a DeepSpeed engine as plain tensors, whatever the ZeRO stage — and back.
 
-Checkpoints hold consolidated fp32 weights and AdamW moments keyed by parameter name, never DeepSpeed's pickled
+Checkpoints hold consolidated fp32 weights and optimizer state (AdamW's moments, Muon's momentum: `state_keys`) keyed
+by parameter name, never DeepSpeed's pickled
 shard files: nothing is unpickled on load, export reads the weights directly, and a run may resume on a different
 number of workers. Every rank must call `gather_state`/`restore_state` (ZeRO shards are assembled collectively).
 
@@ -18,8 +19,7 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
                              safe_set_full_optimizer_state)
 
 from rung.jobs.model.expert_parallel import gather_expert_tensors
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from rung.jobs.train.optimizers import ADAMW_STATE, state_keys
 
 
 def _inner_optimizer(engine) -> torch.optim.Optimizer:
@@ -56,7 +56,7 @@ def _link_optimizer_state(engine) -> None:
         state = inner.state[flat]
         if not state:
             state["step"] = torch.tensor(0.0)
-            for key in MOMENTS:
+            for key in state_keys(inner, flat):
                 state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._hp_optimizer_states_linked = False
@@ -71,13 +71,13 @@ def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
     for name, param in engine.module.named_parameters():
         if _is_sharded(param):
             weights[name] = safe_get_full_fp32_param(param).detach().float().cpu()
-            for key in MOMENTS:
+            for key in ADAMW_STATE:  # ZeRO 1-3 run AdamW only (check_launchable)
                 moments[f"{key}/{name}"] = safe_get_full_optimizer_state(param, key).detach().float().cpu()
             continue
         master = _master(engine, param)
         weights[name] = master.detach().float().cpu().clone()
         state = inner.state.get(master, {})
-        for key in MOMENTS:
+        for key in state_keys(inner, master):
             moments[f"{key}/{name}"] = (state[key].detach().float().cpu().clone() if key in state
                                         else torch.zeros_like(weights[name]))
     placement = getattr(engine.module, "expert_placement", None)
@@ -97,14 +97,14 @@ def restore_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, t
             param.data.copy_(value.to(param.device, param.dtype))
         if _is_sharded(param):
             safe_set_full_fp32_param(param, value.to(engine.device))
-            for key in MOMENTS:
+            for key in ADAMW_STATE:
                 safe_set_full_optimizer_state(param, moments[f"{key}/{name}"].to(engine.device), key)
             continue
         master = _master(engine, param)
         if master is not param:
             master.data.copy_(value.to(master.device))
         state = inner.state[master]
-        for key in MOMENTS:
+        for key in state_keys(inner, master):
             state[key] = moments[f"{key}/{name}"].to(master.device).clone()
         state["step"] = adam_step.clone()
     for state in inner.state.values():  # sharded flat partitions carry their own step counters
