@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
 
 from tests.conftest import assert_clean_failure, run_rung
+
+DTYPES = ("float32", "bfloat16")
 
 
 def train(tmp_path, data_cache, *overrides: str, preset: str = "tiny") -> list[dict]:
@@ -21,13 +24,15 @@ def train(tmp_path, data_cache, *overrides: str, preset: str = "tiny") -> list[d
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_tiny_model_learns_in_200_steps(tmp_path, data_cache, dtype):
-    rows = train(tmp_path, data_cache, f"train.dtype={dtype}", "train.steps=200")
-    assert len(rows) == 200
-    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-10:]) / 10
-    assert first > 7.0  # ≈ ln(2048) at initialisation
-    assert last < first - 2.0, (first, last)
+def test_tiny_model_learns_in_200_steps_in_fp32_and_bf16(tmp_path, data_cache):
+    with ThreadPoolExecutor(2) as pool:  # two one-thread training processes at once, one per core
+        runs = dict(zip(DTYPES, pool.map(lambda dtype: train(tmp_path / dtype, data_cache, f"train.dtype={dtype}",
+                                                             "train.steps=200"), DTYPES)))
+    for dtype, rows in runs.items():
+        assert len(rows) == 200
+        first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-10:]) / 10
+        assert first > 7.0  # ≈ ln(2048) at initialisation
+        assert last < first - 2.0, (dtype, first, last)
 
 
 def test_gradient_accumulation_matches_one_large_batch(tmp_path, data_cache):
@@ -112,10 +117,11 @@ def test_activation_checkpointing_and_compile_keep_the_loss_curve(tmp_path, data
     so does ZeRO-3 with AdamW's state offloaded to host memory.
     Compiled blocks (Inductor's CPU backend) match eager to fp32 rounding (1e-5: the kernels reorder sums)."""
     common = ("train.steps=20", "train.warmup_steps=2", f"train.zero_stage={stage}", "train.eval_every=10")
-    base = train(tmp_path / "eager", data_cache, *common, preset=preset)
-    for index, variant in enumerate(variants):
+    with ThreadPoolExecutor(2) as pool:  # the runs are independent one-thread processes: two at a time
+        base, *runs = pool.map(lambda job: train(tmp_path / job[0], data_cache, *common, *job[1], preset=preset),
+                               [("eager", ())] + [(str(index), variant) for index, variant in enumerate(variants)])
+    for variant, rows in zip(variants, runs):
         rel = 1e-5 if "train.compile=true" in variant else 1e-6
-        rows = train(tmp_path / str(index), data_cache, *common, *variant, preset=preset)
         for a, b in zip(base, rows, strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=rel), (variant, a["step"])
             assert b["router_loss"] == pytest.approx(a["router_loss"], rel=rel, abs=1e-12)
