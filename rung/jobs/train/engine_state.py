@@ -8,13 +8,16 @@ number of workers. Every rank must call `gather_state`/`restore_state` (ZeRO sha
 Where the fp32 master copy and Adam moments live:
 - ZeRO 1/2/3 (fp32 or bf16): partitioned; DeepSpeed's `safe_get/set_full_*` assemble and scatter them;
 - ZeRO-0 fp32: the parameter itself and torch AdamW's state for it;
-- ZeRO-0 bf16: DeepSpeed's unfused optimizer keeps an fp32 copy per parameter (`fp32_groups`).
+- ZeRO-0 bf16: DeepSpeed's unfused optimizer keeps an fp32 copy per parameter (`fp32_groups`), and creates AdamW's
+  state by stepping it once with zero gradients when it is built, so AdamW's step counter (its bias correction)
+  runs one ahead of the engine's steps there (`_counter_at_construction`).
 """
 
 from __future__ import annotations
 
 import torch
 from deepspeed import zero
+from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
 
@@ -41,6 +44,12 @@ def _master(engine, param: torch.nn.Parameter) -> torch.nn.Parameter:
             if lp is param:
                 return hp
     raise KeyError("parameter not managed by the optimizer")
+
+
+def _counter_at_construction(engine) -> int:
+    """The optimizer's step counter before the engine's first step: 1 under DeepSpeed's unfused optimizer (its
+    zero-gradient step at construction), else 0."""
+    return 1 if isinstance(engine.optimizer, FP16_UnfusedOptimizer) else 0
 
 
 def _link_optimizer_state(engine) -> None:
@@ -90,7 +99,7 @@ def restore_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, t
     """Put a gathered state back into `engine` as if it had just finished optimizer step `step`."""
     _link_optimizer_state(engine)
     inner = _inner_optimizer(engine)
-    adam_step = torch.tensor(float(step))
+    adam_step = torch.tensor(float(step + _counter_at_construction(engine)))
     for name, param in engine.module.named_parameters():
         value = weights[name]
         with zero.GatheredParameters([param], modifier_rank=0):  # ZeRO-3: full view, re-partitioned on exit
