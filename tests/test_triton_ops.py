@@ -96,18 +96,29 @@ def test_the_norm_rotary_and_kv_write_kernels_equal_the_pytorch_reference(tokens
 
 
 @pytest.mark.parametrize("name", ["llama-gqa1-tied", "qwen2-bias", "mixtral", "granite"])
-def test_greedy_outputs_through_the_triton_path_equal_transformers(name, tmp_path):
+def test_greedy_outputs_through_the_triton_path_equal_transformers(name, tmp_path, monkeypatch):
+    """In two nano-batches: the runner builds each nano-batch's layout ahead, and the model runs those very parts."""
     reference = saved_reference(name, tmp_path)
     rng = torch.Generator().manual_seed(1)
     shared = torch.randint(0, 211, (12,), generator=rng).tolist()
     prompts = [torch.randint(0, 211, (n,), generator=rng).tolist() for n in (1, 9, 30)] + [shared + [5], shared]
     engine = LLM(tmp_path, num_blocks=40, block_size=4, max_num_seqs=4, max_num_batched_tokens=16,
-                 attention_backend="triton")
-    assert engine.engine.model.ops.name == "triton"
+                 attention_backend="triton", nano_batches=2)
+    model = engine.engine.model
+    assert model.ops.name == "triton"
+    prepared, forwarded, ran = [], [], []
+    prepare, forward, attention = model.ops.prepare, model.forward, model._attention_block
+    monkeypatch.setattr(model.ops, "prepare", lambda step: prepared.append(step) or prepare(step))
+    monkeypatch.setattr(model, "forward", lambda step, *rest: forwarded.append(step) or forward(step, *rest))
+    monkeypatch.setattr(model, "_attention_block", lambda x, layer, step, *rest: ran.append(step) or
+                        attention(x, layer, step, *rest))
     outputs = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     for prompt, output in zip(prompts, outputs):
         assert output[0].token_ids == transformers_greedy(reference, prompt, 6), (name, len(prompt))
     assert engine.kv.prefix_hits > 0
+    assert {id(step) for step in ran} == {id(step) for step in prepared}  # nothing built that does not run
+    assert all(step.layout is not None for step in prepared)
+    assert any(id(step) not in map(id, prepared) for step in forwarded)  # steps were split, and their parts prepared
 
 
 def test_rung_serve_on_the_triton_path_answers_the_openai_client_as_the_reference_path(model_dir, tmp_path):

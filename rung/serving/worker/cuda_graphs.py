@@ -105,15 +105,22 @@ class DecodeGraphs:
         self.layout.last_run[start:stop] = self.pad_run + 1
         self.layout.visible[start:stop] = 1
 
+    def takes(self, step: StepInputs) -> bool:
+        """Whether a graph can run the step: a decode of no more rows than the largest graph, and no more runs of
+        slots than the static layout holds."""
+        if not step.is_decode or padded_size(self.sizes, len(step.token_ids)) is None:
+            return False
+        return len(step.run_layout().run_starts) <= self.pad_run
+
     def run(self, step: StepInputs) -> torch.Tensor | None:
         """The step's final hidden states by replaying the graph of the smallest size that holds it, or None when
         the step is not one a graph can run (the caller runs it eagerly)."""
+        if not self.takes(step):
+            return None
         batch = len(step.token_ids)
         size = padded_size(self.sizes, batch)
         layout = step.run_layout()
         runs = len(layout.run_starts)
-        if size is None or not step.is_decode or runs > self.pad_run:
-            return None
         self.token_ids[:batch] = step.token_ids
         self.positions[:batch] = step.positions
         self.slots[:batch] = step.slots

@@ -102,7 +102,7 @@ class InferenceModel:
         if spec.embedding_multiplier != 1.0:
             x = x * spec.embedding_multiplier
         cos, sin = rope_tables(step.positions, spec.head_dim, spec.rope_theta)
-        parts = step.split(nano_batches) if nano_batches > 1 else [(slice(0, len(step.token_ids)), step)]
+        parts = step.nano_batches(nano_batches)
         self.last_nano_batches = len(parts)  # what the step was split into, for the serving metrics
         if x.is_cuda and len(parts) > 1:
             self._overlap.run(x, parts, spec.num_layers, cos, sin,

@@ -149,8 +149,15 @@ class ModelRunner:
         step = StepInputs(token_ids=torch.tensor(token_ids, dtype=torch.long), positions=torch.tensor(positions),
                           slots=torch.tensor(slots), spans=spans, read_in_place=not self.deterministic
                           ).to(self.model.device)
-        self.model.ops.prepare(step)  # now, while (under async scheduling) the step before computes
+        # now, while (under async scheduling) the step before computes: what will run, the whole step or its parts
+        graphed = self.graphs is not None and self.graphs.takes(step)
+        for _, part in [(None, step)] if graphed else step.nano_batches(self._nano_batch_count(step)):
+            self.model.ops.prepare(part)
         return PreparedStep(step, rows, inputs, pending)
+
+    def _nano_batch_count(self, step: StepInputs) -> int:
+        """Deterministic mode runs every span alone, so its arithmetic never depends on its batch-mates."""
+        return len(step.spans) if self.deterministic else self.nano_batches
 
     @staticmethod
     def fill(step: PreparedStep, samples: dict[str, Sample]) -> None:
@@ -175,10 +182,9 @@ class ModelRunner:
                 raise ConfigError("structured", "this model runner was built without a tokenizer for grammars")
             masks = self.grammars.fill([(step.sample_inputs[i].request_id, step.sample_inputs[i].params)
                                         for i in structured])
-        parts = len(step.inputs.spans) if self.deterministic else self.nano_batches
         hidden = self.graphs.run(step.inputs) if self.graphs else None
         if hidden is None:
-            hidden = self.model.forward(step.inputs, self.cache, parts)
+            hidden = self.model.forward(step.inputs, self.cache, self._nano_batch_count(step.inputs))
         rows = step.sample_rows
         if not rows:
             return {}

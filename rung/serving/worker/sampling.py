@@ -71,9 +71,10 @@ class Sampler:
             every = len(slow) == len(rows)  # the common case of one kind of request: no gathers
             scores = processed(logits if every else logits[slow], [rows[i] for i in slow])
             drawn = [j for j, i in enumerate(slow) if not rows[i].params.greedy]
-            picked = tokens if every else tokens[slow]
-            if len(drawn) < len(slow):
+            if len(drawn) < len(slow):  # greedy rows with penalties or a bias take the processed scores' argmax
                 picked = scores.argmax(dim=-1)
+            else:  # every row draws, in place of the plain argmax
+                picked = tokens if every else tokens[slow]
             if drawn:
                 probs = torch.softmax(scores if len(drawn) == len(slow) else scores[drawn], dim=-1)
                 picked[drawn] = draw(probs, [self._generator(rows[slow[j]]) for j in drawn])

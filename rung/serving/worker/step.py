@@ -3,7 +3,7 @@ their positions and cache slots, each span's context as runs of pool slots, and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import torch
@@ -83,6 +83,8 @@ class StepInputs:
     # copied into one first, so a request's arithmetic never depends on where its blocks sit (deterministic mode)
     read_in_place: bool = True
     layout: RunLayout | None = None  # built on first use (`run_layout`), or given: a CUDA graph's static copy
+    _nano_batches: dict[int, list[tuple[slice, StepInputs]]] = field(default_factory=dict, init=False, repr=False,
+                                                                     compare=False)
 
     def run_layout(self) -> RunLayout:
         """The per-token layout, built once per step (or nano-batch) and read by every layer."""
@@ -119,6 +121,15 @@ class StepInputs:
         return replace(self, token_ids=self.token_ids.to(device, non_blocking=True),
                        positions=self.positions.to(device, non_blocking=True),
                        slots=self.slots.to(device, non_blocking=True))
+
+    def nano_batches(self, count: int) -> list[tuple[slice, StepInputs]]:
+        """The step as up to `count` nano-batches (`split`), built once: the runner prepares the very parts the
+        model then runs. One part is the step itself."""
+        if count <= 1 or len(self.spans) <= 1:
+            return [(slice(0, len(self.token_ids)), self)]
+        if count not in self._nano_batches:
+            self._nano_batches[count] = self.split(count)
+        return self._nano_batches[count]
 
     def split(self, parts: int) -> list[tuple[slice, StepInputs]]:
         """Up to `parts` nano-batches of whole spans with about equal token counts, in span order (a span may read

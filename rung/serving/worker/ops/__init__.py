@@ -32,7 +32,8 @@ class Ops(Protocol):
         """Refuse (ConfigError) a model shape this path cannot compute, before any weight is loaded."""
 
     def prepare(self, step: StepInputs) -> None:
-        """Build whatever per-step metadata this path needs, once per step (not per layer), before it runs."""
+        """Build whatever metadata this path needs for `step` (a whole step or one of its nano-batches) once, not per
+        layer, before it runs."""
 
     def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
         """A linear layer's weight [out, in] in the layout this path's `linear` reads fastest, made once at load."""
