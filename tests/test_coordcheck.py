@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import run_rung
 
 COMMON = ("--set", "train.seq_len=64", "--set", "train.micro_batch=8", "--steps", "5", "--seeds", "3")
@@ -27,11 +29,12 @@ def test_width_mup_is_flat_and_sp_grows(tmp_path, data_cache):
         assert record["slopes"]["sp"][module] >= 0.5, (module, record["slopes"]["sp"])
 
 
-def test_width_mup_under_muon_is_flat_and_sp_grows(tmp_path, data_cache):
-    """The same check with Muon stepping the hidden matrices: its μP rule (LR × m^(−½)) keeps every activation's
-    size flat in width, where SP's constant LR lets the hidden outputs grow."""
-    record = coordcheck(tmp_path, data_cache, "--set", "train.optimizer=muon", "--params", "sp,mup",
-                        "--widths", "32,64,128,256,512", "--seeds", "2")  # its slopes sit far from the bounds
+@pytest.mark.parametrize("optimizer", ["muon", "shampoo"])
+def test_width_mup_under_matrix_optimizers_is_flat_and_sp_grows(optimizer, tmp_path, data_cache):
+    """The same check with Muon or Shampoo stepping the hidden matrices: their μP rules keep every activation's size
+    flat in width, where SP lets the hidden outputs grow."""
+    record = coordcheck(tmp_path, data_cache, "--set", f"train.optimizer={optimizer}", "--params", "sp,mup",
+                        "--widths", "32,64,128,256,512", "--seeds", "2")
     for module, value in record["slopes"]["mup"].items():
         assert abs(value) <= 0.25, (module, value)
     for module in ("attention", "ffn", "residual"):

@@ -289,7 +289,12 @@ def test_training_refuses_bad_values_before_writing_anything(tmp_path, data_cach
              (["train.weight_decay=nan"], "weight_decay"), (["data.sources=[/no/such/corpus.txt]"], "corpus"),
              (["train.optimizer=lion"], "train.optimizer"), (["train.muon_momentum=0.9"], "muon_momentum"),
              (["train.optimizer=muon", "train.muon_momentum=1.5"], "muon_momentum"),
-             (["train.optimizer=muon", "train.zero_stage=2"], "muon orthogonalizes whole matrices")]
+             (["train.optimizer=muon", "train.zero_stage=2"], "muon preconditions whole matrices"),
+             (["train.damping=1e-4"], "damping"), (["train.optimizer=shampoo", "train.damping=0"], "damping"),
+             (["train.optimizer=shampoo", "train.damping=-1"], "damping"),
+             (["train.optimizer=muon", "train.precondition_every=5"], "precondition_every"),
+             (["train.optimizer=shampoo", "train.precondition_every=0"], "precondition_every"),
+             (["train.optimizer=shampoo", "train.zero_stage=1"], "shampoo preconditions whole matrices")]
     for sets, needle in cases:
         args = ["train", "tiny", "--set", f"out_dir={out}", "--set", f"data.cache_dir={data_cache}",
                 "--set", "train.steps=2", "--set", "train.warmup_steps=0"]

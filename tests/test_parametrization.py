@@ -75,38 +75,50 @@ def test_rules_match_the_reference_table(name, width, depth):
             assert values.std().item() == pytest.approx(std, rel=0.05), role
 
 
+DAMPING = 1e-5
+# the hidden matrices' rows of the module docstring's tables, as functions of m and the depth factor m_L^(α−1)
+MATRIX_RULES = {"muon": lambda m, depth: (depth / math.sqrt(m), math.sqrt(m), {}),
+                "shampoo": lambda m, depth: (depth, 1.0, {"damping": DAMPING})}  # LR ×, WD ×, own fields
+
+
+@pytest.mark.parametrize("optimizer", MATRIX_RULES)
 @pytest.mark.parametrize("name", ["sp", "mup", "depth-mup", "completep"])
 @pytest.mark.parametrize("width, depth", [(128, 4), (256, 8)])
-def test_muon_rules_match_its_table_and_leave_other_roles_to_adamw(name, width, depth):
-    """Under train.optimizer=muon the hidden matrices (experts' too) form Muon's group with LR × m^(−½)·m_L^(α−1) and
-    WD × m^½; every other group is AdamW's, exactly as under adamw."""
+def test_matrix_optimizer_rules_match_their_table_and_leave_other_roles_to_adamw(optimizer, name, width, depth):
+    """Under train.optimizer=muon|shampoo the hidden matrices (experts' too) form that optimizer's group with the
+    table's LR and WD (Muon: × m^(−½)·m_L^(α−1), × m^½; Shampoo: × m_L^(α−1), × 1, damping × 1), LR × WD equal to
+    AdamW's; every other group is AdamW's, exactly as under adamw; init is the hidden rule's σ/√m."""
     cfg = config(name, width, depth, moe=True)
     model, param = build_model(cfg)
     m = width / BASE_WIDTH if name != "sp" else 1.0
     alpha = {"depth-mup": 0.5, "completep": 1.0}.get(name)
     depth_factor = (depth / BASE_DEPTH) ** (alpha - 1) if alpha is not None else 1.0
-    muon = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS, "muon")}
+    lr_mult, wd_mult, own = MATRIX_RULES[optimizer](m, depth_factor)
+    matrix = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS, optimizer, DAMPING)}
     adamw = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS)}
-    hidden = muon.pop("hidden-muon")
-    assert hidden["optimizer"] == "muon" and "eps" not in hidden
-    assert hidden["lr"] == pytest.approx(LR * depth_factor / math.sqrt(m))
-    assert hidden["weight_decay"] == pytest.approx(WD * math.sqrt(m))
+    hidden = matrix.pop(f"hidden-{optimizer}")
+    assert hidden["optimizer"] == optimizer and "eps" not in hidden
+    assert {key: hidden.get(key) for key in own} == own and ("damping" in hidden) == ("damping" in own)
+    assert hidden["lr"] == pytest.approx(LR * lr_mult)
+    assert hidden["weight_decay"] == pytest.approx(WD * wd_mult)
     assert hidden["lr"] * hidden["weight_decay"] == pytest.approx(adamw["hidden"]["lr"] * adamw["hidden"]["weight_decay"])
     assert [p.dim() for p in hidden["params"]] == [2] * len(hidden["params"])
     assert {id(p) for p in hidden["params"]} == {id(p) for p in adamw.pop("hidden")["params"]}
+    assert param.rule(Role.HIDDEN, optimizer).init_std == pytest.approx(cfg.param.init_std / math.sqrt(m))
     strip = lambda group: {k: v for k, v in group.items() if k != "params"}  # noqa: E731
-    assert {k: strip(g) for k, g in muon.items()} == {k: strip(g) for k, g in adamw.items()}
+    assert {k: strip(g) for k, g in matrix.items()} == {k: strip(g) for k, g in adamw.items()}
 
 
-def test_muon_at_the_base_shape_is_the_same_for_every_parametrization():
+@pytest.mark.parametrize("optimizer", MATRIX_RULES)
+def test_matrix_optimizers_at_the_base_shape_are_the_same_for_every_parametrization(optimizer):
     groups = {name: [{k: v for k, v in g.items() if k != "params"}
                      for g in Parametrization(cfg.param, cfg.model).param_groups(build_model(cfg)[0], LR, WD, EPS,
-                                                                                  "muon")]
+                                                                                  optimizer, DAMPING)]
               for name in ("sp", "mup", "depth-mup", "completep")
               for cfg in [config(name, BASE_WIDTH, BASE_DEPTH)]}
     assert groups["mup"] == groups["sp"] == groups["depth-mup"] == groups["completep"]
-    hidden = next(g for g in groups["sp"] if g["optimizer"] == "muon")
-    assert (hidden["lr"], hidden["weight_decay"]) == (LR, WD)
+    hidden = next(g for g in groups["sp"] if g["optimizer"] == optimizer)
+    assert (hidden["lr"], hidden["weight_decay"], hidden.get("damping", DAMPING)) == (LR, WD, DAMPING)
 
 
 def test_sp_equals_mup_at_the_base_shape():

@@ -102,19 +102,25 @@ def test_transfer_reproduces_the_proxy_and_scales_a_wider_target(sweep):
     assert groups["block_norm"] == pytest.approx(eta)
 
 
-def test_a_muon_sweeps_values_transfer_with_muon_and_its_rules(sweep, tmp_path):
+@pytest.mark.parametrize("optimizer, settings, hidden_ratio", [
+    ("muon", {"train.muon_momentum": 0.9}, 1 / 2),  # Muon's μP: η/√m with m = 128/32
+    ("shampoo", {"train.damping": 1e-5, "train.precondition_every": 5}, 1.0),  # Shampoo's μP: η, whatever the width
+])
+def test_a_matrix_optimizer_sweeps_values_transfer_with_it_and_its_rules(optimizer, settings, hidden_ratio, sweep,
+                                                                        tmp_path):
     out, _ = sweep
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["optimizer"] == {"train.optimizer": "adamw", "train.muon_momentum": None}
-    summary["optimizer"] = {"train.optimizer": "muon", "train.muon_momentum": 0.9}  # as a muon sweep writes it
+    assert summary["optimizer"] == {"train.optimizer": "adamw", "train.muon_momentum": None, "train.damping": None,
+                                    "train.precondition_every": None}
+    summary["optimizer"] = {"train.optimizer": optimizer, **settings}  # as that optimizer's sweep writes it
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     eta = summary["transfer"]["mup"]["values"]["train.lr"]
     target, record = apply_transfer(load_run_config("tiny", ["model.d_model=128", "model.n_heads=8"]), tmp_path)
-    assert (target.train.optimizer, target.train.muon_momentum) == ("muon", 0.9)
-    assert record["optimizer"]["train.optimizer"] == "muon"
+    assert target.train.optimizer == optimizer and record["optimizer"]["train.optimizer"] == optimizer
+    assert {field: getattr(target.train, field.removeprefix("train.")) for field in settings} == settings
     model, param = build_model(target)
-    groups = {g["name"]: g["lr"] for g in param.param_groups(model, target.train.lr, 0.0, 1e-8, "muon")}
-    assert groups["hidden-muon"] == pytest.approx(eta / 2)  # Muon's μP: η/√m with m = 128/32
+    groups = {g["name"]: g["lr"] for g in param.param_groups(model, target.train.lr, 0.0, 1e-8, optimizer, 1e-5)}
+    assert groups[f"hidden-{optimizer}"] == pytest.approx(eta * hidden_ratio)
     assert groups["embedding"] == pytest.approx(eta)
 
 

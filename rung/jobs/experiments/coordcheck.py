@@ -23,7 +23,7 @@ from rung.jobs.experiments.shapes import reshape
 from rung.jobs.model.build import build_model
 from rung.jobs.model.transformer import Transformer, language_model_loss
 from rung.jobs.progress import Progress
-from rung.jobs.train.optimizers import build_optimizer
+from rung.jobs.train.optimizers import build_optimizer, damping
 from rung.platform import runtime
 
 MODULES = ("embedding", "attention", "ffn", "residual", "logits")
@@ -59,7 +59,7 @@ def measure(cfg: RunConfig, loader: SequenceLoader, steps: int, lr: float, seed:
     torch.manual_seed(seed)
     model, param = build_model(cfg, seed=seed)
     optimizer = build_optimizer(cfg.train, param.param_groups(model, lr, 0.0, cfg.train.adam_eps,
-                                                              cfg.train.optimizer))
+                                                              cfg.train.optimizer, damping(cfg.train)))
     per_step: dict[str, list[float]] = {kind: [] for kind in MODULES}
     for step in range(steps + 1):
         store: dict[str, list[float]] = defaultdict(list)

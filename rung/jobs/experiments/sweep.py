@@ -25,7 +25,7 @@ import numpy as np
 
 from rung.config import evolve, from_dict, to_dict
 from rung.errors import ConfigError, RungError
-from rung.jobs.config import RunConfig, with_absolute_paths
+from rung.jobs.config import RunConfig, optimizer_settings, with_absolute_paths
 from rung.jobs.data.prepare import prepare_data
 from rung.jobs.experiments.grid import typed
 from rung.jobs.experiments.shapes import reshape
@@ -241,7 +241,7 @@ def run_sweep(base: RunConfig, grids: dict[str, list[float]], params: list[str],
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     summary = summarize(rows, list(grids), sweep_id, {"width": min(widths), "depth": min(depths)},
-                        {"train.optimizer": base.train.optimizer, "train.muon_momentum": base.train.muon_momentum})
+                        optimizer_settings(base.train))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_sweep(rows, list(grids)[0], out / "sweep.png")
     failed = sum(r["status"] != "ok" for r in rows)

@@ -35,7 +35,7 @@ def apply_transfer(cfg: RunConfig, summary_path: str | Path) -> tuple[RunConfig,
                           f"from (it has: {', '.join(transfer) or 'none'})")
     proxy = choice["proxy"]
     # the values were tuned for one optimizer, which comes with them (summaries older than the setting: AdamW)
-    optimizer = summary.get("optimizer", {"train.optimizer": "adamw", "train.muon_momentum": None})
+    optimizer = summary.get("optimizer", {"train.optimizer": "adamw"})
     # the target must still be a valid shape, and not smaller than the proxy: evolve validates all of it
     cfg = evolve(cfg, {**{field: typed(cfg, field, value) for field, value in choice["values"].items()},
                        **optimizer, "param.base_width": proxy["width"], "param.base_depth": proxy["depth"]})

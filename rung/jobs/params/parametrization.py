@@ -25,8 +25,23 @@ factors combine as for AdamW (a normalized update, like Adam's, scales with dept
 |--------------|-------------------|-------------------|------|----------------|
 | hidden 2-D   | σ/√m              | m^(−½)·m_L^(α−1)  | m^½  | — (no ε)       |
 
-Every other role stays on AdamW with the rows above (as would a hidden tensor that is not a matrix: Muon takes
-matrices; rung's experts are one matrix each).
+With `train.optimizer=shampoo` the hidden matrices are stepped by Shampoo, L^(−¼)·G·R^(−¼) with damped Kronecker
+factors L = E[GGᵀ], R = E[GᵀG]. Ishikawa & Karakida ("On the Parameterization of Second-Order Optimization
+Effective Towards the Infinite Width", ICLR 2024, Table 1; the exponents as their code sets them: init variance
+∝ fan_in⁻¹, hidden LR ∝ width⁰) give μP for Shampoo a width-independent hidden LR: for a gradient of low rank the
+update's singular values are ~1 whatever the width, which is already what μP's spectral condition asks of a square
+hidden matrix. Its damping ρ stays constant: under μP a hidden gradient's norm, hence each factor's leading
+eigenvalue, is Θ(1) in width (the readout's 1/m makes the backpropagated signal O(1/√n) in norm against an O(√n)
+input), so ρ keeps its place relative to them. (The paper's own damping rule was not checked against its table
+here; the coordinate check and the sweep are the evidence.) Weight decay keeps LR × WD at AdamW's product; depth as
+for AdamW:
+
+| role (Shampoo) | init std        | LR ×              | WD × | damping × |
+|----------------|-----------------|-------------------|------|-----------|
+| hidden 2-D     | σ/√m            | m_L^(α−1)         | 1    | 1         |
+
+Every other role stays on AdamW with the rows above (as would a hidden tensor that is not a matrix: Muon and
+Shampoo take matrices, `matrix_steps`; rung's experts are one matrix each).
 
 Attention logits use attn_mult/d_head with attn_mult = √(base_head_dim), so the base shape equals SP's 1/√d_head.
 SP sets m = m_L = 1 in every rule (and keeps 1/√d_head); `mup` applies the width rules only; `depth-mup` (α = ½)
@@ -66,7 +81,7 @@ class GroupRule:
     init_std: float | None  # None: norm gains, initialised to one
     lr_mult: float
     wd_mult: float
-    eps_mult: float
+    eps_mult: float  # on AdamW's ε; on Shampoo's damping for its groups; Muon has neither
 
 
 class Parametrization:
@@ -101,12 +116,14 @@ class Parametrization:
 
     def rule(self, role: Role, optimizer: Optimizer = "adamw") -> GroupRule:
         """Init std and optimizer multipliers for one parameter role under `optimizer` (the module docstring's
-        tables); `muon` differs from `adamw` for 2-D hidden matrices only (`muon_steps` says which those are)."""
+        tables); `muon` and `shampoo` differ from `adamw` for 2-D hidden matrices only (`matrix_steps`)."""
         sigma, m = self.config.init_std, self.width_mult
         alpha = self.alpha if self.alpha is not None else 0.0
         readout_std = 0.0 if self.config.zero_readout else sigma
         if optimizer == "muon" and role is Role.HIDDEN:
             return GroupRule(sigma / math.sqrt(m), self._depth(alpha - 1) / math.sqrt(m), math.sqrt(m), 1.0)
+        if optimizer == "shampoo" and role is Role.HIDDEN:
+            return GroupRule(sigma / math.sqrt(m), self._depth(alpha - 1), 1.0, 1.0)
         rules = {
             Role.EMBEDDING: GroupRule(sigma, 1.0, 1.0, 1.0),
             Role.HIDDEN: GroupRule(sigma / math.sqrt(m), self._depth(alpha - 1) / m, m, self._depth(-alpha) / m),
@@ -132,24 +149,26 @@ class Parametrization:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float, eps: float,
-                     optimizer: Optimizer = "adamw") -> list[dict]:
-        """Optimizer parameter groups, one per role present (and per optimizer: under `muon` the 2-D hidden
-        matrices are a group of their own, marked "optimizer": "muon"). LR schedules must scale these relatively."""
+                     optimizer: Optimizer = "adamw", damping: float = 0.0) -> list[dict]:
+        """Optimizer parameter groups, one per role present (and per optimizer: under `muon` or `shampoo` the 2-D
+        hidden matrices are a group of their own, marked "optimizer": its name). AdamW's groups carry "eps",
+        Shampoo's "damping" (from `damping`, its base value). LR schedules must scale these relatively."""
         by_group: dict[tuple[Role, Optimizer], list[nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
                 role = role_of(name, param)
-                stepper = "muon" if optimizer == "muon" and muon_steps(role, param) else "adamw"
+                stepper = optimizer if optimizer != "adamw" and matrix_steps(role, param) else "adamw"
                 by_group.setdefault((role, stepper), []).append(param)
         groups = []
         for (role, stepper), params in by_group.items():
             rule = self.rule(role, stepper)
-            group = {"params": params, "name": role.value if stepper == "adamw" else f"{role.value}-muon",
+            group = {"params": params, "name": role.value if stepper == "adamw" else f"{role.value}-{stepper}",
                      "optimizer": stepper, "lr": lr * rule.lr_mult, "weight_decay": weight_decay * rule.wd_mult}
-            groups.append(group if stepper == "muon" else {**group, "eps": eps * rule.eps_mult})  # Muon has no ε
+            own = {"adamw": {"eps": eps * rule.eps_mult}, "shampoo": {"damping": damping * rule.eps_mult}}
+            groups.append({**group, **own.get(stepper, {})})
         return groups
 
 
-def muon_steps(role: Role, param: torch.Tensor) -> bool:
-    """Whether Muon steps this parameter under `train.optimizer=muon`: the hidden matrices (2-D)."""
+def matrix_steps(role: Role, param: torch.Tensor) -> bool:
+    """Whether a matrix optimizer (`muon`, `shampoo`) steps this parameter when chosen: the hidden matrices (2-D)."""
     return role is Role.HIDDEN and param.dim() == 2

@@ -20,7 +20,7 @@ from rung.errors import ConfigError
 from rung.jobs.config import RunConfig
 from rung.jobs.model.build import build_model
 from rung.jobs.model.expert_parallel import mark_expert_parameters, setup_expert_parallel
-from rung.jobs.train.optimizers import build_optimizer
+from rung.jobs.train.optimizers import MATRIX_OPTIMIZERS, build_optimizer, damping
 from rung.jobs.train.schedule import lr_factor
 
 
@@ -59,8 +59,8 @@ def _offload(offload: str) -> dict:
 
 def check_launchable(cfg: RunConfig, world_size: int) -> None:
     """Reject what no worker group can run, before any worker starts."""
-    if cfg.train.optimizer == "muon" and cfg.train.zero_stage != 0:
-        raise ConfigError("train.optimizer", f"muon orthogonalizes whole matrices, and ZeRO stage "
+    if cfg.train.optimizer in MATRIX_OPTIMIZERS and cfg.train.zero_stage != 0:
+        raise ConfigError("train.optimizer", f"{cfg.train.optimizer} preconditions whole matrices, and ZeRO stage "
                           f"{cfg.train.zero_stage} hands the optimizer flat partitions of them: use "
                           "train.zero_stage=0")
     if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
@@ -99,7 +99,7 @@ def build_engine(cfg: RunConfig, world_size: int = 1):
     if cfg.train.compile:
         compile_blocks(model)
     groups = param.param_groups(model, cfg.train.lr, cfg.train.weight_decay, cfg.train.adam_eps,
-                                cfg.train.optimizer)
+                                cfg.train.optimizer, damping(cfg.train))
     if placement is not None:
         mark_expert_parameters(model, placement)
         groups = split_params_into_different_moe_groups_for_optimizer(groups)

@@ -1,28 +1,27 @@
 """The full training state of a DeepSpeed engine as plain tensors, whatever the ZeRO stage — and back.
 
-Checkpoints hold consolidated fp32 weights and optimizer state (AdamW's moments, Muon's momentum: `state_keys`) keyed
-by parameter name, never DeepSpeed's pickled
-shard files: nothing is unpickled on load, export reads the weights directly, and a run may resume on a different
+Checkpoints hold consolidated fp32 weights and optimizer state (AdamW's moments, Muon's momentum, Shampoo's factors,
+roots and momentum: `state_keys`) keyed by parameter name, never DeepSpeed's pickled shard files: nothing is unpickled on load, export reads the weights directly, and a run may resume on a different
 number of workers. Every rank must call `gather_state`/`restore_state` (ZeRO shards are assembled collectively).
 
 Where the fp32 master copy and Adam moments live:
 - ZeRO 1/2/3 (fp32 or bf16): partitioned; DeepSpeed's `safe_get/set_full_*` assemble and scatter them;
 - ZeRO-0 fp32: the parameter itself and torch AdamW's state for it;
-- ZeRO-0 bf16: DeepSpeed's unfused optimizer keeps an fp32 copy per parameter (`fp32_groups`), and creates AdamW's
-  state by stepping it once with zero gradients when it is built, so AdamW's step counter (its bias correction)
-  runs one ahead of the engine's steps there (`_counter_at_construction`).
+- ZeRO-0 bf16: DeepSpeed's unfused optimizer keeps an fp32 copy per parameter (`fp32_groups`), and creates the
+  optimizer's state by stepping it once with zero gradients when it is built, so AdamW's step counter (its bias
+  correction) runs one ahead of the engine's steps there (Shampoo takes that step as none): `restore_state` reads
+  each counter of the freshly built engine and adds the checkpoint's step to it.
 """
 
 from __future__ import annotations
 
 import torch
 from deepspeed import zero
-from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
                              safe_set_full_optimizer_state)
 
 from rung.jobs.model.expert_parallel import gather_expert_tensors
-from rung.jobs.train.optimizers import ADAMW_STATE, state_keys
+from rung.jobs.train.optimizers import ADAMW_STATE, initial_state, state_keys
 
 
 def _inner_optimizer(engine) -> torch.optim.Optimizer:
@@ -46,12 +45,6 @@ def _master(engine, param: torch.nn.Parameter) -> torch.nn.Parameter:
     raise KeyError("parameter not managed by the optimizer")
 
 
-def _counter_at_construction(engine) -> int:
-    """The optimizer's step counter before the engine's first step: 1 under DeepSpeed's unfused optimizer (its
-    zero-gradient step at construction), else 0."""
-    return 1 if isinstance(engine.optimizer, FP16_UnfusedOptimizer) else 0
-
-
 def _link_optimizer_state(engine) -> None:
     """Make every optimizer state exist and be visible through DeepSpeed's per-parameter fragment views.
 
@@ -62,11 +55,8 @@ def _link_optimizer_state(engine) -> None:
     flats = [p for group in inner.param_groups for p in group["params"]]
     flats += getattr(engine.optimizer, "fp32_partitioned_groups_flat", [])  # ZeRO-3 swaps these in per step
     for flat in flats:
-        state = inner.state[flat]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            for key in state_keys(inner, flat):
-                state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        if not inner.state[flat]:
+            inner.state[flat] = initial_state(inner, flat)
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
         engine.optimizer._hp_optimizer_states_linked = False
         engine.optimizer._lazy_init_hp_params_optimizer_state()
@@ -87,8 +77,8 @@ def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
         weights[name] = master.detach().float().cpu().clone()
         state = inner.state.get(master, {})
         for key in state_keys(inner, master):
-            moments[f"{key}/{name}"] = (state[key].detach().float().cpu().clone() if key in state
-                                        else torch.zeros_like(weights[name]))
+            moments[f"{key}/{name}"] = (state[key] if key in state else initial_state(inner, master)[key]
+                                        ).detach().float().cpu().clone()
     placement = getattr(engine.module, "expert_placement", None)
     if placement is not None and placement.ep_size > 1:  # other ranks' experts complete the picture
         weights, moments = gather_expert_tensors(weights, placement), gather_expert_tensors(moments, placement)
@@ -96,10 +86,10 @@ def gather_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tenso
 
 
 def restore_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int) -> None:
-    """Put a gathered state back into `engine` as if it had just finished optimizer step `step`."""
-    _link_optimizer_state(engine)
+    """Put a gathered state back into a freshly built `engine` as if it had just finished optimizer step `step`."""
     inner = _inner_optimizer(engine)
-    adam_step = torch.tensor(float(step + _counter_at_construction(engine)))
+    ahead = {id(p): float(state["step"]) for p, state in inner.state.items() if "step" in state}  # module docstring
+    _link_optimizer_state(engine)
     for name, param in engine.module.named_parameters():
         value = weights[name]
         with zero.GatheredParameters([param], modifier_rank=0):  # ZeRO-3: full view, re-partitioned on exit
@@ -115,9 +105,8 @@ def restore_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, t
         state = inner.state[master]
         for key in state_keys(inner, master):
             state[key] = moments[f"{key}/{name}"].to(master.device).clone()
-        state["step"] = adam_step.clone()
-    for state in inner.state.values():  # sharded flat partitions carry their own step counters
-        state["step"] = adam_step.clone()
+    for param, state in inner.state.items():  # sharded flat partitions carry their own step counters
+        state["step"] = torch.tensor(step + ahead.get(id(param), 0.0))
     scheduler = engine.lr_scheduler  # a LambdaLR: each group's LR is its base LR × factor(step)
     scheduler.last_epoch = step
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

@@ -1,12 +1,13 @@
 """The training optimizers behind `train.optimizer`, built from the parametrization's groups (each group says which
 optimizer steps it): `adamw`, torch's AdamW (fused on GPUs); `muon`, torch's Muon for the hidden matrices — Newton–
 Schulz-orthogonalized Nesterov momentum, its LR adjusted to AdamW's update RMS (`match_rms_adamw`), so one base LR
-serves both — with AdamW for every other group. The pair is one `torch.optim.Optimizer` to DeepSpeed and the LR
-schedule: it shares its group dicts with the two it steps, so a schedule (or DeepSpeed's fp32 master copies)
-changing a group changes it for the optimizer that owns it.
+serves both; `shampoo`, rung's `Shampoo` (`shampoo.py`) for the hidden matrices. Muon and Shampoo step matrices, so
+every other group (embedding, norms, readout, router) takes AdamW beside them. The pair is one
+`torch.optim.Optimizer` to DeepSpeed and the LR schedule: it shares its group dicts with the two it steps, so a
+schedule (or DeepSpeed's fp32 master copies) changing a group changes it for the optimizer that owns it.
 
-Muon orthogonalizes whole matrices, so it runs under ZeRO-0 only (ZeRO 1-3 hand the optimizer flat partitions);
-`check_launchable` refuses the rest.
+Muon and Shampoo precondition whole matrices, so they run under ZeRO-0 only (ZeRO 1-3 hand the optimizer flat
+partitions); `check_launchable` refuses the rest.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from collections.abc import Iterator, MutableMapping
 import torch
 
 from rung.jobs.config import TrainConfig
+from rung.jobs.train.shampoo import SHAMPOO_STATE, Shampoo
 
 MUON_MOMENTUM = 0.95  # train.muon_momentum's default: the value Muon's authors and torch use
+SHAMPOO_DAMPING = 1e-3  # train.damping's default (shampoo.py says why this large)
+PRECONDITION_EVERY = 10  # train.precondition_every's default
+MATRIX_OPTIMIZERS = ("muon", "shampoo")  # step whole matrices: ZeRO-0 only
 ADAMW_STATE = ("exp_avg", "exp_avg_sq")
 MUON_STATE = ("momentum_buffer",)
 
@@ -25,7 +30,7 @@ MUON_STATE = ("momentum_buffer",)
 class _States(MutableMapping):
     """The two optimizers' per-parameter state as one mapping, each parameter's in the optimizer that steps it."""
 
-    def __init__(self, owner: MuonWithAdamW):
+    def __init__(self, owner: MatrixWithAdamW):
         self.owner = owner
 
     def _of(self, param: torch.Tensor) -> dict:
@@ -41,47 +46,65 @@ class _States(MutableMapping):
         del self._of(param)[param]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        yield from self.owner.muon.state
+        yield from self.owner.matrix.state
         yield from self.owner.adamw.state
 
     def __len__(self) -> int:
-        return len(self.owner.muon.state) + len(self.owner.adamw.state)
+        return len(self.owner.matrix.state) + len(self.owner.adamw.state)
 
 
-class MuonWithAdamW(torch.optim.Optimizer):
-    """Muon for the groups marked "optimizer": "muon", AdamW for the others, stepped together."""
+class MatrixWithAdamW(torch.optim.Optimizer):
+    """A matrix optimizer (Muon, Shampoo) for the groups marked with its name, AdamW for the others, stepped
+    together."""
 
-    def __init__(self, groups: list[dict], betas: tuple[float, float], momentum: float, fused: bool):
-        muon = [group for group in groups if group["optimizer"] == "muon"]
-        self.muon = torch.optim.Muon(muon, momentum=momentum, nesterov=True, adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW([group for group in groups if group["optimizer"] == "adamw"], betas=betas,
-                                       fused=fused)
-        super().__init__(self.muon.param_groups + self.adamw.param_groups, {})
-        self.param_groups = self.muon.param_groups + self.adamw.param_groups  # the very dicts the two step
+    def __init__(self, matrix: torch.optim.Optimizer, adamw: torch.optim.AdamW):
+        self.matrix, self.adamw = matrix, adamw
+        super().__init__(matrix.param_groups + adamw.param_groups, {})
+        self.param_groups = matrix.param_groups + adamw.param_groups  # the very dicts the two step
         self.state = _States(self)
 
     def optimizer_of(self, param: torch.Tensor) -> torch.optim.Optimizer:
-        muon = any(p is param for group in self.muon.param_groups for p in group["params"])
-        return self.muon if muon else self.adamw
+        matrix = any(p is param for group in self.matrix.param_groups for p in group["params"])
+        return self.matrix if matrix else self.adamw
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        self.muon.step()
+        self.matrix.step()
         self.adamw.step()
         return loss
+
+
+def damping(train: TrainConfig) -> float:
+    """Shampoo's base damping (train.damping, or its default)."""
+    return train.damping or SHAMPOO_DAMPING
 
 
 def build_optimizer(train: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     """The optimizer `train.optimizer` names over the parametrization's `groups`."""
     fused = torch.cuda.is_available()  # one kernel per step for every parameter, not a launch per tensor and op
+    adamw = torch.optim.AdamW([group for group in groups if group["optimizer"] == "adamw"], betas=train.betas,
+                              fused=fused)
+    matrix = [group for group in groups if group["optimizer"] == train.optimizer != "adamw"]
     if train.optimizer == "muon":
-        return MuonWithAdamW(groups, train.betas, train.muon_momentum or MUON_MOMENTUM, fused)
-    return torch.optim.AdamW(groups, betas=train.betas, fused=fused)
+        return MatrixWithAdamW(torch.optim.Muon(matrix, momentum=train.muon_momentum or MUON_MOMENTUM,
+                                                nesterov=True, adjust_lr_fn="match_rms_adamw"), adamw)
+    if train.optimizer == "shampoo":
+        return MatrixWithAdamW(Shampoo(matrix, betas=train.betas,
+                                       precondition_every=train.precondition_every or PRECONDITION_EVERY), adamw)
+    return adamw
 
 
 def state_keys(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[str, ...]:
     """The per-parameter state tensors a checkpoint holds for `param` under `optimizer`."""
-    if isinstance(optimizer, MuonWithAdamW) and optimizer.optimizer_of(param) is optimizer.muon:
-        return MUON_STATE
+    if isinstance(optimizer, MatrixWithAdamW) and optimizer.optimizer_of(param) is optimizer.matrix:
+        return SHAMPOO_STATE if isinstance(optimizer.matrix, Shampoo) else MUON_STATE
     return ADAMW_STATE
+
+
+def initial_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`param`'s state before its first step (all zeros, each tensor its own shape), counter included."""
+    if isinstance(optimizer, MatrixWithAdamW) and isinstance(optimizer.optimizer_of(param), Shampoo):
+        return Shampoo.initial_state(param)
+    return {"step": torch.tensor(0.0), **{key: torch.zeros_like(param, memory_format=torch.preserve_format)
+                                          for key in state_keys(optimizer, param)}}
