@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python bench/serve_matrix.py --out bench/out --vllm-python $(VLLM_VENV)/bin/python
 	$(BIN)/python bench/profile_engine.py --out bench/out
 	$(BIN)/python bench/structured_overhead.py --out bench/out
+	$(BIN)/python bench/optimizer_overhead.py --out bench/out
 
 # Hours of CPU: LR sweeps across widths, depths and expert counts, and the ladder (results under bench/transfer).
 bench-transfer: install

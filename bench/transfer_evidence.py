@@ -1,6 +1,6 @@
 """Evidence that hyperparameters transfer (`make bench-transfer`): LR sweeps across widths (μP vs SP; per optimizer
-with `--optimizers adamw,muon`), depths (CompleteP and Depth-μP vs SP) and MoE expert counts, and the ladder's
-prediction of its held-out rung.
+with `--optimizers adamw,muon,shampoo`), Shampoo's damping across widths (`--parts damping`), depths (CompleteP and
+Depth-μP vs SP) and MoE expert counts, and the ladder's prediction of its held-out rung.
 
 Each part writes its sweep/ladder folder under OUT; the figures that matter are printed and collected in
 OUT/evidence.json for bench/RESULTS.md, with the loss each decision used (validation loss since rung has a held-out
@@ -23,15 +23,15 @@ from rung.jobs.experiments.sweep import run_sweep  # noqa: E402
 from rung.jobs.loading import load_run_config  # noqa: E402
 
 
-def verdict(summary: dict, param: str) -> dict:
-    """Octaves the optimum moved across shapes, and whether the best loss fell strictly with size; `loss_used` says
-    which loss (validation, or training in folders made before rung had a validation split)."""
+def verdict(summary: dict, param: str, field: str = "train.lr") -> dict:
+    """Octaves the optimum of `field` moved across shapes, and whether the best loss fell strictly with size;
+    `loss_used` says which loss (validation, or training in folders made before rung had a validation split)."""
     shapes = sorted((s for s in summary["shapes"] if s["param"] == param and "best_loss" in s),
                     key=lambda s: (s["width"], s["depth"], s["experts"] or 0))
     losses = [s["best_loss"] for s in shapes]
     return {"loss_used": summary.get("loss_used", "training"),
-            "optimum_log2_lr": [round(s["optimum_log2"]["train.lr"], 2) for s in shapes],
-            "spread_octaves": summary["spread_octaves"].get(param, {}).get("train.lr"),
+            f"optimum_log2_{field.removeprefix('train.')}": [round(s["optimum_log2"][field], 2) for s in shapes],
+            "spread_octaves": summary["spread_octaves"].get(param, {}).get(field),
             "best_loss": [round(x, 4) for x in losses],
             "loss_falls_with_size": all(b < a for a, b in zip(losses, losses[1:]))}
 
@@ -40,7 +40,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="bench/transfer")
     parser.add_argument("--quick", action="store_true", help="a few short runs, to check the plumbing")
-    parser.add_argument("--parts", default="width,depth,moe,ladder")
+    parser.add_argument("--parts", default="width,depth,moe,ladder",
+                        help="of width, damping (Shampoo's), depth, moe, ladder")
     parser.add_argument("--optimizers", default="adamw",
                         help="train.optimizer values the width part sweeps, each into its own folder (width for "
                              "adamw, width-NAME for the others), e.g. adamw,muon")
@@ -59,6 +60,10 @@ def main() -> None:
                         help="the LR grid of the sweeps (an octave grid halves a CPU run's hours)")
     parser.add_argument("--budgets", default="1e5,2e5,4e5",
                         help="the ladder's token budgets at batch 8 (scaled with --batch)")
+    parser.add_argument("--damping-grid", default="damping=2^-16:2^-4:x4",
+                        help="the damping part's grid (Shampoo's train.damping)")
+    parser.add_argument("--damping-lr", type=float, default=None,
+                        help="the damping part's LR (default: the Shampoo width part's μP proxy optimum, else 0.01)")
     parser.add_argument("--ladder-lr", type=float, default=None,
                         help="the ladder's LR (default: the width part's μP proxy optimum, else 0.01)")
     args = parser.parse_args()
@@ -68,14 +73,22 @@ def main() -> None:
               "train.seq_len=128", f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}",
               "train.max_loss=10", "train.schedule=cosine"]  # 1k tokens per step at batch 8
     lrs = dict([parse_grid("lr=2^-10:2^-5:x2" if args.quick else args.lr_grid)])
+    widths = [32, 64] if args.quick else [int(w) for w in args.widths.split(",")]
     evidence_path = out / "evidence.json"  # parts run one at a time add to it
     evidence = json.loads(evidence_path.read_text()) if evidence_path.exists() else {}
     for optimizer in args.optimizers.split(",") if "width" in args.parts else ():
         part = "width" if optimizer == "adamw" else f"width-{optimizer}"
         summary = run_sweep(load_run_config("tiny", [*common, f"train.optimizer={optimizer}"]), lrs, ["mup", "sp"],
-                            [32, 64] if args.quick else [int(w) for w in args.widths.split(",")], None, None, seeds,
-                            str(out / part), processes=args.processes)
+                            widths, None, None, seeds, str(out / part), processes=args.processes)
         evidence[part] = {p: verdict(summary, p) for p in ("mup", "sp")}
+    if "damping" in args.parts:
+        # Shampoo's damping swept at one LR across widths: does μP's damping rule (× 1) keep its optimum in place?
+        lr = args.damping_lr or (2 ** evidence["width-shampoo"]["mup"]["optimum_log2_lr"][0]
+                                 if "width-shampoo" in evidence else 0.01)
+        summary = run_sweep(load_run_config("tiny", [*common, "train.optimizer=shampoo", f"train.lr={lr}"]),
+                            dict([parse_grid(args.damping_grid)]), ["mup", "sp"], widths, None, None, seeds,
+                            str(out / "damping-shampoo"), processes=args.processes)
+        evidence["damping-shampoo"] = {"lr": lr, **{p: verdict(summary, p, "train.damping") for p in ("mup", "sp")}}
     if "depth" in args.parts:
         depth_params = args.depth_params.split(",")
         summary = run_sweep(load_run_config("tiny", common), lrs, depth_params, None,

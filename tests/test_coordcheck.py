@@ -34,7 +34,7 @@ def test_width_mup_under_matrix_optimizers_is_flat_and_sp_grows(optimizer, tmp_p
     """The same check with Muon or Shampoo stepping the hidden matrices: their μP rules keep every activation's size
     flat in width, where SP lets the hidden outputs grow."""
     record = coordcheck(tmp_path, data_cache, "--set", f"train.optimizer={optimizer}", "--params", "sp,mup",
-                        "--widths", "32,64,128,256,512", "--seeds", "2")
+                        "--widths", "32,128,512", "--seeds", "2")  # AdamW's check above takes every octave
     for module, value in record["slopes"]["mup"].items():
         assert abs(value) <= 0.25, (module, value)
     for module in ("attention", "ffn", "residual"):

@@ -295,15 +295,14 @@ def test_training_refuses_bad_values_before_writing_anything(tmp_path, data_cach
              (["train.optimizer=muon", "train.precondition_every=5"], "precondition_every"),
              (["train.optimizer=shampoo", "train.precondition_every=0"], "precondition_every"),
              (["train.optimizer=shampoo", "train.zero_stage=1"], "shampoo preconditions whole matrices")]
-    for sets, needle in cases:
-        args = ["train", "tiny", "--set", f"out_dir={out}", "--set", f"data.cache_dir={data_cache}",
-                "--set", "train.steps=2", "--set", "train.warmup_steps=0"]
-        for item in sets:
-            args += ["--set", item]
-        result = run_rung(*args)
+    common = ["train", "tiny", "--set", f"out_dir={out}", "--set", f"data.cache_dir={data_cache}",
+              "--set", "train.steps=2", "--set", "train.warmup_steps=0"]
+    with ThreadPoolExecutor(2) as pool:  # two CLI start-ups at a time: each is a second or more of imports
+        results = list(pool.map(lambda case: run_rung(*common, *[a for s in case[0] for a in ("--set", s)]), cases))
+    for (sets, needle), result in zip(cases, results):
         assert result.returncode == 2, (sets, result.stderr[-2000:])
         assert_clean_failure(result, needle)
-        assert not out.exists() or not any(out.iterdir()), (sets, list(out.rglob("*")))
+    assert not out.exists() or not any(out.iterdir()), list(out.rglob("*"))
     assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "escaped").exists()
 
 

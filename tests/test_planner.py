@@ -82,7 +82,13 @@ def test_the_memory_model_is_within_15_percent_of_the_measured_peak():
 
 
 def test_plan_answers_for_every_gpu_preset_and_exits_1_when_the_run_does_not_fit():
-    fits = run_rung("plan", "gpt-1.3b", "--gpus", "8", "--gpu", "h200", "--json")
+    presets = ("gpt-125m", "gpt-350m", "llama-7b", "moe-8x350m")
+    calls = [("gpt-1.3b", "--gpus", "8", "--gpu", "h200", "--json"),
+             ("gpt-1.3b", "--gpus", "8", "--activation-checkpointing", "full", "--json"),
+             ("llama-7b", "--gpus", "1", "--zero", "0"),
+             *[(preset, "--gpus", "8", "--set", "train.expert_parallel=1") for preset in presets]]
+    with ThreadPoolExecutor(2) as pool:  # two CLI start-ups at a time
+        fits, lean, crowded, *answered = pool.map(lambda args: run_rung("plan", *args), calls)
     assert fits.returncode == 0, fits.stderr
     plan = json.loads(fits.stdout)
     memory = plan["memory_per_gpu"]
@@ -94,17 +100,14 @@ def test_plan_answers_for_every_gpu_preset_and_exits_1_when_the_run_does_not_fit
     assert memory["optimizer"] == pytest.approx(12 * 1.31e9 / 8, rel=0.02)
     assert memory["parameters"] == pytest.approx(2 * 1.31e9, rel=0.02)
 
-    lean = json.loads(run_rung("plan", "gpt-1.3b", "--gpus", "8", "--activation-checkpointing", "full",
-                               "--json").stdout)
+    lean = json.loads(lean.stdout)
     assert lean["memory_per_gpu"]["activations"] < plan["memory_per_gpu"]["activations"] / 4
     assert lean["step_seconds"] > plan["step_seconds"] * 1.2  # recomputation costs a forward, at the same MFU
 
-    crowded = run_rung("plan", "llama-7b", "--gpus", "1", "--zero", "0")
     assert crowded.returncode == 1, crowded.stderr
     assert "does NOT fit" in crowded.stdout and "GiB" in crowded.stdout and "optimizer state" in crowded.stdout
-    for preset in ("gpt-125m", "gpt-350m", "llama-7b", "moe-8x350m"):
-        answered = run_rung("plan", preset, "--gpus", "8", "--set", "train.expert_parallel=1")
-        assert answered.returncode in (0, 1) and "memory per GPU" in answered.stdout, answered.stderr
+    for preset, result in zip(presets, answered):
+        assert result.returncode in (0, 1) and "memory per GPU" in result.stdout, (preset, result.stderr)
 
 
 @pytest.mark.parametrize("args, needle", [

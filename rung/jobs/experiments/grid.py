@@ -12,7 +12,7 @@ from rung.errors import ConfigError
 
 ALIASES = {"lr": "train.lr", "init_std": "param.init_std", "weight_decay": "train.weight_decay",
            "embedding_mult": "param.embedding_mult", "output_mult": "param.output_mult",
-           "warmup_steps": "train.warmup_steps", "adam_eps": "train.adam_eps"}
+           "warmup_steps": "train.warmup_steps", "adam_eps": "train.adam_eps", "damping": "train.damping"}
 _POWER = re.compile(r"^\s*(-?[\d.]+)\s*\^\s*(-?[\d.]+)\s*$")
 
 

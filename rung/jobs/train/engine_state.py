@@ -106,7 +106,7 @@ def restore_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, t
         for key in state_keys(inner, master):
             state[key] = moments[f"{key}/{name}"].to(master.device).clone()
     for param, state in inner.state.items():  # sharded flat partitions carry their own step counters
-        state["step"] = torch.tensor(step + ahead.get(id(param), 0.0))
+        state["step"] = torch.full_like(state["step"], step + ahead.get(id(param), 0.0))  # its device and dtype
     scheduler = engine.lr_scheduler  # a LambdaLR: each group's LR is its base LR × factor(step)
     scheduler.last_epoch = step
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

@@ -103,8 +103,12 @@ def state_keys(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[s
 
 
 def initial_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, torch.Tensor]:
-    """`param`'s state before its first step (all zeros, each tensor its own shape), counter included."""
-    if isinstance(optimizer, MatrixWithAdamW) and isinstance(optimizer.optimizer_of(param), Shampoo):
+    """`param`'s state before its first step (all zeros, each tensor its own shape), counter included: on the
+    parameter's device under torch's fused AdamW (which steps it there), else on the host, as torch makes it."""
+    owner = optimizer.optimizer_of(param) if isinstance(optimizer, MatrixWithAdamW) else optimizer
+    if isinstance(owner, Shampoo):
         return Shampoo.initial_state(param)
-    return {"step": torch.tensor(0.0), **{key: torch.zeros_like(param, memory_format=torch.preserve_format)
-                                          for key in state_keys(optimizer, param)}}
+    fused = any(group.get("fused") for group in owner.param_groups)
+    return {"step": torch.tensor(0.0, device=param.device if fused else "cpu"),
+            **{key: torch.zeros_like(param, memory_format=torch.preserve_format)
+               for key in state_keys(optimizer, param)}}
