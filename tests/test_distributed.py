@@ -77,6 +77,7 @@ def test_other_zero_stages_and_bf16_train_on_two_workers(tmp_path, data_cache, s
     (0, "float32", "none", "muon", 1),  # Muon's momentum, and AdamW's beside it
     (0, "bfloat16", "none", "muon", 2),  # DeepSpeed's unfused bf16 optimizer: its AdamW counter starts at 1
     (0, "float32", "none", "shampoo", 1), (0, "bfloat16", "none", "shampoo", 2),  # factors, roots and momentum
+    (0, "float32", "none", "soap", 2),  # factors, eigenbases, both moments
 ])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, stage, dtype, offload, optimizer, workers):
     common = (*SHORT, "train.checkpoint_every=10", f"train.zero_stage={stage}", f"train.dtype={dtype}",

@@ -294,7 +294,9 @@ def test_training_refuses_bad_values_before_writing_anything(tmp_path, data_cach
              (["train.optimizer=shampoo", "train.damping=-1"], "damping"),
              (["train.optimizer=muon", "train.precondition_every=5"], "precondition_every"),
              (["train.optimizer=shampoo", "train.precondition_every=0"], "precondition_every"),
-             (["train.optimizer=shampoo", "train.zero_stage=1"], "shampoo preconditions whole matrices")]
+             (["train.optimizer=shampoo", "train.zero_stage=1"], "shampoo preconditions whole matrices"),
+             (["train.optimizer=soap", "train.damping=1e-3"], "damping"),
+             (["train.optimizer=soap", "train.zero_stage=2"], "soap preconditions whole matrices")]
     common = ["train", "tiny", "--set", f"out_dir={out}", "--set", f"data.cache_dir={data_cache}",
               "--set", "train.steps=2", "--set", "train.warmup_steps=0"]
     with ThreadPoolExecutor(2) as pool:  # two CLI start-ups at a time: each is a second or more of imports

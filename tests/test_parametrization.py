@@ -109,6 +109,19 @@ def test_matrix_optimizer_rules_match_their_table_and_leave_other_roles_to_adamw
     assert {k: strip(g) for k, g in matrix.items()} == {k: strip(g) for k, g in adamw.items()}
 
 
+@pytest.mark.parametrize("name", ["sp", "mup", "depth-mup", "completep"])
+@pytest.mark.parametrize("width, depth", [(128, 4), (256, 8)])
+def test_soap_takes_adamws_rules_for_its_hidden_matrices(name, width, depth):
+    """SOAP is Adam in a rotated basis: its group of hidden matrices has AdamW's LR, WD and ε multipliers."""
+    model, param = build_model(config(name, width, depth, moe=True))
+    soap = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS, "soap")}
+    adamw = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS)}
+    strip = lambda group: {k: v for k, v in group.items() if k not in ("params", "name", "optimizer")}  # noqa: E731
+    assert soap["hidden-soap"]["optimizer"] == "soap"
+    assert strip(soap.pop("hidden-soap")) == strip(adamw.pop("hidden"))
+    assert {k: strip(g) for k, g in soap.items()} == {k: strip(g) for k, g in adamw.items()}
+
+
 @pytest.mark.parametrize("optimizer", MATRIX_RULES)
 def test_matrix_optimizers_at_the_base_shape_are_the_same_for_every_parametrization(optimizer):
     groups = {name: [{k: v for k, v in g.items() if k != "params"}

@@ -40,8 +40,17 @@ for AdamW:
 |----------------|-----------------|-------------------|------|-----------|
 | hidden 2-D     | σ/√m            | m_L^(α−1)         | 1    | 1         |
 
-Every other role stays on AdamW with the rows above (as would a hidden tensor that is not a matrix: Muon and
-Shampoo take matrices, `matrix_steps`; rung's experts are one matrix each).
+With `train.optimizer=soap` the hidden matrices are stepped by SOAP — Adam in the eigenbasis of Shampoo's factors —
+under AdamW's hidden row (LR m⁻¹·m_L^(α−1), WD m, ε m⁻¹·m_L^(−α)): an orthogonal change of basis on each side leaves
+Adam's entry-wise normalization as it is, update entries ~1 however wide, so Adam's width rule is the hypothesis
+(Qiu et al., "Hyperparameter Transfer Enables Consistent Gains of Matrix-Preconditioned Optimizers Across Scales",
+2025, study SOAP's LR under μP; their exponents were not checked here). It is not settled: the coordinate check
+(widths 32-512) under it gives attention −0.16, FFN −0.34, residual −0.23 — updates a little too small at width,
+FFN outside ±0.25 — where LR × m^(−½) overshoots (+0.78 / +0.41 / +0.54); ε matters (× m⁻² instead of m⁻¹:
++0.02 / −0.29 / −0.11), because the rotated gradient's entries do not shrink as the raw ones do (bench/RESULTS.md).
+
+Every other role stays on AdamW with the rows above (as would a hidden tensor that is not a matrix: Muon, Shampoo
+and SOAP take matrices, `matrix_steps`; rung's experts are one matrix each).
 
 Attention logits use attn_mult/d_head with attn_mult = √(base_head_dim), so the base shape equals SP's 1/√d_head.
 SP sets m = m_L = 1 in every rule (and keeps 1/√d_head); `mup` applies the width rules only; `depth-mup` (α = ½)
@@ -116,7 +125,8 @@ class Parametrization:
 
     def rule(self, role: Role, optimizer: Optimizer = "adamw") -> GroupRule:
         """Init std and optimizer multipliers for one parameter role under `optimizer` (the module docstring's
-        tables); `muon` and `shampoo` differ from `adamw` for 2-D hidden matrices only (`matrix_steps`)."""
+        tables); `muon` and `shampoo` differ from `adamw` for 2-D hidden matrices only (`matrix_steps`), and `soap`
+        takes AdamW's rules."""
         sigma, m = self.config.init_std, self.width_mult
         alpha = self.alpha if self.alpha is not None else 0.0
         readout_std = 0.0 if self.config.zero_readout else sigma
@@ -151,8 +161,8 @@ class Parametrization:
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float, eps: float,
                      optimizer: Optimizer = "adamw", damping: float = 0.0) -> list[dict]:
         """Optimizer parameter groups, one per role present (and per optimizer: under `muon` or `shampoo` the 2-D
-        hidden matrices are a group of their own, marked "optimizer": its name). AdamW's groups carry "eps",
-        Shampoo's "damping" (from `damping`, its base value). LR schedules must scale these relatively."""
+        hidden matrices are a group of their own, marked "optimizer": its name). AdamW's and SOAP's groups carry
+        "eps", Shampoo's "damping" (from `damping`, its base value). LR schedules must scale these relatively."""
         by_group: dict[tuple[Role, Optimizer], list[nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
@@ -164,11 +174,13 @@ class Parametrization:
             rule = self.rule(role, stepper)
             group = {"params": params, "name": role.value if stepper == "adamw" else f"{role.value}-{stepper}",
                      "optimizer": stepper, "lr": lr * rule.lr_mult, "weight_decay": weight_decay * rule.wd_mult}
-            own = {"adamw": {"eps": eps * rule.eps_mult}, "shampoo": {"damping": damping * rule.eps_mult}}
+            own = {"adamw": {"eps": eps * rule.eps_mult}, "soap": {"eps": eps * rule.eps_mult},
+                   "shampoo": {"damping": damping * rule.eps_mult}}
             groups.append({**group, **own.get(stepper, {})})
         return groups
 
 
 def matrix_steps(role: Role, param: torch.Tensor) -> bool:
-    """Whether a matrix optimizer (`muon`, `shampoo`) steps this parameter when chosen: the hidden matrices (2-D)."""
+    """Whether a matrix optimizer (`muon`, `shampoo`, `soap`) steps this parameter when chosen: the hidden matrices
+    (2-D)."""
     return role is Role.HIDDEN and param.dim() == 2

@@ -1,7 +1,8 @@
 """The full training state of a DeepSpeed engine as plain tensors, whatever the ZeRO stage — and back.
 
-Checkpoints hold consolidated fp32 weights and optimizer state (AdamW's moments, Muon's momentum, Shampoo's factors,
-roots and momentum: `state_keys`) keyed by parameter name, never DeepSpeed's pickled shard files: nothing is unpickled on load, export reads the weights directly, and a run may resume on a different
+Checkpoints hold consolidated fp32 weights and optimizer state (AdamW's moments, Muon's momentum, Shampoo's and
+SOAP's factors, preconditioners and moments: `state_keys`) keyed by parameter name, never DeepSpeed's pickled shard
+files: nothing is unpickled on load, export reads the weights directly, and a run may resume on a different
 number of workers. Every rank must call `gather_state`/`restore_state` (ZeRO shards are assembled collectively).
 
 Where the fp32 master copy and Adam moments live:
@@ -106,7 +107,8 @@ def restore_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, t
         for key in state_keys(inner, master):
             state[key] = moments[f"{key}/{name}"].to(master.device).clone()
     for param, state in inner.state.items():  # sharded flat partitions carry their own step counters
-        state["step"] = torch.full_like(state["step"], step + ahead.get(id(param), 0.0))  # its device and dtype
+        if "step" in state:  # torch's Muon keeps none
+            state["step"] = torch.full_like(state["step"], step + ahead.get(id(param), 0.0))  # its device and dtype
     scheduler = engine.lr_scheduler  # a LambdaLR: each group's LR is its base LR × factor(step)
     scheduler.last_epoch = step
     for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

@@ -1,12 +1,12 @@
 """The training optimizers behind `train.optimizer`, built from the parametrization's groups (each group says which
 optimizer steps it): `adamw`, torch's AdamW (fused on GPUs); `muon`, torch's Muon for the hidden matrices — Newton–
 Schulz-orthogonalized Nesterov momentum, its LR adjusted to AdamW's update RMS (`match_rms_adamw`), so one base LR
-serves both; `shampoo`, rung's `Shampoo` (`shampoo.py`) for the hidden matrices. Muon and Shampoo step matrices, so
-every other group (embedding, norms, readout, router) takes AdamW beside them. The pair is one
+serves both; `shampoo` and `soap`, rung's `Shampoo` and `SOAP` (`shampoo.py`, `soap.py`) for the hidden matrices.
+These step matrices, so every other group (embedding, norms, readout, router) takes AdamW beside them. The pair is one
 `torch.optim.Optimizer` to DeepSpeed and the LR schedule: it shares its group dicts with the two it steps, so a
 schedule (or DeepSpeed's fp32 master copies) changing a group changes it for the optimizer that owns it.
 
-Muon and Shampoo precondition whole matrices, so they run under ZeRO-0 only (ZeRO 1-3 hand the optimizer flat
+Muon, Shampoo and SOAP precondition whole matrices, so they run under ZeRO-0 only (ZeRO 1-3 hand the optimizer flat
 partitions); `check_launchable` refuses the rest.
 """
 
@@ -17,12 +17,14 @@ from collections.abc import Iterator, MutableMapping
 import torch
 
 from rung.jobs.config import TrainConfig
-from rung.jobs.train.shampoo import SHAMPOO_STATE, Shampoo
+from rung.jobs.train.kronecker import KroneckerFactored
+from rung.jobs.train.shampoo import Shampoo
+from rung.jobs.train.soap import SOAP
 
 MUON_MOMENTUM = 0.95  # train.muon_momentum's default: the value Muon's authors and torch use
 SHAMPOO_DAMPING = 1e-3  # train.damping's default (shampoo.py says why this large)
 PRECONDITION_EVERY = 10  # train.precondition_every's default
-MATRIX_OPTIMIZERS = ("muon", "shampoo")  # step whole matrices: ZeRO-0 only
+MATRIX_OPTIMIZERS = ("muon", "shampoo", "soap")  # step whole matrices: ZeRO-0 only
 ADAMW_STATE = ("exp_avg", "exp_avg_sq")
 MUON_STATE = ("momentum_buffer",)
 
@@ -54,7 +56,7 @@ class _States(MutableMapping):
 
 
 class MatrixWithAdamW(torch.optim.Optimizer):
-    """A matrix optimizer (Muon, Shampoo) for the groups marked with its name, AdamW for the others, stepped
+    """A matrix optimizer (Muon, Shampoo, SOAP) for the groups marked with its name, AdamW for the others, stepped
     together."""
 
     def __init__(self, matrix: torch.optim.Optimizer, adamw: torch.optim.AdamW):
@@ -89,16 +91,17 @@ def build_optimizer(train: TrainConfig, groups: list[dict]) -> torch.optim.Optim
     if train.optimizer == "muon":
         return MatrixWithAdamW(torch.optim.Muon(matrix, momentum=train.muon_momentum or MUON_MOMENTUM,
                                                 nesterov=True, adjust_lr_fn="match_rms_adamw"), adamw)
-    if train.optimizer == "shampoo":
-        return MatrixWithAdamW(Shampoo(matrix, betas=train.betas,
-                                       precondition_every=train.precondition_every or PRECONDITION_EVERY), adamw)
+    if train.optimizer in ("shampoo", "soap"):
+        kind = Shampoo if train.optimizer == "shampoo" else SOAP
+        return MatrixWithAdamW(kind(matrix, betas=train.betas,
+                                    precondition_every=train.precondition_every or PRECONDITION_EVERY), adamw)
     return adamw
 
 
 def state_keys(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[str, ...]:
     """The per-parameter state tensors a checkpoint holds for `param` under `optimizer`."""
     if isinstance(optimizer, MatrixWithAdamW) and optimizer.optimizer_of(param) is optimizer.matrix:
-        return SHAMPOO_STATE if isinstance(optimizer.matrix, Shampoo) else MUON_STATE
+        return optimizer.matrix.STATE if isinstance(optimizer.matrix, KroneckerFactored) else MUON_STATE
     return ADAMW_STATE
 
 
@@ -106,8 +109,8 @@ def initial_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict
     """`param`'s state before its first step (all zeros, each tensor its own shape), counter included: on the
     parameter's device under torch's fused AdamW (which steps it there), else on the host, as torch makes it."""
     owner = optimizer.optimizer_of(param) if isinstance(optimizer, MatrixWithAdamW) else optimizer
-    if isinstance(owner, Shampoo):
-        return Shampoo.initial_state(param)
+    if isinstance(owner, KroneckerFactored):
+        return owner.initial_state(param)
     fused = any(group.get("fused") for group in owner.param_groups)
     return {"step": torch.tensor(0.0, device=param.device if fused else "cpu"),
             **{key: torch.zeros_like(param, memory_format=torch.preserve_format)
