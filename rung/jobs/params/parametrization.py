@@ -90,7 +90,7 @@ class GroupRule:
     init_std: float | None  # None: norm gains, initialised to one
     lr_mult: float
     wd_mult: float
-    eps_mult: float  # on AdamW's ε; on Shampoo's damping for its groups; Muon has neither
+    eps_mult: float  # on AdamW's and SOAP's ε; on Shampoo's damping for its groups; Muon has neither
 
 
 class Parametrization:
@@ -160,8 +160,8 @@ class Parametrization:
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float, eps: float,
                      optimizer: Optimizer = "adamw", damping: float = 0.0) -> list[dict]:
-        """Optimizer parameter groups, one per role present (and per optimizer: under `muon` or `shampoo` the 2-D
-        hidden matrices are a group of their own, marked "optimizer": its name). AdamW's and SOAP's groups carry
+        """Optimizer parameter groups, one per role present (and per optimizer: under `muon`, `shampoo` or `soap` the
+        2-D hidden matrices are a group of their own, marked "optimizer": its name). AdamW's and SOAP's groups carry
         "eps", Shampoo's "damping" (from `damping`, its base value). LR schedules must scale these relatively."""
         by_group: dict[tuple[Role, Optimizer], list[nn.Parameter]] = {}
         for name, param in model.named_parameters():
