@@ -1,9 +1,9 @@
-"""Step-time overhead of the matrix optimizers: `rung train` (one worker, ZeRO-0 fp32) with Muon, Shampoo or SOAP
-on the hidden matrices against AdamW on the same model, batches and thread count, across widths; measured
+"""Step-time overhead of the matrix optimizers: `rung train` (one worker, ZeRO-0 fp32) with Muon, Shampoo, SOAP or
+K-FAC on the hidden matrices against AdamW on the same model, batches and thread count, across widths; measured
 alternately in one run (every repeat trains each optimizer once per width), medians of the repeats.
 
-The ratio is AdamW's tokens/s over the optimizer's: how much longer a step takes. Shampoo's and SOAP's
-eigendecompositions run every `train.precondition_every` steps (default 10), so the measured steps include their
+The ratio is AdamW's tokens/s over the optimizer's: how much longer a step takes. Shampoo's, SOAP's and
+K-FAC's eigendecompositions run every `train.precondition_every` steps (default 10), so the measured steps include their
 share.
 
 Writes OUT/optimizer_overhead.json and OUT/optimizer_overhead.png.
@@ -32,7 +32,7 @@ from rung.jobs.loading import load_run_config  # noqa: E402
 from rung.jobs.train.loop import train  # noqa: E402
 
 WARMUP = 5  # steps left out of every rate
-OPTIMIZERS = ("adamw", "muon", "shampoo", "soap")
+OPTIMIZERS = ("adamw", "muon", "shampoo", "soap", "kfac")
 
 
 def tokens_per_second(cfg) -> float:

@@ -1,6 +1,7 @@
 """Evidence that hyperparameters transfer (`make bench-transfer`): LR sweeps across widths (μP vs SP; per optimizer
-with `--optimizers adamw,muon,shampoo`), Shampoo's damping across widths (`--parts damping`), depths (CompleteP and
-Depth-μP vs SP) and MoE expert counts, and the ladder's prediction of its held-out rung.
+with `--optimizers adamw,muon,shampoo,kfac`), damping across widths for those of `--optimizers` that take one
+(`--parts damping`: Shampoo, K-FAC), depths (CompleteP and Depth-μP vs SP) and MoE expert counts, and the ladder's
+prediction of its held-out rung.
 
 Each part writes its sweep/ladder folder under OUT; the figures that matter are printed and collected in
 OUT/evidence.json for bench/RESULTS.md, with the loss each decision used (validation loss since rung has a held-out
@@ -23,6 +24,9 @@ from rung.jobs.experiments.sweep import run_sweep  # noqa: E402
 from rung.jobs.loading import load_run_config  # noqa: E402
 
 
+DAMPED = ("shampoo", "kfac")  # the optimizers with a train.damping
+
+
 def verdict(summary: dict, param: str, field: str = "train.lr") -> dict:
     """Octaves the optimum of `field` moved across shapes, and whether the best loss fell strictly with size;
     `loss_used` says which loss (validation, or training in folders made before rung had a validation split)."""
@@ -41,7 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/transfer")
     parser.add_argument("--quick", action="store_true", help="a few short runs, to check the plumbing")
     parser.add_argument("--parts", default="width,depth,moe,ladder",
-                        help="of width, damping (Shampoo's), depth, moe, ladder")
+                        help="of width, damping (of shampoo and kfac in --optimizers), depth, moe, ladder")
     parser.add_argument("--optimizers", default="adamw",
                         help="train.optimizer values the width part sweeps, each into its own folder (width for "
                              "adamw, width-NAME for the others), e.g. adamw,muon")
@@ -61,9 +65,10 @@ def main() -> None:
     parser.add_argument("--budgets", default="1e5,2e5,4e5",
                         help="the ladder's token budgets at batch 8 (scaled with --batch)")
     parser.add_argument("--damping-grid", default="damping=2^-16:2^-4:x4",
-                        help="the damping part's grid (Shampoo's train.damping)")
+                        help="the damping part's grid (train.damping)")
     parser.add_argument("--damping-lr", type=float, default=None,
-                        help="the damping part's LR (default: the Shampoo width part's μP proxy optimum, else 0.01)")
+                        help="the damping part's LR (default: the optimizer's width part's μP proxy optimum, else "
+                             "0.01)")
     parser.add_argument("--ladder-lr", type=float, default=None,
                         help="the ladder's LR (default: the width part's μP proxy optimum, else 0.01)")
     args = parser.parse_args()
@@ -81,14 +86,15 @@ def main() -> None:
         summary = run_sweep(load_run_config("tiny", [*common, f"train.optimizer={optimizer}"]), lrs, ["mup", "sp"],
                             widths, None, None, seeds, str(out / part), processes=args.processes)
         evidence[part] = {p: verdict(summary, p) for p in ("mup", "sp")}
-    if "damping" in args.parts:
-        # Shampoo's damping swept at one LR across widths: does μP's damping rule (× 1) keep its optimum in place?
-        lr = args.damping_lr or (2 ** evidence["width-shampoo"]["mup"]["optimum_log2_lr"][0]
-                                 if "width-shampoo" in evidence else 0.01)
-        summary = run_sweep(load_run_config("tiny", [*common, "train.optimizer=shampoo", f"train.lr={lr}"]),
+    for optimizer in [o for o in args.optimizers.split(",") if o in DAMPED] if "damping" in args.parts else ():
+        # damping swept at one LR across widths: does μP's damping rule (× 1 in width) keep its optimum in place?
+        width_part = evidence.get(f"width-{optimizer}")
+        lr = args.damping_lr or (2 ** width_part["mup"]["optimum_log2_lr"][0] if width_part else 0.01)
+        summary = run_sweep(load_run_config("tiny", [*common, f"train.optimizer={optimizer}", f"train.lr={lr}"]),
                             dict([parse_grid(args.damping_grid)]), ["mup", "sp"], widths, None, None, seeds,
-                            str(out / "damping-shampoo"), processes=args.processes)
-        evidence["damping-shampoo"] = {"lr": lr, **{p: verdict(summary, p, "train.damping") for p in ("mup", "sp")}}
+                            str(out / f"damping-{optimizer}"), processes=args.processes)
+        evidence[f"damping-{optimizer}"] = {"lr": lr, **{p: verdict(summary, p, "train.damping")
+                                                         for p in ("mup", "sp")}}
     if "depth" in args.parts:
         depth_params = args.depth_params.split(",")
         summary = run_sweep(load_run_config("tiny", common), lrs, depth_params, None,

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,11 +40,61 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data-cache")
 
 
-def run_rung(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real `rung` command line in a fresh process, as a user would."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def run_rung(*args: str, cwd: Path | None = None, timeout: float = 600,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the real `rung` command line in a fresh process, as a user would (`env` adds to this process's)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "rung.cli", *args], cwd=cwd or REPO, env=env, text=True,
                           capture_output=True, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    gcs: str  # host:port, what `--address` of `rung train` / `sweep` takes
+    dashboard: str  # http://host:port, the Jobs API of `rung submit` / `rung jobs`
+    env: dict[str, str]  # what a client needs: the token, Ray's loopback setting
+
+
+@contextmanager
+def ray_head() -> Iterator[RayHead]:
+    """A real `ray start --head` cluster on 127.0.0.1 (2 CPUs) with token authentication, as a user's would be.
+    Started with --block, so stopping this one process stops every process the cluster started."""
+    token = secrets.token_hex(16)
+    gcs, dashboard, agent_http, agent_grpc, runtime_env = (free_port() for _ in range(5))
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                  "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **client_env, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                             "--node-ip-address=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                             # own agent ports: another Ray on this machine (an embedded one) holds the defaults
+                             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={runtime_env}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", dashboard), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail("the Ray head did not start")
+    try:
+        yield RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", client_env)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # --block: the head tears down every process it started
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # Ray's graceful teardown can take half a minute; its processes share the group
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", gcs), timeout=1).close()
 
 
 def assert_clean_failure(result: subprocess.CompletedProcess, *needles: str) -> None:

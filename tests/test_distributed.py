@@ -1,6 +1,8 @@
 """Multi-worker training on a real local Ray cluster with real DeepSpeed engines, checkpoints and failures.
 
-Each `rung train` runs in its own process, which starts an embedded Ray and shuts it down when it exits.
+Each `rung train` runs in its own process. One worker trains in that process; the multi-worker runs that check what
+the workers compute join one `ray start --head` cluster for the module (`--address`, with its token), and those that
+check Ray itself (a killed worker, an unreachable address) start the embedded Ray a run makes by default.
 """
 
 from __future__ import annotations
@@ -9,17 +11,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from rung.platform.checkpoint import CheckpointStore, verify
-from tests.conftest import REPO, assert_clean_failure, run_rung
+from tests.conftest import REPO, RayHead, assert_clean_failure, free_port, ray_head, run_rung
 
 SHORT = ("train.steps=20", "train.warmup_steps=5", "train.eval_every=7")  # validation at steps 7, 14 and 20
 EVALUATED = [7, 14, 20]
@@ -29,17 +31,28 @@ def validated(rows: list[dict]) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in rows if r["val_loss"] is not None}
 
 
-def args_for(out: Path, data_cache: Path, name: str, overrides, workers: int, extra=(), preset="tiny") -> list[str]:
+@pytest.fixture(scope="module")
+def cluster() -> RayHead:
+    """The module's Ray cluster: joining it spares each multi-worker run starting and stopping its own (~7 s)."""
+    with ray_head() as head:
+        yield head
+
+
+def args_for(out: Path, data_cache: Path, name: str, overrides, workers: int, extra=(), preset="tiny",
+             cluster: RayHead | None = None) -> list[str]:
     sets = [f"out_dir={out}", f"name={name}", f"data.cache_dir={data_cache}", *overrides]
-    return ["train", preset, "--workers", str(workers), *extra, *[a for s in sets for a in ("--set", s)]]
+    joins = ("--address", cluster.gcs) if cluster else ()
+    return ["train", preset, "--workers", str(workers), *joins, *extra, *[a for s in sets for a in ("--set", s)]]
 
 
 def train(out: Path, data_cache: Path, name: str, *overrides: str, workers: int = 1, extra=(),
-          preset: str = "tiny") -> list[dict]:
+          preset: str = "tiny", cluster: RayHead | None = None) -> list[dict]:
+    """A `rung train` run's metric rows; with `cluster` (multi-worker runs) on that cluster."""
     from rung.jobs.run_dir import RunDir
     from rung.jobs.train.metrics import read_metrics
 
-    result = run_rung(*args_for(out, data_cache, name, overrides, workers, extra, preset))
+    result = run_rung(*args_for(out, data_cache, name, overrides, workers, extra, preset, cluster),
+                      env=cluster.env if cluster else None)
     assert result.returncode == 0, result.stderr[-4000:]
     return read_metrics(RunDir(out / name))
 
@@ -50,9 +63,9 @@ def assert_same_curve(a: list[dict], b: list[dict], rel: float) -> None:
         assert abs(x["loss"] - y["loss"]) <= rel * abs(x["loss"]), (x["step"], x["loss"], y["loss"])
 
 
-def test_two_workers_zero2_match_one_worker(tmp_path, data_cache):
+def test_two_workers_zero2_match_one_worker(tmp_path, data_cache, cluster):
     one = train(tmp_path, data_cache, "one", *SHORT, "train.zero_stage=2")
-    two = train(tmp_path, data_cache, "two", *SHORT, "train.zero_stage=2", workers=2)
+    two = train(tmp_path, data_cache, "two", *SHORT, "train.zero_stage=2", workers=2, cluster=cluster)
     assert len(two) == 20
     assert_same_curve(one, two, rel=1e-4)
     # each rank scores its share of the validation set and one reduction makes the whole set's loss
@@ -62,39 +75,61 @@ def test_two_workers_zero2_match_one_worker(tmp_path, data_cache):
 
 
 @pytest.mark.parametrize("stage, dtype", [(1, "float32"), (3, "bfloat16")])
-def test_other_zero_stages_and_bf16_train_on_two_workers(tmp_path, data_cache, stage, dtype):
+def test_other_zero_stages_and_bf16_train_on_two_workers(tmp_path, data_cache, cluster, stage, dtype):
     rows = train(tmp_path, data_cache, "run", *SHORT, f"train.zero_stage={stage}", f"train.dtype={dtype}",
-                 "train.activation_checkpointing=selective", workers=2)  # recomputation under bf16 and ZeRO 1/3
+                 "train.activation_checkpointing=selective", workers=2,
+                 cluster=cluster)  # recomputation under bf16 and ZeRO 1/3
     assert len(rows) == 20 and rows[-1]["loss"] < rows[0]["loss"] - 1.0
     losses = validated(rows)  # ZeRO-3 gathers parameters in every forward: both ranks evaluate in step
     assert list(losses) == EVALUATED and losses[20] < losses[7]
 
 
-@pytest.mark.parametrize("stage, dtype, offload, optimizer, workers", [
-    (0, "float32", "none", "adamw", 1), (3, "float32", "none", "adamw", 1),
-    (2, "bfloat16", "none", "adamw", 1),  # stage 2's checkpoint, in bf16
-    (3, "float32", "all", "adamw", 1),  # parameters and AdamW on the host
-    (0, "float32", "none", "muon", 1),  # Muon's momentum, and AdamW's beside it
-    (0, "bfloat16", "none", "muon", 2),  # DeepSpeed's unfused bf16 optimizer: its AdamW counter starts at 1
-    (0, "float32", "none", "shampoo", 1), (0, "bfloat16", "none", "shampoo", 2),  # factors, roots and momentum
-    (0, "float32", "none", "soap", 2),  # factors, eigenbases, both moments
-])
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, stage, dtype, offload, optimizer, workers):
+def assert_resume_reproduces_the_uninterrupted_run(out: Path, data_cache: Path, stage: int, dtype: str, offload: str,
+                                                   optimizer: str, workers: int, cluster: RayHead | None = None):
+    """Train 20 steps with a checkpoint at step 10, resume a run directory holding only that checkpoint, and
+    compare steps 11-20 (losses to 1e-6, LRs, the evaluation schedule and its losses)."""
+    case = f"ZeRO-{stage} {dtype} offload={offload} {optimizer} × {workers}"
     common = (*SHORT, "train.checkpoint_every=10", f"train.zero_stage={stage}", f"train.dtype={dtype}",
               f"train.offload={offload}", f"train.optimizer={optimizer}")
-    full = train(tmp_path, data_cache, "full", *common, workers=workers)
+    full = train(out, data_cache, "full", *common, workers=workers, cluster=cluster)
     # "Stopped after its step-10 checkpoint": a run directory holding only that checkpoint.
-    (tmp_path / "cut" / "checkpoints").mkdir(parents=True)
-    os.rename(tmp_path / "full" / "checkpoints" / "step_00000010", tmp_path / "cut" / "checkpoints" / "step_00000010")
-    resumed = train(tmp_path, data_cache, "cut", *common, workers=workers, extra=("--resume",))
-    assert [r["step"] for r in resumed] == list(range(11, 21))
+    (out / "cut" / "checkpoints").mkdir(parents=True)
+    os.rename(out / "full" / "checkpoints" / "step_00000010", out / "cut" / "checkpoints" / "step_00000010")
+    resumed = train(out, data_cache, "cut", *common, workers=workers, extra=("--resume",), cluster=cluster)
+    assert [r["step"] for r in resumed] == list(range(11, 21)), case
     tolerance = 1e-6
     for a, b in zip(full[10:], resumed):
-        assert abs(a["loss"] - b["loss"]) <= tolerance, (a["step"], a["loss"], b["loss"])
-        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
-    assert list(validated(resumed)) == [14, 20]  # the evaluation schedule continues where it was
+        assert abs(a["loss"] - b["loss"]) <= tolerance, (case, a["step"], a["loss"], b["loss"])
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12), case
+    assert list(validated(resumed)) == [14, 20], case  # the evaluation schedule continues where it was
     for step, loss in validated(resumed).items():
-        assert loss == pytest.approx(validated(full)[step], abs=tolerance)
+        assert loss == pytest.approx(validated(full)[step], abs=tolerance), (case, step)
+
+
+RESUMED_ON_ONE_WORKER = [  # (ZeRO stage, dtype, offload, optimizer)
+    (0, "float32", "none", "adamw"), (3, "float32", "none", "adamw"),
+    (2, "bfloat16", "none", "adamw"),  # stage 2's checkpoint, in bf16
+    (3, "float32", "all", "adamw"),  # parameters and AdamW on the host
+    (0, "float32", "none", "muon"),  # Muon's momentum, and AdamW's beside it
+    (0, "float32", "none", "shampoo"), (0, "float32", "none", "soap"),  # factors, roots / eigenbases, moments
+    (0, "float32", "none", "kfac"),  # layer statistics from hooks, inverses, π
+]
+
+
+def test_resume_on_one_worker_reproduces_the_uninterrupted_run(tmp_path, data_cache):
+    """Every one-worker case, two at a time: each is a one-thread process of its own."""
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda case: assert_resume_reproduces_the_uninterrupted_run(
+            tmp_path / "-".join(map(str, case)), data_cache, *case, workers=1), RESUMED_ON_ONE_WORKER))
+
+
+@pytest.mark.parametrize("dtype, optimizer", [
+    ("bfloat16", "muon"),  # DeepSpeed's unfused bf16 optimizer: its AdamW counter starts at 1
+    ("bfloat16", "shampoo"), ("float32", "soap"),
+    ("bfloat16", "kfac"),  # the layer statistics all-reduced: both workers keep the same factors
+])
+def test_resume_on_two_workers_reproduces_the_uninterrupted_run(tmp_path, data_cache, cluster, dtype, optimizer):
+    assert_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, 0, dtype, "none", optimizer, 2, cluster)
 
 
 def test_corrupted_newest_checkpoint_is_skipped(tmp_path, data_cache):
@@ -146,12 +181,6 @@ def test_resume_refuses_another_model_shape_and_keeps_the_checkpoint(tmp_path, d
     assert_clean_failure(result, "--resume")  # a fresh start would silently mix two runs
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_killed_worker_restarts_from_checkpoint_and_metrics_pass_promtool(tmp_path, data_cache):
     common = ("train.steps=80", "train.warmup_steps=5", "train.checkpoint_every=10")
     baseline = train(tmp_path, data_cache, "baseline", *common)
@@ -195,14 +224,14 @@ def test_killed_worker_restarts_from_checkpoint_and_metrics_pass_promtool(tmp_pa
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
-def test_expert_parallel_moe_matches_replicated_experts(tmp_path, data_cache):
+def test_expert_parallel_moe_matches_replicated_experts(tmp_path, data_cache, cluster):
     from safetensors.torch import load_file
 
     common = (*SHORT, "train.zero_stage=2", "train.checkpoint_every=20")
-    dp = train(tmp_path, data_cache, "dp", *common, workers=2, preset="tiny-moe")
+    dp = train(tmp_path, data_cache, "dp", *common, workers=2, preset="tiny-moe", cluster=cluster)
     # with full activation checkpointing too: the recomputed blocks rerun the all-to-alls on both ranks alike
     ep = train(tmp_path, data_cache, "ep", *common, "train.expert_parallel=2", "train.activation_checkpointing=full",
-               workers=2, preset="tiny-moe")
+               workers=2, preset="tiny-moe", cluster=cluster)
     assert [json.loads((tmp_path / "ep" / "workers" / f"rank{r}.json").read_text())["experts"] for r in (0, 1)] \
         == [[0, 1], [2, 3]]  # each rank holds half of every layer's experts
     assert_same_curve(dp, ep, rel=1e-4)
@@ -223,10 +252,12 @@ def test_unreachable_address_fails_fast(tmp_path, data_cache):
     assert time.monotonic() - started < 60  # seconds, not a hang
 
 
-def test_more_workers_than_the_cluster_has(tmp_path, data_cache):
-    result = run_rung(*args_for(tmp_path, data_cache, "x", ("train.global_batch=512",), 64))
+def test_more_workers_than_the_cluster_has(tmp_path, data_cache, cluster):
+    result = run_rung(*args_for(tmp_path, data_cache, "x", ("train.global_batch=512",), 64, cluster=cluster),
+                      env=cluster.env)
     assert_clean_failure(result, "train.workers", "64 workers")
-    result = run_rung(*args_for(tmp_path, data_cache, "y", ("train.use_gpu=true",), 2))
+    result = run_rung(*args_for(tmp_path, data_cache, "y", ("train.use_gpu=true",), 2, cluster=cluster),
+                      env=cluster.env)
     assert_clean_failure(result, "train.use_gpu", "need 2 GPUs")
 
 

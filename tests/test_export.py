@@ -130,9 +130,11 @@ def test_zero2_two_workers_and_zero3_checkpoints_export_the_same_weights(tmp_pat
     # A tiny LR keeps every run's weights within 1e-7 of the (name-seeded, identical) init: the comparison then
     # tests how shards are consolidated, not how Adam amplifies rounding differences between ZeRO stages.
     common = (*SHAPE, "train.steps=4", "train.lr=1e-8")
-    runs = {"single": train_run(tmp_path, data_cache, "single", *common),
-            "zero2x2": train_run(tmp_path, data_cache, "zero2x2", *common, "train.zero_stage=2", workers=2),
-            "zero3": train_run(tmp_path, data_cache, "zero3", *common, "train.zero_stage=3")}
+    with ThreadPoolExecutor(2) as pool:  # the one-worker runs (one thread each) side by side
+        single, zero3 = pool.map(lambda job: train_run(tmp_path, data_cache, *job),
+                                 [("single", *common), ("zero3", *common, "train.zero_stage=3")])
+    runs = {"single": single, "zero3": zero3,
+            "zero2x2": train_run(tmp_path, data_cache, "zero2x2", *common, "train.zero_stage=2", workers=2)}
     weights = {name: load_file(str(export(run, tmp_path / f"hf-{name}") / "model.safetensors"))
                for name, run in runs.items()}
     for name in ("zero2x2", "zero3"):

@@ -296,7 +296,11 @@ def test_training_refuses_bad_values_before_writing_anything(tmp_path, data_cach
              (["train.optimizer=shampoo", "train.precondition_every=0"], "precondition_every"),
              (["train.optimizer=shampoo", "train.zero_stage=1"], "shampoo preconditions whole matrices"),
              (["train.optimizer=soap", "train.damping=1e-3"], "damping"),
-             (["train.optimizer=soap", "train.zero_stage=2"], "soap preconditions whole matrices")]
+             (["train.optimizer=soap", "train.zero_stage=2"], "soap preconditions whole matrices"),
+             (["train.optimizer=kfac", "train.zero_stage=1"], "kfac preconditions whole matrices"),
+             (["train.optimizer=kfac", "train.compile=true"], "train.compile"),
+             (["train.optimizer=kfac", "model.moe.n_experts=4", "model.moe.top_k=2", "train.workers=2",
+               "train.expert_parallel=2"], "expert parallelism gives workers different experts")]
     common = ["train", "tiny", "--set", f"out_dir={out}", "--set", f"data.cache_dir={data_cache}",
               "--set", "train.steps=2", "--set", "train.warmup_steps=0"]
     with ThreadPoolExecutor(2) as pool:  # two CLI start-ups at a time: each is a second or more of imports

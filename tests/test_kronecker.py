@@ -1,11 +1,12 @@
-"""rung's Shampoo and SOAP against their updates written out by hand, their no-op for DeepSpeed's zero-gradient
-construction step, and their state as the named tensors a pickle-free checkpoint holds."""
+"""rung's Shampoo, SOAP and K-FAC against their updates written out by hand, their no-op for DeepSpeed's
+zero-gradient construction step, and their state as the named tensors a pickle-free checkpoint holds."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from rung.jobs.train.kfac import KFAC
 from rung.jobs.train.shampoo import Shampoo
 from rung.jobs.train.soap import SOAP
 
@@ -99,3 +100,111 @@ def test_bad_groups_are_refused(kind, group, needle):
     param = torch.nn.Parameter(torch.randn(*group.pop("shape", (2, 2))))
     with pytest.raises(ValueError, match=needle):
         kind([{"params": [param], "lr": LR, "weight_decay": 0.0, **group}], BETAS, 10)
+
+
+def kfac_model(readout: float = 1.0) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6, bias=False), torch.nn.Tanh(), torch.nn.Linear(6, 3, bias=False))
+    with torch.no_grad():
+        model[2].weight.mul_(readout)
+    return model, [model[0].weight, model[2].weight]
+
+
+def kfac_for(model, weights, every: int = 2, damping: float = DAMPING):
+    return KFAC([{"params": weights, "lr": LR, "weight_decay": WD, "damping": damping}], model.modules(), BETAS,
+                precondition_every=every, loss_tokens=TOKENS)
+
+
+TOKENS = 10  # a batch of 5 sequences of 2 tokens, the loss their mean
+
+
+def loss_of(model, inputs: torch.Tensor) -> torch.Tensor:
+    return (model(inputs) - 1).pow(2).sum(-1).mean()  # a zero readout still gets a gradient
+
+
+def test_kfac_steps_equal_the_natural_gradient_written_out():
+    """Each layer's factors from its inputs a and its per-token output gradients ĝ (autograd's, × the tokens the loss
+    averages), EMAs with β₂; damping ρ split by π between the two sides; inverses by torch.linalg.inv, refreshed on
+    steps 1 and 3; the direction G⁻¹·M·A⁻¹ with M the gradient's momentum."""
+    model, weights = kfac_model()
+    optimizer = kfac_for(model, weights)
+    expected = [w.detach().double().clone() for w in weights]
+    factors = [[torch.zeros(6, 6).double(), torch.zeros(4, 4).double()],
+               [torch.zeros(3, 3).double(), torch.zeros(6, 6).double()]]
+    momenta = [torch.zeros_like(e) for e in expected]
+    inverses: list = [None, None]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(_layer, inputs, output):  # each layer's input, and its output with the gradient autograd gives it
+        output.retain_grad()
+        seen.append((inputs[0], output))
+
+    for layer in (model[0], model[2]):
+        layer.register_forward_hook(keep)
+    for step in range(1, 5):
+        seen.clear()
+        optimizer.zero_grad()
+        loss_of(model, torch.randn(5, 2, 4)).backward()
+        optimizer.step()
+        for i, (a, out) in enumerate(seen):
+            a, g = a.detach().reshape(-1, a.shape[-1]).double(), out.grad.reshape(-1, out.shape[-1]).double() * TOKENS
+            left, right = factors[i]
+            factors[i] = [BETAS[1] * left + (1 - BETAS[1]) * g.T @ g / len(g),
+                          BETAS[1] * right + (1 - BETAS[1]) * a.T @ a / len(a)]
+            grad = g.T @ a / TOKENS
+            momenta[i] = BETAS[0] * momenta[i] + (1 - BETAS[0]) * grad
+            if step in (1, 3):
+                gg, aa = (f / (1 - BETAS[1] ** step) for f in factors[i])
+                pi = ((aa.trace() / len(aa)) / (gg.trace() / len(gg))).sqrt()
+                inverses[i] = (torch.linalg.inv(gg + DAMPING ** 0.5 / pi * torch.eye(len(gg))),
+                               torch.linalg.inv(aa + DAMPING ** 0.5 * pi * torch.eye(len(aa))))
+            update = inverses[i][0] @ momenta[i] @ inverses[i][1] / (1 - BETAS[0] ** step)
+            expected[i] = expected[i] * (1 - LR * WD) - LR * update
+            assert torch.allclose(weights[i].detach().double(), expected[i], rtol=1e-4, atol=1e-5), (step, i)
+    state = optimizer.state[weights[0]]
+    assert set(state) == {"step", *KFAC.STATE} and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert {key: tuple(state[key].shape) for key in KFAC.STATE} == {
+        "momentum": (6, 4), "left": (6, 6), "right": (4, 4), "left_inverse": (6, 6), "right_inverse": (4, 4), "pi": ()}
+
+
+def test_kfac_counts_a_recomputed_layer_once_and_an_evaluation_pass_not_at_all():
+    """Activation checkpointing runs the layer's forward again in backward; torch.no_grad passes have no backward."""
+    inputs = torch.randn(5, 2, 4)
+    sums = []
+    for recompute in (False, True):
+        model, weights = kfac_model()
+        optimizer = kfac_for(model, weights)
+        with torch.no_grad():
+            loss_of(model, torch.randn(5, 2, 4))
+        output = (torch.utils.checkpoint.checkpoint(model, inputs, use_reentrant=False) if recompute
+                  else model(inputs))
+        (output - 1).pow(2).sum(-1).mean().backward()
+        recorder = optimizer.recorders[(0, 0)]
+        sums.append((recorder.tokens, recorder.inputs.clone(), recorder.grads.clone()))
+    assert sums[0][0] == sums[1][0] == TOKENS
+    assert torch.allclose(sums[0][1], sums[1][1]) and torch.allclose(sums[0][2], sums[1][2])
+
+
+def test_kfac_waits_for_both_factors_before_its_first_preconditioner():
+    """A zero readout sends no gradient back on the first step: the hidden layer's G is empty, its update zero, and
+    its preconditioner is derived again on the next step rather than kept for precondition_every steps."""
+    model, weights = kfac_model(readout=0.0)
+    optimizer = kfac_for(model, weights, every=10)
+    before = weights[0].detach().clone()
+    for step in (1, 2):
+        optimizer.zero_grad()
+        loss_of(model, torch.randn(5, 2, 4)).backward()
+        optimizer.step()
+        state = optimizer.state[weights[0]]
+        if step == 1:
+            assert float(state["pi"]) == 0 and torch.equal(weights[0].detach(), before * (1 - LR * WD))
+    assert float(state["pi"]) > 0 and state["left_inverse"].abs().sum() > 0
+    assert not torch.allclose(weights[0].detach(), before * (1 - LR * WD) ** 2)
+
+
+@pytest.mark.parametrize("layer, needle", [(torch.nn.Linear(3, 2), "bias-free"), (None, "bias-free")])
+def test_kfac_steps_the_weights_of_linear_layers_only(layer, needle):
+    model = torch.nn.Sequential(layer or torch.nn.Linear(3, 2, bias=False))
+    weight = model[0].weight if layer is not None else torch.nn.Parameter(torch.randn(2, 3))
+    with pytest.raises(ValueError, match=needle):
+        KFAC([{"params": [weight], "lr": LR, "weight_decay": 0.0, "damping": 1e-3}], model.modules(), BETAS, 10, 1)

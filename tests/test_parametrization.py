@@ -76,29 +76,32 @@ def test_rules_match_the_reference_table(name, width, depth):
 
 
 DAMPING = 1e-5
-# the hidden matrices' rows of the module docstring's tables, as functions of m and the depth factor m_L^(α−1)
-MATRIX_RULES = {"muon": lambda m, depth: (depth / math.sqrt(m), math.sqrt(m), {}),
-                "shampoo": lambda m, depth: (depth, 1.0, {"damping": DAMPING})}  # LR ×, WD ×, own fields
+# the hidden matrices' rows of the module docstring's tables as functions of m, m_L and α (0 where depth is not
+# scaled): LR ×, WD ×, own fields
+MATRIX_RULES = {"muon": lambda m, m_l, a: (m_l ** (a - 1) / math.sqrt(m), math.sqrt(m), {}),
+                "shampoo": lambda m, m_l, a: (m_l ** (a - 1), 1.0, {"damping": DAMPING}),
+                "kfac": lambda m, m_l, a: (1 / m_l, m_l ** a, {"damping": DAMPING * m_l ** (-2 * a)})}
 
 
 @pytest.mark.parametrize("optimizer", MATRIX_RULES)
 @pytest.mark.parametrize("name", ["sp", "mup", "depth-mup", "completep"])
 @pytest.mark.parametrize("width, depth", [(128, 4), (256, 8)])
 def test_matrix_optimizer_rules_match_their_table_and_leave_other_roles_to_adamw(optimizer, name, width, depth):
-    """Under train.optimizer=muon|shampoo the hidden matrices (experts' too) form that optimizer's group with the
-    table's LR and WD (Muon: × m^(−½)·m_L^(α−1), × m^½; Shampoo: × m_L^(α−1), × 1, damping × 1), LR × WD equal to
-    AdamW's; every other group is AdamW's, exactly as under adamw; init is the hidden rule's σ/√m."""
+    """Under train.optimizer=muon|shampoo|kfac the hidden matrices (experts' too) form that optimizer's group with
+    the table's LR and WD (Muon: × m^(−½)·m_L^(α−1), × m^½; Shampoo: × m_L^(α−1), × 1, damping × 1; K-FAC:
+    × m_L^(−1), × m_L^α, damping × m_L^(−2α)), LR × WD equal to AdamW's; every other group is AdamW's, exactly as
+    under adamw; init is the hidden rule's σ/√m."""
     cfg = config(name, width, depth, moe=True)
     model, param = build_model(cfg)
     m = width / BASE_WIDTH if name != "sp" else 1.0
     alpha = {"depth-mup": 0.5, "completep": 1.0}.get(name)
-    depth_factor = (depth / BASE_DEPTH) ** (alpha - 1) if alpha is not None else 1.0
-    lr_mult, wd_mult, own = MATRIX_RULES[optimizer](m, depth_factor)
+    m_l = depth / BASE_DEPTH if alpha is not None else 1.0
+    lr_mult, wd_mult, own = MATRIX_RULES[optimizer](m, m_l, alpha or 0.0)
     matrix = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS, optimizer, DAMPING)}
     adamw = {g["name"]: g for g in param.param_groups(model, LR, WD, EPS)}
     hidden = matrix.pop(f"hidden-{optimizer}")
     assert hidden["optimizer"] == optimizer and "eps" not in hidden
-    assert {key: hidden.get(key) for key in own} == own and ("damping" in hidden) == ("damping" in own)
+    assert {key: hidden.get(key) for key in own} == pytest.approx(own) and ("damping" in hidden) == ("damping" in own)
     assert hidden["lr"] == pytest.approx(LR * lr_mult)
     assert hidden["weight_decay"] == pytest.approx(WD * wd_mult)
     assert hidden["lr"] * hidden["weight_decay"] == pytest.approx(adamw["hidden"]["lr"] * adamw["hidden"]["weight_decay"])

@@ -105,6 +105,7 @@ def test_transfer_reproduces_the_proxy_and_scales_a_wider_target(sweep):
 @pytest.mark.parametrize("optimizer, settings, hidden_ratio", [
     ("muon", {"train.muon_momentum": 0.9}, 1 / 2),  # Muon's μP: η/√m with m = 128/32
     ("shampoo", {"train.damping": 1e-5, "train.precondition_every": 5}, 1.0),  # Shampoo's μP: η, whatever the width
+    ("kfac", {"train.damping": 1e-5, "train.precondition_every": 5}, 1.0),  # K-FAC's μP: η too
 ])
 def test_a_matrix_optimizer_sweeps_values_transfer_with_it_and_its_rules(optimizer, settings, hidden_ratio, sweep,
                                                                         tmp_path):

@@ -18,7 +18,7 @@ from rung.errors import ConfigError
 
 Parametrization = Literal["sp", "mup", "depth-mup", "completep"]
 DType = Literal["float32", "bfloat16"]
-Optimizer = Literal["adamw", "muon", "shampoo", "soap"]  # train.optimizer (rung/jobs/train/optimizers.py)
+Optimizer = Literal["adamw", "muon", "shampoo", "soap", "kfac"]  # train.optimizer (rung/jobs/train/optimizers.py)
 Recompute = Literal["none", "full", "selective"]  # activation checkpointing (Transformer.checkpoint_activations)
 
 
@@ -197,14 +197,16 @@ class TrainConfig:
     compile: bool = False
     # ZeRO-3 CPU offload: "optimizer" keeps AdamW's state and step in host memory, "all" the parameters as well
     offload: Literal["none", "optimizer", "all"] = "none"
-    # adamw everywhere, or muon / shampoo / soap for the hidden matrices — torch's Muon (orthogonalized momentum),
-    # rung's Shampoo (Kronecker-factored preconditioner) or SOAP (Adam in Shampoo's eigenbasis; its ε is adam_eps) —
-    # with AdamW for the embedding, norms, readout and router (rung/jobs/train/optimizers.py); each with its
-    # parametrization rule
+    # adamw everywhere, or muon / shampoo / soap / kfac for the hidden matrices — torch's Muon (orthogonalized
+    # momentum), rung's Shampoo (Kronecker-factored preconditioner), SOAP (Adam in Shampoo's eigenbasis; its ε is
+    # adam_eps) or K-FAC (Kronecker-factored Fisher of each linear layer) — with AdamW for the embedding, norms,
+    # readout and router (rung/jobs/train/optimizers.py); each with its parametrization rule
     optimizer: Optimizer = "adamw"
     muon_momentum: float | None = None  # Muon's (Nesterov) momentum; None: 0.95; muon only
-    damping: float | None = None  # Shampoo's ε on each factor's diagonal at the base shape; None: 1e-3; shampoo only
-    precondition_every: int | None = None  # steps between preconditioner refreshes; None: 10; shampoo and soap only
+    # at the base shape: Shampoo's ε on each factor's diagonal (None: 1e-3), K-FAC's Tikhonov ρ split between its
+    # two factors (None: 1e-2); shampoo and kfac only
+    damping: float | None = None
+    precondition_every: int | None = None  # steps between preconditioner refreshes; None: 10; shampoo, soap, kfac
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers",
@@ -235,10 +237,10 @@ class TrainConfig:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
         if self.adam_eps <= 0:
             raise ConfigError("adam_eps", f"must be > 0, got {self.adam_eps}")
-        for name, owners in (("muon_momentum", ("muon",)), ("damping", ("shampoo",)),
-                             ("precondition_every", ("shampoo", "soap"))):
+        for name, owners in (("muon_momentum", ("muon",)), ("damping", ("shampoo", "kfac")),
+                             ("precondition_every", ("shampoo", "soap", "kfac"))):
             if getattr(self, name) is not None and self.optimizer not in owners:
-                raise ConfigError(name, f"is {' and '.join(owners)}'s; train.optimizer is {self.optimizer}")
+                raise ConfigError(name, f"belongs to {' and '.join(owners)}; train.optimizer is {self.optimizer}")
         if self.muon_momentum is not None and not 0 <= self.muon_momentum < 1:
             raise ConfigError("muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         if self.damping is not None and not (math.isfinite(self.damping) and self.damping > 0):

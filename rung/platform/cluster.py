@@ -45,7 +45,13 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Cluster:
                      log_to_driver=True)
         else:
             check_reachable(address)
-            ray.init(address=address, configure_logging=False, log_to_driver=True)
+            try:
+                ray.init(address=address, configure_logging=False, log_to_driver=True)
+            except (ConnectionError, RuntimeError) as err:
+                detail = str(err.__cause__ or err)
+                reason = ("it refused this client's authentication token: set RAY_AUTH_MODE=token and the cluster's "
+                          "token in RAY_AUTH_TOKEN" if "AuthenticationError" in detail else detail.splitlines()[0])
+                raise RungError(f"cannot join the Ray cluster at {address}: {reason}") from None
     resources = ray.cluster_resources()
     return Cluster(address=address, cpus=resources.get("CPU", 0.0), gpus=resources.get("GPU", 0.0))
 

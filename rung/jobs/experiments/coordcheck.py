@@ -58,8 +58,8 @@ def measure(cfg: RunConfig, loader: SequenceLoader, steps: int, lr: float, seed:
     """Per module kind, the mean |activation| at each of steps + 1 forward passes (the last after `steps` updates)."""
     torch.manual_seed(seed)
     model, param = build_model(cfg, seed=seed)
-    optimizer = build_optimizer(cfg.train, param.param_groups(model, lr, 0.0, cfg.train.adam_eps,
-                                                              cfg.train.optimizer, damping(cfg.train)))
+    groups = param.param_groups(model, lr, 0.0, cfg.train.adam_eps, cfg.train.optimizer, damping(cfg.train))
+    optimizer = build_optimizer(cfg.train, groups, model, loss_tokens=loader.global_batch * cfg.train.seq_len)
     per_step: dict[str, list[float]] = {kind: [] for kind in MODULES}
     for step in range(steps + 1):
         store: dict[str, list[float]] = defaultdict(list)

@@ -49,8 +49,26 @@ Adam's entry-wise normalization as it is, update entries ~1 however wide, so Ada
 FFN outside ±0.25 — where LR × m^(−½) overshoots (+0.78 / +0.41 / +0.54); ε matters (× m⁻² instead of m⁻¹:
 +0.02 / −0.29 / −0.11), because the rotated gradient's entries do not shrink as the raw ones do (bench/RESULTS.md).
 
-Every other role stays on AdamW with the rows above (as would a hidden tensor that is not a matrix: Muon, Shampoo
-and SOAP take matrices, `matrix_steps`; rung's experts are one matrix each).
+With `train.optimizer=kfac` the hidden matrices are stepped by K-FAC, (G + ρ_G)⁻¹·∇W·(A + ρ_A)⁻¹ with A, G the
+second moments of a layer's inputs and of its per-token output gradients (`kfac.py`). Ishikawa & Karakida's μP for
+K-FAC keeps the hidden LR width-independent and rescales the damping with width. Undamped, the update is the
+natural gradient, invariant to how the layer is scaled: for a hidden matrix under μP (inputs ~1 per entry, output
+gradients ~1/n) it moves the layer's outputs by Θ(1), so η stays. Fully damped it is SGD with η/(ρ_A·ρ_G), whose μP
+hidden LR is also width-independent (the SGD column of the paper's table), so the product ρ_A·ρ_G = ρ stays; and the
+split between the two sides, which must follow A's eigenvalues up (∝ n) and G's down (∝ 1/n), is what Martens &
+Grosse's factored damping π does by itself (`kfac.py`). So ρ takes × 1 in width — the paper states each side's
+damping as a power of fan-in or fan-out; its exponents were not checked against its table here, and the coordinate
+check is the evidence. Depth differs from the normalized optimizers: a branch multiplier m_L^(−α) scales the
+output gradient G's side by m_L^(−α), and the natural gradient undoes it (update × m_L^(α)), so each branch moves
+by η and the LR takes m_L^(−1) for the L branches to add up to Θ(1); G's eigenvalues scale by m_L^(−2α) and π by
+m_L^(α), so ρ takes m_L^(−2α) to keep each side's damping in place; weight decay keeps LR × WD at AdamW's product:
+
+| role (K-FAC)   | init std        | LR ×              | WD ×     | damping ×    |
+|----------------|-----------------|-------------------|----------|--------------|
+| hidden 2-D     | σ/√m            | m_L^(−1)          | m_L^(α)  | m_L^(−2α)    |
+
+Every other role stays on AdamW with the rows above (as would a hidden tensor that is not a matrix: Muon, Shampoo,
+SOAP and K-FAC take matrices, `matrix_steps`; rung's experts are one linear layer each).
 
 Attention logits use attn_mult/d_head with attn_mult = √(base_head_dim), so the base shape equals SP's 1/√d_head.
 SP sets m = m_L = 1 in every rule (and keeps 1/√d_head); `mup` applies the width rules only; `depth-mup` (α = ½)
@@ -90,7 +108,7 @@ class GroupRule:
     init_std: float | None  # None: norm gains, initialised to one
     lr_mult: float
     wd_mult: float
-    eps_mult: float  # on AdamW's and SOAP's ε; on Shampoo's damping for its groups; Muon has neither
+    eps_mult: float  # on AdamW's and SOAP's ε; on Shampoo's and K-FAC's damping for theirs; Muon has neither
 
 
 class Parametrization:
@@ -125,8 +143,8 @@ class Parametrization:
 
     def rule(self, role: Role, optimizer: Optimizer = "adamw") -> GroupRule:
         """Init std and optimizer multipliers for one parameter role under `optimizer` (the module docstring's
-        tables); `muon` and `shampoo` differ from `adamw` for 2-D hidden matrices only (`matrix_steps`), and `soap`
-        takes AdamW's rules."""
+        tables); `muon`, `shampoo` and `kfac` differ from `adamw` for 2-D hidden matrices only (`matrix_steps`), and
+        `soap` takes AdamW's rules."""
         sigma, m = self.config.init_std, self.width_mult
         alpha = self.alpha if self.alpha is not None else 0.0
         readout_std = 0.0 if self.config.zero_readout else sigma
@@ -134,6 +152,8 @@ class Parametrization:
             return GroupRule(sigma / math.sqrt(m), self._depth(alpha - 1) / math.sqrt(m), math.sqrt(m), 1.0)
         if optimizer == "shampoo" and role is Role.HIDDEN:
             return GroupRule(sigma / math.sqrt(m), self._depth(alpha - 1), 1.0, 1.0)
+        if optimizer == "kfac" and role is Role.HIDDEN:
+            return GroupRule(sigma / math.sqrt(m), self._depth(-1), self._depth(alpha), self._depth(-2 * alpha))
         rules = {
             Role.EMBEDDING: GroupRule(sigma, 1.0, 1.0, 1.0),
             Role.HIDDEN: GroupRule(sigma / math.sqrt(m), self._depth(alpha - 1) / m, m, self._depth(-alpha) / m),
@@ -160,9 +180,10 @@ class Parametrization:
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float, eps: float,
                      optimizer: Optimizer = "adamw", damping: float = 0.0) -> list[dict]:
-        """Optimizer parameter groups, one per role present (and per optimizer: under `muon`, `shampoo` or `soap` the
-        2-D hidden matrices are a group of their own, marked "optimizer": its name). AdamW's and SOAP's groups carry
-        "eps", Shampoo's "damping" (from `damping`, its base value). LR schedules must scale these relatively."""
+        """Optimizer parameter groups, one per role present (and per optimizer: under `muon`, `shampoo`, `soap` or
+        `kfac` the 2-D hidden matrices are a group of their own, marked "optimizer": its name). AdamW's and SOAP's
+        groups carry "eps", Shampoo's and K-FAC's "damping" (from `damping`, its base value). LR schedules must scale
+        these relatively."""
         by_group: dict[tuple[Role, Optimizer], list[nn.Parameter]] = {}
         for name, param in model.named_parameters():
             if param.requires_grad:
@@ -175,12 +196,12 @@ class Parametrization:
             group = {"params": params, "name": role.value if stepper == "adamw" else f"{role.value}-{stepper}",
                      "optimizer": stepper, "lr": lr * rule.lr_mult, "weight_decay": weight_decay * rule.wd_mult}
             own = {"adamw": {"eps": eps * rule.eps_mult}, "soap": {"eps": eps * rule.eps_mult},
-                   "shampoo": {"damping": damping * rule.eps_mult}}
+                   "shampoo": {"damping": damping * rule.eps_mult}, "kfac": {"damping": damping * rule.eps_mult}}
             groups.append({**group, **own.get(stepper, {})})
         return groups
 
 
 def matrix_steps(role: Role, param: torch.Tensor) -> bool:
-    """Whether a matrix optimizer (`muon`, `shampoo`, `soap`) steps this parameter when chosen: the hidden matrices
-    (2-D)."""
+    """Whether a matrix optimizer (`muon`, `shampoo`, `soap`, `kfac`) steps this parameter when chosen: the hidden
+    matrices (2-D)."""
     return role is Role.HIDDEN and param.dim() == 2

@@ -63,6 +63,12 @@ def check_launchable(cfg: RunConfig, world_size: int) -> None:
         raise ConfigError("train.optimizer", f"{cfg.train.optimizer} preconditions whole matrices, and ZeRO stage "
                           f"{cfg.train.zero_stage} hands the optimizer flat partitions of them: use "
                           "train.zero_stage=0")
+    if cfg.train.optimizer == "kfac" and cfg.train.expert_parallel > 1:
+        raise ConfigError("train.optimizer", "kfac all-reduces its layer statistics over every worker, and expert "
+                          "parallelism gives workers different experts: use train.expert_parallel=1")
+    if cfg.train.optimizer == "kfac" and cfg.train.compile:
+        raise ConfigError("train.compile", "kfac reads each linear layer's inputs and output gradients in hooks, "
+                          "which a compiled block would break its graph on: use train.compile=false")
     if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
         raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
     if cfg.train.offload != "none" and cfg.train.zero_stage != 3:
@@ -103,7 +109,9 @@ def build_engine(cfg: RunConfig, world_size: int = 1):
     if placement is not None:
         mark_expert_parameters(model, placement)
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
-    optimizer = build_optimizer(cfg.train, groups)
+    # loss_tokens: the tokens one worker's gradient averages over (its micro-batches, accumulated)
+    optimizer = build_optimizer(cfg.train, groups, model,
+                                loss_tokens=cfg.train.global_batch * cfg.train.seq_len // world_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg.train))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world_size))

@@ -1,7 +1,7 @@
 """The full training state of a DeepSpeed engine as plain tensors, whatever the ZeRO stage — and back.
 
-Checkpoints hold consolidated fp32 weights and optimizer state (AdamW's moments, Muon's momentum, Shampoo's and
-SOAP's factors, preconditioners and moments: `state_keys`) keyed by parameter name, never DeepSpeed's pickled shard
+Checkpoints hold consolidated fp32 weights and optimizer state (AdamW's moments, Muon's momentum, Shampoo's, SOAP's
+and K-FAC's factors, preconditioners and moments: `state_keys`) keyed by parameter name, never DeepSpeed's pickled shard
 files: nothing is unpickled on load, export reads the weights directly, and a run may resume on a different
 number of workers. Every rank must call `gather_state`/`restore_state` (ZeRO shards are assembled collectively).
 
@@ -10,8 +10,8 @@ Where the fp32 master copy and Adam moments live:
 - ZeRO-0 fp32: the parameter itself and torch AdamW's state for it;
 - ZeRO-0 bf16: DeepSpeed's unfused optimizer keeps an fp32 copy per parameter (`fp32_groups`), and creates the
   optimizer's state by stepping it once with zero gradients when it is built, so AdamW's step counter (its bias
-  correction) runs one ahead of the engine's steps there (Shampoo takes that step as none): `restore_state` reads
-  each counter of the freshly built engine and adds the checkpoint's step to it.
+  correction) runs one ahead of the engine's steps there (the Kronecker-factored ones take that step as none):
+  `restore_state` reads each counter of the freshly built engine and adds the checkpoint's step to it.
 """
 
 from __future__ import annotations

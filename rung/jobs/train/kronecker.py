@@ -1,11 +1,12 @@
-"""What Shampoo and SOAP share: for each weight matrix W [out, in] with gradient G, the Kronecker factors of the
-gradient's second moment and a momentum,
+"""What Shampoo, SOAP and K-FAC share: for each weight matrix W [out, in] with gradient G, two Kronecker factors and
+a momentum — for Shampoo and SOAP the factors of the gradient's second moment,
 
     L ← β₂·L + (1−β₂)·G·Gᵀ,   R ← β₂·R + (1−β₂)·Gᵀ·G,   M ← β₁·M + (1−β₁)·G,
 
-a preconditioner derived from L and R by eigendecomposition (in float64: the small eigenvalues are where damping and
-ε act) on the first step and every `precondition_every` steps after, kept in between, and the decoupled update
-W ← W·(1 − η·λ) − η·D, D the subclass's direction (`shampoo.py`, `soap.py`).
+for K-FAC those of its layer's output gradients and inputs (`update_factors`) — a preconditioner derived from L and R
+by eigendecomposition (in float64: the small eigenvalues are where damping and ε act) on the first step and every
+`precondition_every` steps after, kept in between, and the decoupled update W ← W·(1 − η·λ) − η·D, D the
+subclass's direction (`shampoo.py`, `soap.py`, `kfac.py`).
 
 Why rung's own: the maintained registry implementations (pytorch_optimizer's Shampoo and SOAP) keep their factors as
 Python lists, None placeholders and floats in the optimizer state, which rung's pickle-free checkpoints (one named
@@ -51,6 +52,16 @@ class KroneckerFactored(torch.optim.Optimizer):
         """The shapes of the subclass's own state tensors."""
         raise NotImplementedError
 
+    def update_factors(self, state: dict, grad: torch.Tensor, beta2: float, slot: tuple[int, int]) -> None:
+        """Fold this step's statistics into the factors: here the gradient's own, GGᵀ and GᵀG (`slot`, the
+        parameter's group index and position, names it for a subclass whose statistics come from elsewhere)."""
+        state["left"].mul_(beta2).addmm_(grad, grad.T, alpha=1 - beta2)
+        state["right"].mul_(beta2).addmm_(grad.T, grad, alpha=1 - beta2)
+
+    def refresh_due(self, state: dict, step: int, every: int) -> bool:
+        """Whether this step derives the preconditioner anew: the first step and every `every` after it."""
+        return (step - 1) % every == 0
+
     def refresh(self, state: dict, group: dict, step: int) -> None:
         """Derive the preconditioner from the factors (bias-corrected by 1 − β₂ᵗ)."""
         raise NotImplementedError
@@ -66,9 +77,9 @@ class KroneckerFactored(torch.optim.Optimizer):
         fresh = all(not self.state[p] or float(self.state[p]["step"]) == 0 for p in params)
         if fresh and not any(bool(p.grad.any()) for p in params):
             return loss  # DeepSpeed's zero-gradient step at construction (module docstring)
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
-            for param in group["params"]:
+            for position, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
                 state = self.state[param]
@@ -77,10 +88,9 @@ class KroneckerFactored(torch.optim.Optimizer):
                 state["step"] += 1
                 step = int(state["step"])
                 grad = param.grad.float()
-                state["left"].mul_(beta2).addmm_(grad, grad.T, alpha=1 - beta2)
-                state["right"].mul_(beta2).addmm_(grad.T, grad, alpha=1 - beta2)
+                self.update_factors(state, grad, beta2, (index, position))
                 state["momentum"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                if (step - 1) % group["precondition_every"] == 0:
+                if self.refresh_due(state, step, group["precondition_every"]):
                     self.refresh(state, group, step)
                 update = self.direction(state, group, grad, step)
                 param.mul_(1 - group["lr"] * group["weight_decay"])

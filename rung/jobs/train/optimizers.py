@@ -1,13 +1,14 @@
 """The training optimizers behind `train.optimizer`, built from the parametrization's groups (each group says which
 optimizer steps it): `adamw`, torch's AdamW (fused on GPUs); `muon`, torch's Muon for the hidden matrices — Newton–
 Schulz-orthogonalized Nesterov momentum, its LR adjusted to AdamW's update RMS (`match_rms_adamw`), so one base LR
-serves both; `shampoo` and `soap`, rung's `Shampoo` and `SOAP` (`shampoo.py`, `soap.py`) for the hidden matrices.
-These step matrices, so every other group (embedding, norms, readout, router) takes AdamW beside them. The pair is one
-`torch.optim.Optimizer` to DeepSpeed and the LR schedule: it shares its group dicts with the two it steps, so a
-schedule (or DeepSpeed's fp32 master copies) changing a group changes it for the optimizer that owns it.
+serves both; `shampoo`, `soap` and `kfac`, rung's `Shampoo`, `SOAP` and `KFAC` (`shampoo.py`, `soap.py`,
+`kfac.py`) for the hidden matrices. These step matrices, so every other group (embedding, norms, readout, router)
+takes AdamW beside them. The pair is one `torch.optim.Optimizer` to DeepSpeed and the LR schedule: it shares its
+group dicts with the two it steps, so a schedule (or DeepSpeed's fp32 master copies) changing a group changes it for
+the optimizer that owns it.
 
-Muon, Shampoo and SOAP precondition whole matrices, so they run under ZeRO-0 only (ZeRO 1-3 hand the optimizer flat
-partitions); `check_launchable` refuses the rest.
+Muon, Shampoo, SOAP and K-FAC precondition whole matrices, so they run under ZeRO-0 only (ZeRO 1-3 hand the
+optimizer flat partitions); `check_launchable` refuses the rest.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from collections.abc import Iterator, MutableMapping
 import torch
 
 from rung.jobs.config import TrainConfig
+from rung.jobs.train.kfac import KFAC
 from rung.jobs.train.kronecker import KroneckerFactored
 from rung.jobs.train.shampoo import Shampoo
 from rung.jobs.train.soap import SOAP
 
 MUON_MOMENTUM = 0.95  # train.muon_momentum's default: the value Muon's authors and torch use
-SHAMPOO_DAMPING = 1e-3  # train.damping's default (shampoo.py says why this large)
+DAMPING = {"shampoo": 1e-3, "kfac": 1e-2}  # train.damping's defaults (shampoo.py says why Shampoo's is this large)
 PRECONDITION_EVERY = 10  # train.precondition_every's default
-MATRIX_OPTIMIZERS = ("muon", "shampoo", "soap")  # step whole matrices: ZeRO-0 only
+MATRIX_OPTIMIZERS = ("muon", "shampoo", "soap", "kfac")  # step whole matrices: ZeRO-0 only
 ADAMW_STATE = ("exp_avg", "exp_avg_sq")
 MUON_STATE = ("momentum_buffer",)
 
@@ -56,8 +58,8 @@ class _States(MutableMapping):
 
 
 class MatrixWithAdamW(torch.optim.Optimizer):
-    """A matrix optimizer (Muon, Shampoo, SOAP) for the groups marked with its name, AdamW for the others, stepped
-    together."""
+    """A matrix optimizer (Muon, Shampoo, SOAP, K-FAC) for the groups marked with its name, AdamW for the others,
+    stepped together."""
 
     def __init__(self, matrix: torch.optim.Optimizer, adamw: torch.optim.AdamW):
         self.matrix, self.adamw = matrix, adamw
@@ -78,12 +80,14 @@ class MatrixWithAdamW(torch.optim.Optimizer):
 
 
 def damping(train: TrainConfig) -> float:
-    """Shampoo's base damping (train.damping, or its default)."""
-    return train.damping or SHAMPOO_DAMPING
+    """Shampoo's or K-FAC's base damping (train.damping, or the optimizer's default); 0 for the others."""
+    return train.damping or DAMPING.get(train.optimizer, 0.0)
 
 
-def build_optimizer(train: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    """The optimizer `train.optimizer` names over the parametrization's `groups`."""
+def build_optimizer(train: TrainConfig, groups: list[dict], model: torch.nn.Module,
+                    loss_tokens: int) -> torch.optim.Optimizer:
+    """The optimizer `train.optimizer` names over the parametrization's `groups` of `model`'s parameters, whose
+    gradient one backward takes of a loss averaged over `loss_tokens` tokens (K-FAC's per-token statistics)."""
     fused = torch.cuda.is_available()  # one kernel per step for every parameter, not a launch per tensor and op
     adamw = torch.optim.AdamW([group for group in groups if group["optimizer"] == "adamw"], betas=train.betas,
                               fused=fused)
@@ -91,10 +95,13 @@ def build_optimizer(train: TrainConfig, groups: list[dict]) -> torch.optim.Optim
     if train.optimizer == "muon":
         return MatrixWithAdamW(torch.optim.Muon(matrix, momentum=train.muon_momentum or MUON_MOMENTUM,
                                                 nesterov=True, adjust_lr_fn="match_rms_adamw"), adamw)
+    every = train.precondition_every or PRECONDITION_EVERY
     if train.optimizer in ("shampoo", "soap"):
         kind = Shampoo if train.optimizer == "shampoo" else SOAP
-        return MatrixWithAdamW(kind(matrix, betas=train.betas,
-                                    precondition_every=train.precondition_every or PRECONDITION_EVERY), adamw)
+        return MatrixWithAdamW(kind(matrix, betas=train.betas, precondition_every=every), adamw)
+    if train.optimizer == "kfac":
+        return MatrixWithAdamW(KFAC(matrix, model.modules(), betas=train.betas, precondition_every=every,
+                                    loss_tokens=loss_tokens), adamw)
     return adamw
 
 
