@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-
-import pytest
+from concurrent.futures import ThreadPoolExecutor
 
 from tests.conftest import run_rung
 
@@ -29,29 +28,31 @@ def test_width_mup_is_flat_and_sp_grows(tmp_path, data_cache):
         assert record["slopes"]["sp"][module] >= 0.5, (module, record["slopes"]["sp"])
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "shampoo", "kfac"])
-def test_width_mup_under_matrix_optimizers_is_flat_and_sp_grows(optimizer, tmp_path, data_cache):
+def test_width_mup_under_matrix_optimizers_is_flat_and_sp_grows(tmp_path, data_cache):
     """The same check with Muon, Shampoo or K-FAC stepping the hidden matrices: their μP rules keep every
-    activation's size flat in width, where SP lets the hidden outputs grow."""
-    record = coordcheck(tmp_path, data_cache, "--set", f"train.optimizer={optimizer}", "--params", "sp,mup",
-                        "--widths", "32,128,512", "--seeds", "2")  # AdamW's check above takes every octave
-    for module, value in record["slopes"]["mup"].items():
-        assert abs(value) <= 0.25, (module, value)
-    for module in ("attention", "ffn", "residual"):
-        assert record["slopes"]["sp"][module] >= 0.5, (module, record["slopes"]["sp"])
+    activation's size flat in width, where SP lets the hidden outputs grow. Two checks at a time: each is a
+    one-thread process."""
+    optimizers = ("muon", "shampoo", "kfac")
+    with ThreadPoolExecutor(2) as pool:
+        records = dict(zip(optimizers, pool.map(lambda name: coordcheck(
+            tmp_path / name, data_cache, "--set", f"train.optimizer={name}", "--params", "sp,mup",
+            "--widths", "32,128,512", "--seeds", "2"), optimizers)))  # AdamW's check above takes every octave
+    for optimizer, record in records.items():
+        for module, value in record["slopes"]["mup"].items():
+            assert abs(value) <= 0.25, (optimizer, module, value)
+        for module in ("attention", "ffn", "residual"):
+            assert record["slopes"]["sp"][module] >= 0.5, (optimizer, module, record["slopes"]["sp"])
 
 
 def test_depth_completep_is_flat_and_sp_grows(tmp_path, data_cache):
-    record = coordcheck(tmp_path, data_cache, "--params", "sp,completep", "--depths", "2,4,8,16")
-    assert abs(record["slopes"]["completep"]["residual"]) <= 0.25, record["slopes"]["completep"]
-    assert record["slopes"]["sp"]["residual"] >= 0.5, record["slopes"]["sp"]
-
-
-def test_depth_completep_under_kfac_is_flat_and_sp_grows(tmp_path, data_cache):
-    """K-FAC's depth rule is its own (LR × m_L^(−1), damping × m_L^(−2α): the natural gradient undoes the branch
-    multiplier). At LR 0.03 it keeps the residual stream flat in depth, where AdamW's depth rule applied to K-FAC
-    shrinks it (slope −0.45); at 0.01 the updates are too small for the check to tell the two apart."""
-    record = coordcheck(tmp_path, data_cache, "--set", "train.optimizer=kfac", "--params", "sp,completep",
-                        "--depths", "2,4,8,16", "--seeds", "2", "--lr", "0.03")
-    assert abs(record["slopes"]["completep"]["residual"]) <= 0.25, record["slopes"]["completep"]
-    assert record["slopes"]["sp"]["residual"] >= 0.5, record["slopes"]["sp"]
+    """AdamW's rule, and K-FAC's own (LR × m_L^(−1), damping × m_L^(−2α): the natural gradient undoes the branch
+    multiplier), side by side. K-FAC's runs at LR 0.03, where it keeps the residual stream flat in depth and AdamW's
+    depth rule applied to K-FAC shrinks it (slope −0.45); at 0.01 its updates are too small to tell the two apart."""
+    checks = {"adamw": (), "kfac": ("--set", "train.optimizer=kfac", "--seeds", "2", "--lr", "0.03")}
+    with ThreadPoolExecutor(2) as pool:
+        records = dict(zip(checks, pool.map(lambda item: coordcheck(
+            tmp_path / item[0], data_cache, "--params", "sp,completep", "--depths", "2,4,8,16", *item[1]),
+            checks.items())))
+    for optimizer, record in records.items():
+        assert abs(record["slopes"]["completep"]["residual"]) <= 0.25, (optimizer, record["slopes"]["completep"])
+        assert record["slopes"]["sp"]["residual"] >= 0.5, (optimizer, record["slopes"]["sp"])

@@ -37,8 +37,9 @@ def test_tiny_model_learns_in_200_steps_in_fp32_and_bf16(tmp_path, data_cache):
 
 def test_gradient_accumulation_matches_one_large_batch(tmp_path, data_cache):
     common = ("train.steps=8", "train.warmup_steps=2", "train.zero_stage=2")
-    whole = train(tmp_path / "a", data_cache, *common, "train.micro_batch=16")
-    accumulated = train(tmp_path / "b", data_cache, *common, "train.micro_batch=4")
+    with ThreadPoolExecutor(2) as pool:  # two one-thread training processes at once
+        whole, accumulated = pool.map(lambda job: train(tmp_path / job[0], data_cache, *common, job[1]),
+                                      [("a", "train.micro_batch=16"), ("b", "train.micro_batch=4")])
     for a, b in zip(whole, accumulated):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
 
@@ -133,8 +134,11 @@ def test_activation_checkpointing_lowers_the_measured_peak_memory(tmp_path, data
     blocks (full) or FFNs (selective) are recomputed instead of kept."""
     shape = ("model.max_seq_len=1024", "train.seq_len=1024", "model.d_model=128", "model.n_layers=4",
              "train.global_batch=8", "train.micro_batch=8", "train.steps=1", "train.warmup_steps=0")
-    peak = {mode: train(tmp_path / mode, data_cache, *shape, f"train.activation_checkpointing={mode}")[-1]
-            ["peak_memory_bytes"] for mode in ("none", "full", "selective")}
+    modes = ("none", "full", "selective")
+    with ThreadPoolExecutor(2) as pool:  # each run reports its own process's peak, so two may run at once
+        rows = pool.map(lambda mode: train(tmp_path / mode, data_cache, *shape,
+                                           f"train.activation_checkpointing={mode}"), modes)
+        peak = {mode: run[-1]["peak_memory_bytes"] for mode, run in zip(modes, rows)}
     assert peak["full"] < 0.9 * peak["none"], peak
     assert peak["selective"] < peak["none"], peak
     assert_clean_failure(run_rung("train", "tiny", "--set", "train.activation_checkpointing=some"),
