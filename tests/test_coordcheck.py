@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
 from tests.conftest import run_rung
 
 COMMON = ("--set", "train.seq_len=64", "--set", "train.micro_batch=8", "--steps", "5", "--seeds", "3")
@@ -19,8 +21,32 @@ def coordcheck(tmp_path, data_cache, *args: str) -> dict:
     return json.loads((tmp_path / "coordcheck.json").read_text())
 
 
-def test_width_mup_is_flat_and_sp_grows(tmp_path, data_cache):
-    record = coordcheck(tmp_path, data_cache, "--params", "sp,mup", "--widths", "32,64,128,256,512")
+# Every check of the module, run two at a time (each is a one-thread process) and read by the tests below:
+# AdamW's width check takes every octave and 3 seeds; the matrix optimizers' 32 / 128 / 512 and 2 seeds. K-FAC's
+# depth check runs at LR 0.03: its depth rule is its own (LR × m_L^(−1), damping × m_L^(−2α): the natural gradient
+# undoes the branch multiplier), and at 0.01 its updates are too small to tell it from AdamW's depth rule, which
+# applied to K-FAC shrinks the residual stream with depth at 0.03 (slope −0.45).
+MATRIX_OPTIMIZERS = ("muon", "shampoo", "kfac")
+CHECKS = {
+    "width-adamw": ("--params", "sp,mup", "--widths", "32,64,128,256,512"),
+    **{f"width-{name}": ("--set", f"train.optimizer={name}", "--params", "sp,mup", "--widths", "32,128,512",
+                         "--seeds", "2") for name in MATRIX_OPTIMIZERS},
+    "depth-adamw": ("--params", "sp,completep", "--depths", "2,4,8,16"),
+    "depth-kfac": ("--set", "train.optimizer=kfac", "--params", "sp,completep", "--depths", "2,4,8,16", "--seeds", "2",
+                   "--lr", "0.03"),
+}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, data_cache) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("coordcheck")
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(CHECKS, pool.map(lambda item: coordcheck(root / item[0], data_cache, *item[1]),
+                                         CHECKS.items())))
+
+
+def test_width_mup_is_flat_and_sp_grows(records):
+    record = records["width-adamw"]
     assert record["sizes"] == [32, 64, 128, 256, 512]
     for module, value in record["slopes"]["mup"].items():
         assert abs(value) <= 0.25, (module, value)
@@ -28,31 +54,19 @@ def test_width_mup_is_flat_and_sp_grows(tmp_path, data_cache):
         assert record["slopes"]["sp"][module] >= 0.5, (module, record["slopes"]["sp"])
 
 
-def test_width_mup_under_matrix_optimizers_is_flat_and_sp_grows(tmp_path, data_cache):
+@pytest.mark.parametrize("optimizer", MATRIX_OPTIMIZERS)
+def test_width_mup_under_matrix_optimizers_is_flat_and_sp_grows(records, optimizer):
     """The same check with Muon, Shampoo or K-FAC stepping the hidden matrices: their μP rules keep every
-    activation's size flat in width, where SP lets the hidden outputs grow. Two checks at a time: each is a
-    one-thread process."""
-    optimizers = ("muon", "shampoo", "kfac")
-    with ThreadPoolExecutor(2) as pool:
-        records = dict(zip(optimizers, pool.map(lambda name: coordcheck(
-            tmp_path / name, data_cache, "--set", f"train.optimizer={name}", "--params", "sp,mup",
-            "--widths", "32,128,512", "--seeds", "2"), optimizers)))  # AdamW's check above takes every octave
-    for optimizer, record in records.items():
-        for module, value in record["slopes"]["mup"].items():
-            assert abs(value) <= 0.25, (optimizer, module, value)
-        for module in ("attention", "ffn", "residual"):
-            assert record["slopes"]["sp"][module] >= 0.5, (optimizer, module, record["slopes"]["sp"])
+    activation's size flat in width, where SP lets the hidden outputs grow."""
+    record = records[f"width-{optimizer}"]
+    for module, value in record["slopes"]["mup"].items():
+        assert abs(value) <= 0.25, (module, value)
+    for module in ("attention", "ffn", "residual"):
+        assert record["slopes"]["sp"][module] >= 0.5, (module, record["slopes"]["sp"])
 
 
-def test_depth_completep_is_flat_and_sp_grows(tmp_path, data_cache):
-    """AdamW's rule, and K-FAC's own (LR × m_L^(−1), damping × m_L^(−2α): the natural gradient undoes the branch
-    multiplier), side by side. K-FAC's runs at LR 0.03, where it keeps the residual stream flat in depth and AdamW's
-    depth rule applied to K-FAC shrinks it (slope −0.45); at 0.01 its updates are too small to tell the two apart."""
-    checks = {"adamw": (), "kfac": ("--set", "train.optimizer=kfac", "--seeds", "2", "--lr", "0.03")}
-    with ThreadPoolExecutor(2) as pool:
-        records = dict(zip(checks, pool.map(lambda item: coordcheck(
-            tmp_path / item[0], data_cache, "--params", "sp,completep", "--depths", "2,4,8,16", *item[1]),
-            checks.items())))
-    for optimizer, record in records.items():
-        assert abs(record["slopes"]["completep"]["residual"]) <= 0.25, (optimizer, record["slopes"]["completep"])
-        assert record["slopes"]["sp"]["residual"] >= 0.5, (optimizer, record["slopes"]["sp"])
+@pytest.mark.parametrize("optimizer", ["adamw", "kfac"])
+def test_depth_completep_is_flat_and_sp_grows(records, optimizer):
+    record = records[f"depth-{optimizer}"]
+    assert abs(record["slopes"]["completep"]["residual"]) <= 0.25, record["slopes"]["completep"]
+    assert record["slopes"]["sp"]["residual"] >= 0.5, record["slopes"]["sp"]

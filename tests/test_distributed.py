@@ -183,7 +183,8 @@ def test_resume_refuses_another_model_shape_and_keeps_the_checkpoint(tmp_path, d
 
 def test_killed_worker_restarts_from_checkpoint_and_metrics_pass_promtool(tmp_path, data_cache):
     common = ("train.steps=80", "train.warmup_steps=5", "train.checkpoint_every=10")
-    baseline = train(tmp_path, data_cache, "baseline", *common)
+    pool = ThreadPoolExecutor(1)  # the one-worker baseline trains meanwhile, in a process of its own
+    baseline = pool.submit(train, tmp_path, data_cache, "baseline", *common)
     port = free_port()
     argv = args_for(tmp_path, data_cache, "faulty", (*common, "train.max_failures=1", f"train.metrics_port={port}"), 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -211,12 +212,13 @@ def test_killed_worker_restarts_from_checkpoint_and_metrics_pass_promtool(tmp_pa
     finally:
         if process.poll() is None:
             process.kill()
+        pool.shutdown()
     assert process.returncode == 0, output[-4000:]
     assert "resumed from" in output
     from rung.jobs.run_dir import RunDir
     from rung.jobs.train.metrics import read_metrics
 
-    assert_same_curve(baseline, read_metrics(RunDir(run_dir)), rel=1e-4)
+    assert_same_curve(baseline.result(), read_metrics(RunDir(run_dir)), rel=1e-4)
     for name in ("rung_train_loss", "rung_train_tokens_per_second", "rung_train_mfu_ratio", "rung_train_tokens_total",
                  "rung_train_grad_norm", "rung_train_learning_rate", "rung_train_step_duration_seconds"):
         assert f"\n{name}{{" in exposition, name
