@@ -51,7 +51,7 @@ class LayerStatistics:
         self.grads: torch.Tensor | None = None
         self.inputs: torch.Tensor | None = None
         self.tokens = 0
-        self.handle = layer.register_forward_hook(self._forward)
+        layer.register_forward_hook(self._forward)
 
     def _forward(self, _layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if torch.is_grad_enabled() and output.requires_grad:
@@ -69,18 +69,16 @@ class LayerStatistics:
         self.inputs.addmm_(a.T, a)
         self.tokens += len(a)
 
-    def take(self, device: torch.device) -> torch.Tensor:
-        """The sums and the token count as one flat tensor (G's, A's, count) on `device`, and zero them."""
+    def take(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(G's sum, A's sum, token count) — zeros where no token came — and start the next sums afresh."""
         out, into = self.shapes
         if self.grads is None:
-            flat = torch.zeros(out * out + into * into + 1, device=device)
+            taken = (torch.zeros(out, out, device=device), torch.zeros(into, into, device=device), 0)
         else:
-            flat = torch.cat([self.grads.flatten(), self.inputs.flatten(),
-                              torch.tensor([float(self.tokens)], device=self.grads.device)]).to(device)
-            self.grads.zero_()
-            self.inputs.zero_()
+            taken = (self.grads.to(device), self.inputs.to(device), self.tokens)
+            self.grads = self.inputs = None  # the next sums start on the next token's device
         self.tokens = 0
-        return flat
+        return taken
 
 
 class KFAC(KroneckerFactored):
@@ -114,19 +112,21 @@ class KFAC(KroneckerFactored):
         if not slots:
             return {}
         device = self.param_groups[slots[0][0]]["params"][slots[0][1]].device
-        flats = [self.recorders[slot].take(device) for slot in slots]
-        joined = torch.cat(flats)
+        taken = [self.recorders[slot].take(device) for slot in slots]
+        # one buffer for one collective: every layer's two sums, then the token counts
+        joined = torch.cat([t for grads, inputs, _ in taken for t in (grads.flatten(), inputs.flatten())]
+                           + [torch.tensor([float(tokens) for _, _, tokens in taken], device=device)])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(joined)
+        counts = joined[-len(slots):].tolist()  # the one read back to the host
         statistics, offset = {}, 0
-        for slot, flat in zip(slots, flats):
+        for slot, tokens in zip(slots, counts):
             out, into = self.recorders[slot].shapes
-            grads, inputs = joined[offset:offset + out * out], joined[offset + out * out:offset + len(flat) - 1]
-            tokens = float(joined[offset + len(flat) - 1])
-            offset += len(flat)
+            grads = joined[offset:offset + out * out].view(out, out)
+            inputs = joined[offset + out * out:offset + out * out + into * into].view(into, into)
+            offset += out * out + into * into
             if tokens > 0:
-                statistics[slot] = (grads.view(out, out) * (self.loss_tokens ** 2 / tokens),
-                                    inputs.view(into, into) / tokens)
+                statistics[slot] = (grads * (self.loss_tokens ** 2 / tokens), inputs / tokens)
         return statistics
 
     @torch.no_grad()
