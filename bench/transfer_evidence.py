@@ -1,5 +1,5 @@
 """Evidence that hyperparameters transfer (`make bench-transfer`): LR sweeps across widths (μP vs SP; per optimizer
-with `--optimizers adamw,muon,shampoo,kfac`), damping across widths for those of `--optimizers` that take one
+with `--optimizers adamw,muon,shampoo,soap,kfac`), damping across widths for those of `--optimizers` that take one
 (`--parts damping`: Shampoo, K-FAC), depths (CompleteP and Depth-μP vs SP) and MoE expert counts, and the ladder's
 prediction of its held-out rung.
 
@@ -49,6 +49,10 @@ def main() -> None:
     parser.add_argument("--optimizers", default="adamw",
                         help="train.optimizer values the width part sweeps, each into its own folder (width for "
                              "adamw, width-NAME for the others), e.g. adamw,muon")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config field for every run, e.g. --set train.precondition_block=16 (repeatable)")
+    parser.add_argument("--label", default="", help="appended to the width and damping parts' folder names and "
+                        "evidence keys, to tell runs with other --set apart (e.g. -tiles-16)")
     parser.add_argument("--widths", default="32,64,128,256", help="widths of the width sweep")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--processes", type=int, default=0,
@@ -76,24 +80,24 @@ def main() -> None:
     steps, seeds = (40, 1) if args.quick else (args.steps, args.seeds)
     common = [f"train.use_gpu={str(args.gpu).lower()}", f"train.steps={steps}", "train.warmup_steps=10",
               "train.seq_len=128", f"train.global_batch={args.batch}", f"train.micro_batch={args.batch}",
-              "train.max_loss=10", "train.schedule=cosine"]  # 1k tokens per step at batch 8
+              "train.max_loss=10", "train.schedule=cosine", *args.set]  # 1k tokens per step at batch 8
     lrs = dict([parse_grid("lr=2^-10:2^-5:x2" if args.quick else args.lr_grid)])
     widths = [32, 64] if args.quick else [int(w) for w in args.widths.split(",")]
     evidence_path = out / "evidence.json"  # parts run one at a time add to it
     evidence = json.loads(evidence_path.read_text()) if evidence_path.exists() else {}
     for optimizer in args.optimizers.split(",") if "width" in args.parts else ():
-        part = "width" if optimizer == "adamw" else f"width-{optimizer}"
+        part = ("width" if optimizer == "adamw" else f"width-{optimizer}") + args.label
         summary = run_sweep(load_run_config("tiny", [*common, f"train.optimizer={optimizer}"]), lrs, ["mup", "sp"],
                             widths, None, None, seeds, str(out / part), processes=args.processes)
         evidence[part] = {p: verdict(summary, p) for p in ("mup", "sp")}
     for optimizer in [o for o in args.optimizers.split(",") if o in DAMPED] if "damping" in args.parts else ():
         # damping swept at one LR across widths: does μP's damping rule (× 1 in width) keep its optimum in place?
-        width_part = evidence.get(f"width-{optimizer}")
+        width_part = evidence.get(f"width-{optimizer}{args.label}")
         lr = args.damping_lr or (2 ** width_part["mup"]["optimum_log2_lr"][0] if width_part else 0.01)
         summary = run_sweep(load_run_config("tiny", [*common, f"train.optimizer={optimizer}", f"train.lr={lr}"]),
                             dict([parse_grid(args.damping_grid)]), ["mup", "sp"], widths, None, None, seeds,
-                            str(out / f"damping-{optimizer}"), processes=args.processes)
-        evidence[f"damping-{optimizer}"] = {"lr": lr, **{p: verdict(summary, p, "train.damping")
+                            str(out / f"damping-{optimizer}{args.label}"), processes=args.processes)
+        evidence[f"damping-{optimizer}{args.label}"] = {"lr": lr, **{p: verdict(summary, p, "train.damping")
                                                          for p in ("mup", "sp")}}
     if "depth" in args.parts:
         depth_params = args.depth_params.split(",")

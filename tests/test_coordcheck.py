@@ -26,11 +26,14 @@ def coordcheck(tmp_path, data_cache, *args: str) -> dict:
 # depth check runs at LR 0.03: its depth rule is its own (LR × m_L^(−1), damping × m_L^(−2α): the natural gradient
 # undoes the branch multiplier), and at 0.01 its updates are too small to tell it from AdamW's depth rule, which
 # applied to K-FAC shrinks the residual stream with depth at 0.03 (slope −0.45).
-MATRIX_OPTIMIZERS = ("muon", "shampoo", "kfac")
+# SOAP runs in tiles of 16 (train.precondition_block, which divides every hidden side of tiny at 32-512): tiled, AdamW's
+# width rule is exact for it; on whole matrices its hidden outputs drift down with width (FFN −0.33, soap.py).
+MATRIX_OPTIMIZERS = ("muon", "shampoo", "soap", "kfac")
+OWN_SETTINGS = {"soap": ("--set", "train.precondition_block=16")}
 CHECKS = {
     "width-adamw": ("--params", "sp,mup", "--widths", "32,64,128,256,512"),
-    **{f"width-{name}": ("--set", f"train.optimizer={name}", "--params", "sp,mup", "--widths", "32,128,512",
-                         "--seeds", "2") for name in MATRIX_OPTIMIZERS},
+    **{f"width-{name}": ("--set", f"train.optimizer={name}", *OWN_SETTINGS.get(name, ()), "--params", "sp,mup",
+                         "--widths", "32,128,512", "--seeds", "2") for name in MATRIX_OPTIMIZERS},
     "depth-adamw": ("--params", "sp,completep", "--depths", "2,4,8,16"),
     "depth-kfac": ("--set", "train.optimizer=kfac", "--params", "sp,completep", "--depths", "2,4,8,16", "--seeds", "2",
                    "--lr", "0.03"),
@@ -56,7 +59,7 @@ def test_width_mup_is_flat_and_sp_grows(records):
 
 @pytest.mark.parametrize("optimizer", MATRIX_OPTIMIZERS)
 def test_width_mup_under_matrix_optimizers_is_flat_and_sp_grows(records, optimizer):
-    """The same check with Muon, Shampoo or K-FAC stepping the hidden matrices: their μP rules keep every
+    """The same check with Muon, Shampoo, SOAP or K-FAC stepping the hidden matrices: their μP rules keep every
     activation's size flat in width, where SP lets the hidden outputs grow."""
     record = records[f"width-{optimizer}"]
     for module, value in record["slopes"]["mup"].items():

@@ -85,12 +85,13 @@ def test_other_zero_stages_and_bf16_train_on_two_workers(tmp_path, data_cache, c
 
 
 def assert_resume_reproduces_the_uninterrupted_run(out: Path, data_cache: Path, stage: int, dtype: str, offload: str,
-                                                   optimizer: str, workers: int, cluster: RayHead | None = None):
+                                                   optimizer: str, workers: int, cluster: RayHead | None = None,
+                                                   sets: tuple[str, ...] = ()):
     """Train 20 steps with a checkpoint at step 10, resume a run directory holding only that checkpoint, and
     compare steps 11-20 (losses to 1e-6, LRs, the evaluation schedule and its losses)."""
     case = f"ZeRO-{stage} {dtype} offload={offload} {optimizer} × {workers}"
     common = (*SHORT, "train.checkpoint_every=10", f"train.zero_stage={stage}", f"train.dtype={dtype}",
-              f"train.offload={offload}", f"train.optimizer={optimizer}")
+              f"train.offload={offload}", f"train.optimizer={optimizer}", *sets)
     full = train(out, data_cache, "full", *common, workers=workers, cluster=cluster)
     # "Stopped after its step-10 checkpoint": a run directory holding only that checkpoint.
     (out / "cut" / "checkpoints").mkdir(parents=True)
@@ -123,13 +124,15 @@ def test_resume_on_one_worker_reproduces_the_uninterrupted_run(tmp_path, data_ca
             tmp_path / "-".join(map(str, case)), data_cache, *case, workers=1), RESUMED_ON_ONE_WORKER))
 
 
-@pytest.mark.parametrize("dtype, optimizer", [
-    ("bfloat16", "muon"),  # DeepSpeed's unfused bf16 optimizer: its AdamW counter starts at 1
-    ("bfloat16", "shampoo"), ("float32", "soap"),
-    ("bfloat16", "kfac"),  # the layer statistics all-reduced: both workers keep the same factors
+@pytest.mark.parametrize("dtype, optimizer, sets", [
+    ("bfloat16", "muon", ()),  # DeepSpeed's unfused bf16 optimizer: its AdamW counter starts at 1
+    ("bfloat16", "shampoo", ()), ("float32", "soap", ("train.precondition_block=16",)),  # SOAP's tiled state
+    ("bfloat16", "kfac", ()),  # the layer statistics all-reduced: both workers keep the same factors
 ])
-def test_resume_on_two_workers_reproduces_the_uninterrupted_run(tmp_path, data_cache, cluster, dtype, optimizer):
-    assert_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, 0, dtype, "none", optimizer, 2, cluster)
+def test_resume_on_two_workers_reproduces_the_uninterrupted_run(tmp_path, data_cache, cluster, dtype, optimizer,
+                                                                sets):
+    assert_resume_reproduces_the_uninterrupted_run(tmp_path, data_cache, 0, dtype, "none", optimizer, 2, cluster,
+                                                   sets)
 
 
 def test_corrupted_newest_checkpoint_is_skipped(tmp_path, data_cache):

@@ -56,27 +56,59 @@ def test_steps_equal_the_update_written_out_with_roots_refreshed_every_other_ste
     assert float(state["step"]) == 4
 
 
-def test_soap_steps_equal_adam_in_the_factors_eigenbasis_written_out():
-    """Adam's moments of the gradient rotated into the factors' eigenvectors (torch's eigh, refreshed on steps 1 and
-    3), the second moment kept across a refresh, the momentum rotated when used. Square, so that both factors have
-    full rank from the first step: in a null space the basis is arbitrary, and Adam's normalization would make
-    either side's round-off a different direction of size ~1. ε is large for the same reason: the first rotated
-    gradient is diagonal (G's singular vectors), its off-diagonal entries round-off that Adam divides by √v + ε."""
+def test_soap_steps_equal_adam_in_the_eigenbasis_of_earlier_gradients_written_out():
+    """The paper's order: step t's gradient rotated into the eigenvectors of the factors through step t − 1 (torch's
+    eigh, refreshed after steps 1 and 3), Adam's moments of it with bias corrections counting from step 2, the
+    second moment kept across a refresh, the momentum rotated when used; the first step changes nothing but the
+    factors and the basis. Square, so that both factors have full rank from the first step: in a null space the basis
+    is arbitrary."""
     torch.manual_seed(1)
     weight = torch.nn.Parameter(torch.randn(4, 4))
     optimizer = SOAP([{"params": [weight], "lr": LR, "weight_decay": WD, "eps": EPS}], BETAS, precondition_every=2)
     expected, second = weight.detach().double().clone(), torch.zeros(4, 4).double()
-    for step, g, left, right, momentum in stepped_by_hand(optimizer, weight, 4):
+    momentum = torch.zeros(4, 4).double()
+    q_left = q_right = torch.eye(4).double()  # replaced after step 1, before their first use
+    for step, g, left, right, _ in stepped_by_hand(optimizer, weight, 4):
+        if step > 1:
+            adam_steps = step - 1
+            momentum = BETAS[0] * momentum + (1 - BETAS[0]) * g
+            rotated = q_left.T @ g @ q_right
+            second = BETAS[1] * second + (1 - BETAS[1]) * rotated ** 2
+            adam = q_left.T @ momentum @ q_right / (1 - BETAS[0] ** adam_steps)
+            adam = adam / ((second / (1 - BETAS[1] ** adam_steps)).sqrt() + EPS)
+            expected = expected * (1 - LR * WD) - LR * (q_left @ adam @ q_right.T)
         if step in (1, 3):
             q_left, q_right = torch.linalg.eigh(left)[1], torch.linalg.eigh(right)[1]
-        rotated = q_left.T @ g @ q_right
-        second = BETAS[1] * second + (1 - BETAS[1]) * rotated ** 2
-        adam = q_left.T @ momentum @ q_right / (1 - BETAS[0] ** step)
-        adam = adam / ((second / (1 - BETAS[1] ** step)).sqrt() + EPS)
-        expected = expected * (1 - LR * WD) - LR * (q_left @ adam @ q_right.T)
         assert torch.allclose(weight.detach().double(), expected, rtol=1e-4, atol=1e-5), step
     assert set(optimizer.state[weight]) == {"step", *SOAP.STATE}
-    assert {key: tuple(optimizer.state[weight][key].shape) for key in SOAP.STATE} == {key: (4, 4) for key in SOAP.STATE}
+    assert {key: tuple(optimizer.state[weight][key].shape) for key in SOAP.STATE} == {
+        "momentum": (4, 4), **{key: (1, 1, 4, 4) for key in SOAP.STATE if key != "momentum"}}  # one tile
+
+
+def test_blocked_soap_steps_each_tile_as_a_soap_of_its_own():
+    """With a block b every b × b tile of the weight has its own factors, bases and second moment: the blocked step
+    equals unblocked SOAP run on each tile with that tile of the gradient."""
+    torch.manual_seed(3)
+    weight = torch.nn.Parameter(torch.randn(4, 6))
+    before = weight.detach().clone()
+    tiles = [[torch.nn.Parameter(weight.detach()[r:r + 2, c:c + 2].clone()) for c in (0, 2, 4)] for r in (0, 2)]
+    group = {"lr": LR, "weight_decay": WD, "eps": EPS}
+    blocked = SOAP([{"params": [weight], **group}], BETAS, precondition_every=2, block=2)
+    each = SOAP([{"params": [t for row in tiles for t in row], **group}], BETAS, precondition_every=2)
+    for _ in range(4):
+        grad = torch.randn(4, 6)
+        weight.grad = grad.clone()
+        for r, row in enumerate(tiles):
+            for c, tile in enumerate(row):
+                tile.grad = grad[2 * r:2 * r + 2, 2 * c:2 * c + 2].clone()
+        blocked.step()
+        each.step()
+        assert torch.allclose(weight.detach(), torch.cat([torch.cat(list(row), 1) for row in tiles]).detach(),
+                              rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(weight.detach(), before, atol=1e-2)  # three updates (the first step builds the bases)
+    assert tuple(blocked.state[weight]["left"].shape) == (2, 3, 2, 2)
+    with pytest.raises(ValueError, match="block 4 does not divide"):
+        SOAP([{"params": [weight], **group}], BETAS, precondition_every=2, block=4)
 
 
 @pytest.mark.parametrize("kind, key", [(Shampoo, "damping"), (SOAP, "eps")])
@@ -165,6 +197,15 @@ def test_kfac_steps_equal_the_natural_gradient_written_out():
     assert set(state) == {"step", *KFAC.STATE} and all(isinstance(v, torch.Tensor) for v in state.values())
     assert {key: tuple(state[key].shape) for key in KFAC.STATE} == {
         "momentum": (6, 4), "left": (6, 6), "right": (4, 4), "left_inverse": (6, 6), "right_inverse": (4, 4), "pi": ()}
+
+
+def test_kfacs_damping_split_lives_on_the_host_and_its_matrices_by_the_weight():
+    """π is read by the host every step (whether the preconditioner is due): on a GPU, a π kept by the weight would
+    be one device synchronisation per layer per step. (A meta-device weight stands in for a GPU's here.)"""
+    model, weights = kfac_model()
+    state = kfac_for(model, weights).initial_state(torch.nn.Parameter(torch.empty(6, 4, device="meta")))
+    assert state["pi"].device.type == "cpu" and state["step"].device.type == "cpu"
+    assert {state[key].device.type for key in KFAC.STATE if key != "pi"} == {"meta"}
 
 
 def test_kfac_counts_a_recomputed_layer_once_and_an_evaluation_pass_not_at_all():

@@ -106,13 +106,14 @@ def test_transfer_reproduces_the_proxy_and_scales_a_wider_target(sweep):
     ("muon", {"train.muon_momentum": 0.9}, 1 / 2),  # Muon's μP: η/√m with m = 128/32
     ("shampoo", {"train.damping": 1e-5, "train.precondition_every": 5}, 1.0),  # Shampoo's μP: η, whatever the width
     ("kfac", {"train.damping": 1e-5, "train.precondition_every": 5}, 1.0),  # K-FAC's μP: η too
+    ("soap", {"train.precondition_block": 16, "train.precondition_every": 5}, 1 / 4),  # SOAP's (AdamW's) μP: η/m
 ])
 def test_a_matrix_optimizer_sweeps_values_transfer_with_it_and_its_rules(optimizer, settings, hidden_ratio, sweep,
                                                                         tmp_path):
     out, _ = sweep
     summary = json.loads((out / "summary.json").read_text())
     assert summary["optimizer"] == {"train.optimizer": "adamw", "train.muon_momentum": None, "train.damping": None,
-                                    "train.precondition_every": None}
+                                    "train.precondition_every": None, "train.precondition_block": None}
     summary["optimizer"] = {"train.optimizer": optimizer, **settings}  # as that optimizer's sweep writes it
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     eta = summary["transfer"]["mup"]["values"]["train.lr"]

@@ -88,6 +88,13 @@ class ModelConfig:
         raw = int(self.ffn_mult * self.d_model + 0.5)
         return -(-raw // self.ffn_multiple_of) * self.ffn_multiple_of
 
+    @property
+    def hidden_matrix_sides(self) -> tuple[int, ...]:
+        """The distinct sides of the hidden weight matrices: the residual width, the query and key/value widths, and
+        the feed-forward hidden width."""
+        head = self.resolved_head_dim
+        return tuple(sorted({self.d_model, self.n_heads * head, self.resolved_kv_heads * head, self.ffn_hidden}))
+
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class ParamConfig:
@@ -207,6 +214,10 @@ class TrainConfig:
     # two factors (None: 1e-2); shampoo and kfac only
     damping: float | None = None
     precondition_every: int | None = None  # steps between preconditioner refreshes; None: 10; shampoo, soap, kfac
+    # SOAP's block: each hidden matrix is preconditioned as independent block × block tiles (it must divide every
+    # hidden matrix's sides), which makes AdamW's μP width rule exact (rung/jobs/params/parametrization.py);
+    # None: whole matrices, as SOAP's paper runs it; soap only
+    precondition_block: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers",
@@ -238,18 +249,21 @@ class TrainConfig:
         if self.adam_eps <= 0:
             raise ConfigError("adam_eps", f"must be > 0, got {self.adam_eps}")
         for name, owners in (("muon_momentum", ("muon",)), ("damping", ("shampoo", "kfac")),
-                             ("precondition_every", ("shampoo", "soap", "kfac"))):
+                             ("precondition_every", ("shampoo", "soap", "kfac")),
+                             ("precondition_block", ("soap",))):
             if getattr(self, name) is not None and self.optimizer not in owners:
                 raise ConfigError(name, f"belongs to {' and '.join(owners)}; train.optimizer is {self.optimizer}")
         if self.muon_momentum is not None and not 0 <= self.muon_momentum < 1:
             raise ConfigError("muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         if self.damping is not None and not (math.isfinite(self.damping) and self.damping > 0):
             raise ConfigError("damping", f"must be a finite number > 0, got {self.damping}")
-        if self.precondition_every is not None and self.precondition_every < 1:
-            raise ConfigError("precondition_every", f"must be >= 1, got {self.precondition_every}")
+        for name in ("precondition_every", "precondition_block"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(name, f"must be >= 1, got {getattr(self, name)}")
 
 
-OPTIMIZER_FIELDS = ("optimizer", "muon_momentum", "damping", "precondition_every")  # what a tuned LR was tuned with
+OPTIMIZER_FIELDS = ("optimizer", "muon_momentum", "damping", "precondition_every",  # what a tuned LR was tuned with
+                    "precondition_block")
 
 
 def optimizer_settings(train: TrainConfig) -> dict[str, object]:
@@ -287,6 +301,11 @@ class RunConfig:
             raise ConfigError("train.expert_parallel", f"{ep} does not divide train.workers ({self.train.workers})")
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError("train.seq_len", f"{self.train.seq_len} exceeds model.max_seq_len ({self.model.max_seq_len})")
+        block = self.train.precondition_block
+        sides = self.model.hidden_matrix_sides
+        if block is not None and any(side % block for side in sides):
+            raise ConfigError("train.precondition_block", f"{block} does not divide every hidden matrix's sides "
+                              f"({', '.join(map(str, sides))} at model.d_model={self.model.d_model})")
         if self.data.tokenizer is None and self.data.vocab_size > self.model.vocab_size:
             raise ConfigError("model.vocab_size", f"{self.model.vocab_size} is smaller than the tokenizer's "
                               f"vocabulary (data.vocab_size = {self.data.vocab_size})")

@@ -41,13 +41,20 @@ for AdamW:
 | hidden 2-D     | σ/√m            | m_L^(α−1)         | 1    | 1         |
 
 With `train.optimizer=soap` the hidden matrices are stepped by SOAP — Adam in the eigenbasis of Shampoo's factors —
-under AdamW's hidden row (LR m⁻¹·m_L^(α−1), WD m, ε m⁻¹·m_L^(−α)): an orthogonal change of basis on each side leaves
-Adam's entry-wise normalization as it is, update entries ~1 however wide, so Adam's width rule is the hypothesis
-(Qiu et al., "Hyperparameter Transfer Enables Consistent Gains of Matrix-Preconditioned Optimizers Across Scales",
-2025, study SOAP's LR under μP; their exponents were not checked here). It is not settled: the coordinate check
-(widths 32-512) under it gives attention −0.16, FFN −0.34, residual −0.23 — updates a little too small at width,
-FFN outside ±0.25 — where LR × m^(−½) overshoots (+0.78 / +0.41 / +0.54); ε matters (× m⁻² instead of m⁻¹:
-+0.02 / −0.29 / −0.11), because the rotated gradient's entries do not shrink as the raw ones do (bench/RESULTS.md).
+under AdamW's hidden row (LR m⁻¹·m_L^(α−1), WD m, ε m⁻¹·m_L^(−α)), which is exact for SOAP run in tiles of a fixed
+side b (`train.precondition_block`, `soap.py`): a tile's statistics do not depend on the width, so each output
+coordinate's change adds up n/b tiles that move together, as Adam's n entries do (Adam is SOAP with 1 × 1 tiles).
+On whole matrices no single width exponent holds: where the basis already holds a gradient's directions the
+rotated gradient is nearly diagonal and Adam's normalization makes the update Shampoo's spectral one (μP LR × 1),
+elsewhere it is Adam's (× m⁻¹), and the mix drifts with width — the coordinate check (widths 32-512, tiny) gives
+attention −0.15, FFN −0.33, residual −0.23 on whole matrices and −0.02 / −0.11 / −0.05 in tiles of 16
+(bench/RESULTS.md). Qiu et al. ("Hyperparameter Transfer Enables Consistent Gains of Matrix-Preconditioned
+Optimizers Across Scales", 2025) report the same finite-width drift and blocking among its cures. The tile must be
+no wider than the base shape's matrices for the proxy to be tiled as the target is:
+
+| role (SOAP)    | init std        | LR ×              | WD × | eps ×          |
+|----------------|-----------------|-------------------|------|----------------|
+| hidden 2-D     | σ/√m            | m⁻¹·m_L^(α−1)     | m    | m⁻¹·m_L^(−α)   |
 
 With `train.optimizer=kfac` the hidden matrices are stepped by K-FAC, (G + ρ_G)⁻¹·∇W·(A + ρ_A)⁻¹ with A, G the
 second moments of a layer's inputs and of its per-token output gradients (`kfac.py`). Ishikawa & Karakida's μP for

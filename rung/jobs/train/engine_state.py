@@ -105,7 +105,7 @@ def restore_state(engine, weights: dict[str, torch.Tensor], moments: dict[str, t
             master.data.copy_(value.to(master.device))
         state = inner.state[master]
         for key in state_keys(inner, master):
-            state[key] = moments[f"{key}/{name}"].to(master.device).clone()
+            state[key] = moments[f"{key}/{name}"].to(state[key].device).clone()  # where the optimizer keeps it
     for param, state in inner.state.items():  # sharded flat partitions carry their own step counters
         if "step" in state:  # torch's Muon keeps none
             state["step"] = torch.full_like(state["step"], step + ahead.get(id(param), 0.0))  # its device and dtype

@@ -85,6 +85,7 @@ class KFAC(KroneckerFactored):
     """K-FAC over groups of linear layers' weights; each group has "lr", "weight_decay" and "damping"."""
 
     STATE = (*KroneckerFactored.STATE, "left_inverse", "right_inverse", "pi")  # left: G (outputs), right: A (inputs)
+    HOST_STATE = ("pi",)  # refresh_due reads it every step
     GROUP_KEY = "damping"
 
     def __init__(self, groups: list[dict], layers: Iterable[nn.Module], betas: tuple[float, float],

@@ -27,6 +27,7 @@ class KroneckerFactored(torch.optim.Optimizer):
     names in `GROUP_KEY` (its damping or ε)."""
 
     STATE: tuple[str, ...] = ("momentum", "left", "right")  # a subclass adds its preconditioner's tensors
+    HOST_STATE: tuple[str, ...] = ()  # scalars of STATE the host reads every step: kept there, not on the device
     GROUP_KEY = ""
 
     def __init__(self, groups: list[dict], betas: tuple[float, float], precondition_every: int):
@@ -38,17 +39,21 @@ class KroneckerFactored(torch.optim.Optimizer):
             if any(p.dim() != 2 for p in group["params"]):
                 raise ValueError(f"{name} steps matrices (2-D parameters) only")
 
-    @classmethod
-    def initial_state(cls, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    def initial_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         """A parameter's state before its first step: every tensor zero (the first step derives the
         preconditioner)."""
-        out, into = param.shape
-        shapes = {"momentum": (out, into), "left": (out, out), "right": (into, into), **cls.extra_shapes(out, into)}
+        shapes = self.state_shapes(*param.shape)
         return {"step": torch.tensor(0.0),
-                **{key: torch.zeros(shapes[key], dtype=torch.float32, device=param.device) for key in cls.STATE}}
+                **{key: torch.zeros(shapes[key], dtype=torch.float32,
+                                    device="cpu" if key in self.HOST_STATE else param.device) for key in self.STATE}}
+
+    def state_shapes(self, out: int, into: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each STATE tensor for a weight [out, into]: the momentum its own, the factors square, and the
+        subclass's (`extra_shapes`)."""
+        return {"momentum": (out, into), "left": (out, out), "right": (into, into), **self.extra_shapes(out, into)}
 
     @staticmethod
-    def extra_shapes(out: int, into: int) -> dict[str, tuple[int, int]]:
+    def extra_shapes(out: int, into: int) -> dict[str, tuple[int, ...]]:
         """The shapes of the subclass's own state tensors."""
         raise NotImplementedError
 
@@ -78,7 +83,6 @@ class KroneckerFactored(torch.optim.Optimizer):
         if fresh and not any(bool(p.grad.any()) for p in params):
             return loss  # DeepSpeed's zero-gradient step at construction (module docstring)
         for index, group in enumerate(self.param_groups):
-            beta1, beta2 = group["betas"]
             for position, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
@@ -87,19 +91,28 @@ class KroneckerFactored(torch.optim.Optimizer):
                     state.update(self.initial_state(param))
                 state["step"] += 1
                 step = int(state["step"])
-                grad = param.grad.float()
-                self.update_factors(state, grad, beta2, (index, position))
-                state["momentum"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                if self.refresh_due(state, step, group["precondition_every"]):
-                    self.refresh(state, group, step)
-                update = self.direction(state, group, grad, step)
-                param.mul_(1 - group["lr"] * group["weight_decay"])
-                param.add_(update.to(param.dtype), alpha=-group["lr"])
+                update = self.advance(state, group, param.grad.float(), step, (index, position))
+                if update is not None:
+                    param.mul_(1 - group["lr"] * group["weight_decay"])
+                    param.add_(update.to(param.dtype), alpha=-group["lr"])
         return loss
+
+    def advance(self, state: dict, group: dict, grad: torch.Tensor, step: int,
+                slot: tuple[int, int]) -> torch.Tensor | None:
+        """Fold step `step`'s gradient into the state and return its update direction (None: no update). Here the
+        factors and momentum first, then the preconditioner refreshed from them when due, so that a refresh step's
+        own statistics shape its direction: Shampoo's and K-FAC's order."""
+        beta1, beta2 = group["betas"]
+        self.update_factors(state, grad, beta2, slot)
+        state["momentum"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        if self.refresh_due(state, step, group["precondition_every"]):
+            self.refresh(state, group, step)
+        return self.direction(state, group, grad, step)
 
 
 def eigh(factor: torch.Tensor, shift: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric factor plus shift·I, computed in float64."""
+    """Eigenvalues (ascending) and eigenvectors of a symmetric factor (or a batch of them) plus shift·I, computed in
+    float64."""
     matrix = factor.double()
-    matrix = (matrix + matrix.T) / 2 + shift * torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device)
-    return torch.linalg.eigh(matrix)
+    identity = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    return torch.linalg.eigh((matrix + matrix.mT) / 2 + shift * identity)

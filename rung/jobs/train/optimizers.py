@@ -96,9 +96,11 @@ def build_optimizer(train: TrainConfig, groups: list[dict], model: torch.nn.Modu
         return MatrixWithAdamW(torch.optim.Muon(matrix, momentum=train.muon_momentum or MUON_MOMENTUM,
                                                 nesterov=True, adjust_lr_fn="match_rms_adamw"), adamw)
     every = train.precondition_every or PRECONDITION_EVERY
-    if train.optimizer in ("shampoo", "soap"):
-        kind = Shampoo if train.optimizer == "shampoo" else SOAP
-        return MatrixWithAdamW(kind(matrix, betas=train.betas, precondition_every=every), adamw)
+    if train.optimizer == "shampoo":
+        return MatrixWithAdamW(Shampoo(matrix, betas=train.betas, precondition_every=every), adamw)
+    if train.optimizer == "soap":
+        return MatrixWithAdamW(SOAP(matrix, betas=train.betas, precondition_every=every,
+                                    block=train.precondition_block), adamw)
     if train.optimizer == "kfac":
         return MatrixWithAdamW(KFAC(matrix, model.modules(), betas=train.betas, precondition_every=every,
                                     loss_tokens=loss_tokens), adamw)
