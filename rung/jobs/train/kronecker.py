@@ -3,10 +3,11 @@ a momentum — for Shampoo and SOAP the factors of the gradient's second moment,
 
     L ← β₂·L + (1−β₂)·G·Gᵀ,   R ← β₂·R + (1−β₂)·Gᵀ·G,   M ← β₁·M + (1−β₁)·G,
 
-for K-FAC those of its layer's output gradients and inputs (`update_factors`) — a preconditioner derived from L and R
-by eigendecomposition (in float64: the small eigenvalues are where damping and ε act) on the first step and every
-`precondition_every` steps after, kept in between, and the decoupled update W ← W·(1 − η·λ) − η·D, D the
-subclass's direction (`shampoo.py`, `soap.py`, `kfac.py`).
+for K-FAC those of its layer's output gradients and inputs (`update_factors`); SOAP keeps them per tile — a
+preconditioner derived from L and R by eigendecomposition (in float64: the small eigenvalues are where damping and ε
+act) on the first step and every `precondition_every` steps after, kept in between, and the decoupled update
+W ← W·(1 − η·λ) − η·D, D the subclass's direction (`shampoo.py`, `soap.py`, `kfac.py`). Shampoo and K-FAC refresh
+before the step's direction (`advance`); SOAP after it, as its paper orders it.
 
 Why rung's own: the maintained registry implementations (pytorch_optimizer's Shampoo and SOAP) keep their factors as
 Python lists, None placeholders and floats in the optimizer state, which rung's pickle-free checkpoints (one named
