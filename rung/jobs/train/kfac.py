@@ -103,9 +103,9 @@ class KFAC(KroneckerFactored):
                 self.recorders[(index, position)] = LayerStatistics(owners[id(param)])
         self._statistics: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @staticmethod
-    def extra_shapes(out: int, into: int) -> dict[str, tuple[int, ...]]:
-        return {"left_inverse": (out, out), "right_inverse": (into, into), "pi": ()}
+    def state_shapes(self, out: int, into: int) -> dict[str, tuple[int, ...]]:
+        return {**super().state_shapes(out, into), "left_inverse": (out, out), "right_inverse": (into, into),
+                "pi": ()}
 
     def _take_statistics(self) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
         """This step's E[ĝĝᵀ] and E[aaᵀ] per layer over every worker's tokens; a layer no token reached has none."""

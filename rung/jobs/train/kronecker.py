@@ -49,14 +49,9 @@ class KroneckerFactored(torch.optim.Optimizer):
                                     device="cpu" if key in self.HOST_STATE else param.device) for key in self.STATE}}
 
     def state_shapes(self, out: int, into: int) -> dict[str, tuple[int, ...]]:
-        """The shape of each STATE tensor for a weight [out, into]: the momentum its own, the factors square, and the
-        subclass's (`extra_shapes`)."""
-        return {"momentum": (out, into), "left": (out, out), "right": (into, into), **self.extra_shapes(out, into)}
-
-    @staticmethod
-    def extra_shapes(out: int, into: int) -> dict[str, tuple[int, ...]]:
-        """The shapes of the subclass's own state tensors."""
-        raise NotImplementedError
+        """The shape of each STATE tensor for a weight [out, into]: here the momentum its own and the factors square;
+        a subclass adds its own tensors' shapes."""
+        return {"momentum": (out, into), "left": (out, out), "right": (into, into)}
 
     def update_factors(self, state: dict, grad: torch.Tensor, beta2: float, slot: tuple[int, int]) -> None:
         """Fold this step's statistics into the factors: here the gradient's own, GGᵀ and GᵀG (`slot`, the

@@ -23,9 +23,8 @@ class Shampoo(KroneckerFactored):
     STATE = (*KroneckerFactored.STATE, "left_root", "right_root")
     GROUP_KEY = "damping"
 
-    @staticmethod
-    def extra_shapes(out: int, into: int) -> dict[str, tuple[int, int]]:
-        return {"left_root": (out, out), "right_root": (into, into)}
+    def state_shapes(self, out: int, into: int) -> dict[str, tuple[int, ...]]:
+        return {**super().state_shapes(out, into), "left_root": (out, out), "right_root": (into, into)}
 
     def refresh(self, state: dict, group: dict, step: int) -> None:
         correction = 1 - group["betas"][1] ** step

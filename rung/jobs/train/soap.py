@@ -55,8 +55,8 @@ class SOAP(KroneckerFactored):
     def state_shapes(self, out: int, into: int) -> dict[str, tuple[int, ...]]:
         rows, cols = self._tile_sides(out, into)
         grid = (out // rows, into // cols)
-        return {"momentum": (out, into), "left": (*grid, rows, rows), "right": (*grid, cols, cols),
-                "left_basis": (*grid, rows, rows), "right_basis": (*grid, cols, cols),
+        left, right = (*grid, rows, rows), (*grid, cols, cols)  # per tile: a factor and its eigenbasis on each side
+        return {"momentum": (out, into), "left": left, "right": right, "left_basis": left, "right_basis": right,
                 "second_moment": (*grid, rows, cols)}
 
     def _tiles(self, matrix: torch.Tensor) -> torch.Tensor:
