@@ -36,8 +36,13 @@ $(STAMP): pyproject.toml Makefile $(wildcard rung/serving/worker/ops/csrc/*)
 run: install
 	$(BIN)/rung pipeline tiny $(ARGS)
 
+# Two phases, both always run: the modules marked serial (they take both cores, or time a wall-clock bound) alone,
+# after the rest two at a time (pytest-xdist; whole modules per worker, so module fixtures are built once).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -m "not serial" -n $(TEST_WORKERS) --dist loadfile; parallel=$$?; \
+	$(BIN)/python -m pytest tests -q -m serial; serial=$$?; \
+	test $$parallel -eq 0 -a $$serial -eq 0
 
 # vLLM's CPU build in its own venv, only as the engine benchmark's reference (it pins its own torch).
 VLLM_VENV ?= .venv-vllm

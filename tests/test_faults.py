@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from conftest import Server, http
 
+# `make test` runs this module alone, after the rest: drains are timed against their grace period
+pytestmark = pytest.mark.serial
+
 LONG = {"model": "tiny", "prompt": "def", "max_tokens": 4000, "ignore_eos": True}  # seconds: past every wait here
 
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
 from conftest import run_rung
+
+# `make test` runs this module alone, after the rest: the pipeline's sweep and two-worker training take both cores
+pytestmark = pytest.mark.serial
 
 
 def test_pipeline_end_to_end_then_cached_and_resumed(tmp_path, data_cache):

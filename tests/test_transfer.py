@@ -18,6 +18,9 @@ from rung.jobs.loading import load_run_config
 from rung.jobs.model.build import build_model
 from tests.conftest import assert_clean_failure, run_rung
 
+# `make test` runs this module alone, after the rest: sweeps and ladders run two trainings at a time on Ray
+pytestmark = pytest.mark.serial
+
 
 def test_grid_syntax():
     assert parse_grid("lr=2^-12:2^-4:x2") == ("train.lr", [2.0**e for e in range(-12, -3)])
