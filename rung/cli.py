@@ -17,6 +17,7 @@ from rung.jobs.pipeline import PipelineOptions
 from rung.jobs.planning.command import add_plan_parser, plan_overrides, run_plan
 from rung.jobs.presets import PRESETS
 from rung.serving.flags import add_serve_settings, flag_of, serve_settings
+from rung.serving.model_tools.command import add_model_tool_parsers, run_model_tool
 
 
 def _add_config(parser: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --ray: autoscale between MIN and MAX replicas on ongoing requests")
     serve.add_argument("--address", help="with --ray: a Ray cluster (default: RAY_ADDRESS, else an embedded local Ray)")
 
+    add_model_tool_parsers(commands)
+
     bench = commands.add_parser("bench", help="benchmarks: `rung bench serve` loads an OpenAI-compatible server")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     load = bench_commands.add_parser("serve", help="streaming load against any OpenAI-compatible server")
@@ -215,6 +218,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _serve_command(args)
     if args.command == "pipeline":
         return _pipeline_command(args)
+    if args.command in ("eval", "quantize"):
+        return run_model_tool(args, _exported_run_validation_ids)
     if args.command == "bench":
         from rung.serving.loadgen import bench_serve
 
@@ -342,6 +347,14 @@ def _serve_command(args: argparse.Namespace) -> int:
 
         serve(config, host=args.host, port=args.port)
     return 0
+
+
+def _exported_run_validation_ids(model_dir: str, tokens: int):
+    """`rung quantize`'s default calibration: the validation split of the run the folder was exported from (training
+    knows where a run's data lives; serving's quantizer takes the ids)."""
+    from rung.jobs.export.calibration import validation_ids
+
+    return validation_ids(model_dir, tokens)
 
 
 def _jobs_command(args: argparse.Namespace) -> int:

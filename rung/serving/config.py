@@ -17,6 +17,7 @@ from rung.errors import ConfigError
 DType = Literal["float32", "bfloat16", "float16"]
 Backend = Literal["rung", "vllm"]
 AttentionBackend = Literal["auto", "cpu", "torch", "triton"]
+Quantization = Literal["none", "int8", "int4"]
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block when the config leaves it to rung's engine
 CPU_KV_CACHE_MEMORY = 256 << 20  # bytes of KV pool on a CPU when the config does not say
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
@@ -45,10 +46,16 @@ class EngineConfig:
     # attention (and the other per-layer operations): auto = rung's C++ kernels on a CPU, Triton on a GPU where it is
     # installed, else PyTorch's operators; cpu / torch / triton to choose (worker/ops/select.py)
     attention_backend: AttentionBackend = "auto"
+    # the attention and MLP projections' weights as integers (worker/quantization.py): int8 with a scale per output
+    # row, int4 with one per quantization_group_size input features; embeddings, norms, MoE experts and (unless
+    # quantize_lm_head) the readout stay in dtype
+    quantization: Quantization = "none"
+    quantization_group_size: int = 128  # int4's input features per scale: must divide every projection's input size
+    quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
-                     "max_model_len", "nano_batches"):
+                     "max_model_len", "nano_batches", "quantization_group_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(name, f"must be at least 1, got {value}")
@@ -58,7 +65,7 @@ class EngineConfig:
             raise ConfigError("device", f"must be cpu, cuda or cuda:N, got {self.device!r}")
 
 
-RUNG_ONLY = ("nano_batches", "deterministic", "device")  # engine settings vLLM has no counterpart for
+RUNG_ONLY = ("nano_batches", "deterministic", "device", "quantize_lm_head")  # settings vLLM has no counterpart for
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -88,9 +95,10 @@ class ServeConfig:
             if getattr(self.engine, name):
                 raise ConfigError(f"engine.{name}", "applies to rung's engine only; leave it unset with the vllm "
                                   "engine")
-        if self.backend == "vllm" and self.engine.attention_backend != "auto":
-            raise ConfigError("engine.attention_backend", "applies to rung's engine only; leave it unset with the "
-                              "vllm engine")
+        for name, unset in (("attention_backend", "auto"), ("quantization", "none")):
+            if self.backend == "vllm" and getattr(self.engine, name) != unset:
+                raise ConfigError(f"engine.{name}", "applies to rung's engine only; leave it unset with the vllm "
+                                  "engine")
 
     @property
     def model_name(self) -> str:

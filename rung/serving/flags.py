@@ -1,4 +1,4 @@
-"""`rung serve`'s settings as command-line flags: each flag names a field of the serving config
+"""`rung serve`'s settings (and the model's, which `rung eval` shares) as command-line flags: each flag names a field of the serving config
 (`rung/serving/config.py`), takes its default from the dataclass, and a value the config refuses is reported as the
 flag the user typed (`--max-num-seqs: must be at least 1, got 0`). Torch-free: `rung --help` imports it."""
 
@@ -21,12 +21,48 @@ SERVE_FLAGS: dict[str, str] = {
     "--device": "device", "--engine": "backend", "--no-prefix-caching": "enable_prefix_caching",
     "--tool-call-parser": "tool_call_parser", "--attention-backend": "attention_backend",
     "--gpu-memory-utilization": "gpu_memory_utilization", "--enforce-eager": "enforce_eager",
+    "--quantization": "quantization", "--group-size": "quantization_group_size",
+    "--quantize-lm-head": "quantize_lm_head",
 }
+MODEL_FIELDS = ("dtype", "attention_backend", "quantization", "quantization_group_size", "quantize_lm_head", "device")
 GIB = 1 << 30
+
+
+def add_model_settings(parser: argparse.ArgumentParser) -> None:
+    """How the model computes: the flags `rung serve` and `rung eval` share."""
+    engine = lambda name: default(EngineConfig, name)  # noqa: E731
+    parser.add_argument("--dtype", default=engine("dtype"), choices=["float32", "bfloat16", "float16"],
+                        help=f"weights and KV cache dtype (default: {engine('dtype')})")
+    parser.add_argument("--attention-backend", default=engine("attention_backend"),
+                        choices=["auto", "cpu", "torch", "triton"],
+                        help="rung's compute path: cpu (its C++ kernels), torch (PyTorch's operators), triton (paged "
+                             "attention in Triton: GPUs, or a CPU under TRITON_INTERPRET=1); auto: cpu on a CPU, triton "
+                             "on a GPU where it is installed (default: auto)")
+    parser.add_argument("--quantization", default=engine("quantization"), choices=["none", "int8", "int4"],
+                        help="the attention and MLP projections' weights as integers: int8 (a scale per output row) "
+                             "or int4 (a scale per --group-size input features); on a CPU they multiply rows of "
+                             "activations quantized to int8 (default: none)")
+    parser.add_argument("--group-size", type=int, default=engine("quantization_group_size"),
+                        help="int4's input features per scale; must divide every projection's input size "
+                             f"(default: {engine('quantization_group_size')})")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="quantize the readout (vocabulary projection) too")
+    parser.add_argument("--device", help="where rung's engine computes: cpu, cuda, cuda:N (default: the GPU when "
+                                         "there is one, else the CPU)")
+
+
+def _value(args: argparse.Namespace, flag: str, name: str):
+    return getattr(args, {"--engine": "backend", "--no-prefix-caching": name}.get(flag, flag[2:].replace("-", "_")))
+
+
+def model_settings(args: argparse.Namespace) -> dict:
+    """The engine settings `add_model_settings`' flags set."""
+    return {name: _value(args, flag, name) for flag, name in SERVE_FLAGS.items() if name in MODEL_FIELDS}
 
 
 def add_serve_settings(serve: argparse.ArgumentParser) -> None:
     engine = lambda name: default(EngineConfig, name)  # noqa: E731
+    add_model_settings(serve)
     serve.add_argument("--served-model-name", help="the model id clients use (default: the folder's name)")
     serve.add_argument("--api-key", default=os.environ.get("RUNG_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $RUNG_API_KEY)")
@@ -41,8 +77,6 @@ def add_serve_settings(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--max-queued-tokens", type=int,
                        help="prompt tokens of waiting requests before new ones get 429 (default: no bound)")
     serve.add_argument("--max-model-len", type=int, help="context window (default: the model's)")
-    serve.add_argument("--dtype", default=engine("dtype"), choices=["float32", "bfloat16", "float16"],
-                       help=f"weights and KV cache dtype (default: {engine('dtype')})")
     serve.add_argument("--kv-cache-memory", type=float, metavar="GIB",
                        help=f"memory for the preallocated KV-cache pool in GiB (default: {CPU_KV_CACHE_MEMORY / GIB:g} "
                             "on a CPU; on a GPU, what --gpu-memory-utilization leaves after the weights and a "
@@ -70,13 +104,6 @@ def add_serve_settings(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                        help="schedule step i+1 while step i computes (default: rung's engine on a GPU only, "
                             "vLLM's own choice with --engine vllm)")
-    serve.add_argument("--attention-backend", default=engine("attention_backend"),
-                       choices=["auto", "cpu", "torch", "triton"],
-                       help="rung's compute path: cpu (its C++ kernels), torch (PyTorch's operators), triton (paged "
-                            "attention in Triton: GPUs, or a CPU under TRITON_INTERPRET=1); auto: cpu on a CPU, triton "
-                            "on a GPU where it is installed (default: auto)")
-    serve.add_argument("--device", help="where rung's engine computes: cpu, cuda, cuda:N (default: the GPU when "
-                                        "there is one, else the CPU)")
     serve.add_argument("--tool-call-parser", choices=list(TOOL_CALL_FORMATS),
                        help="how the model writes tool calls, for `tools` in chat requests (default: the format its "
                             "chat template shows; rung's exports write hermes)")
@@ -88,8 +115,7 @@ def serve_settings(args: argparse.Namespace) -> dict:
     """The flat settings `rung.serving.config.serve_config` takes, from the parsed flags."""
     settings = {"model_dir": args.model_dir}
     for flag, name in SERVE_FLAGS.items():
-        value = getattr(args, {"--engine": "backend", "--no-prefix-caching": name}.get(flag,
-                                                                                        flag[2:].replace("-", "_")))
+        value = _value(args, flag, name)
         settings[name] = round(value * GIB) if name == "kv_cache_memory" and value is not None else value
     return settings
 

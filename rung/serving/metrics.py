@@ -54,6 +54,8 @@ class ServeMetrics:
         self.step_tokens = tokens("rung_serve_engine_step_tokens", "Tokens computed by one engine step.")
         self.nano_batches = histogram("rung_serve_engine_step_nano_batches", "Nano-batches one step was split into.",
                                       buckets=(1, 2, 3, 4, 6, 8))
+        self.model_info = Gauge("rung_serve_model_info", "1 for the served model, labelled with how its weights are "
+                                "held.", labelnames=[*labels, "dtype", "quantization"], registry=self.registry)
         self._last = {"queries": 0, "hits": 0, "preemptions": 0}
         # every series exists from the start (at zero), so dashboards and alerts see them before the first event
         for metric in (self.requests_running, self.requests_waiting, self.kv_cache_usage, self.compute_busy,
@@ -63,6 +65,9 @@ class ServeMetrics:
             self.labels(metric)
         for reason in ("stop", "length", "abort"):
             self.labels(self.request_outcomes, finish_reason=reason)
+
+    def describe_model(self, dtype: str, quantization: str) -> None:
+        self.labels(self.model_info, dtype=dtype, quantization=quantization).set(1)
 
     def labels(self, metric, **labels):
         return metric.labels(model_name=self.model_name, **labels)

@@ -32,7 +32,7 @@ from rung.jobs.config import DataConfig
 from rung.jobs.data.corpus import BUILTIN, Part, plan_parts, read_part, resolve_sources
 from rung.jobs.data.encoding import EncodedBlock, connect_ray, encode_blocks, plan_blocks
 from rung.jobs.data.tokenizer import eos_id, load_tokenizer_folder, tokenizer_hash, train_bpe
-from rung.jobs.progress import Progress
+from rung.platform.progress import Progress
 
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"

@@ -22,7 +22,7 @@ from rung.jobs.data.prepare import prepare_data
 from rung.jobs.experiments.shapes import reshape
 from rung.jobs.model.build import build_model
 from rung.jobs.model.transformer import Transformer, language_model_loss
-from rung.jobs.progress import Progress
+from rung.platform.progress import Progress
 from rung.jobs.train.optimizers import build_optimizer, damping
 from rung.platform import runtime
 

@@ -31,7 +31,7 @@ from rung.jobs.experiments.grid import typed
 from rung.jobs.experiments.shapes import reshape
 from rung.jobs.params.parametrization import Parametrization
 from rung.jobs.params.roles import Role
-from rung.jobs.progress import Progress
+from rung.platform.progress import Progress
 
 
 LOSS_LABEL = {"validation": "validation loss (final evaluation)", "training": "training loss (last 20% of steps)"}

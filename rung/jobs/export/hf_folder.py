@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from rung.config import from_dict, to_dict
 from rung.errors import RungError
@@ -27,7 +26,9 @@ from rung.jobs.export.folding import check_exportable, granite_weights, hf_confi
 from rung.jobs.params.parametrization import Multipliers, Parametrization
 from rung.jobs.run_dir import STATE, WEIGHTS, RunDir
 from rung.platform.checkpoint import MANIFEST, CheckpointStore, verify
-from rung.platform.tensor_files import load_tensors
+from rung.platform.tensor_files import load_tensors, write_sharded
+
+PROVENANCE = "rung_export.json"  # where the folder came from: its run directory (whose validation split calibrates)
 
 # ChatML turns. With `tools`, a system turn lists them (one JSON object per line) and shows the Hermes call format
 # that rung's server reads back (`serving/api/tool_calls.py`); an assistant's calls are written in that format and a
@@ -112,30 +113,6 @@ def _write_tokenizer(run_dir: Path, out: Path, max_len: int) -> int:
     return eos_id
 
 
-def _write_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for index, shard in enumerate(shards, 1):
-        filename = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / filename), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (out / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
 def _model_card(ck: Checkpoint, fmt: str, architecture: str, mult: Multipliers) -> str:
     transfer = RunDir(ck.run_dir).transfer
     width, depth = ck.param.base_shape(ck.model)
@@ -179,8 +156,11 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
         eos_id = _write_tokenizer(ck.run_dir, staging, ck.model.max_seq_len)
         config = hf_config(ck.model, mult, fmt, tied, eos_id, dtype)
         config.save_pretrained(staging)
-        _write_weights(tensors, staging, max_shard_bytes)
+        write_sharded(tensors, staging, max_shard_bytes)
         (staging / "README.md").write_text(_model_card(ck, fmt, config.architectures[0], mult))
+        (staging / PROVENANCE).write_text(json.dumps({"run_dir": str(ck.run_dir.resolve()),
+                                                      "checkpoint": str(ck.path.resolve()),
+                                                      "step": ck.state["step"]}, indent=2))
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staging, out)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from rung.errors import RungError
 from rung.jobs.config import RunConfig
 from rung.jobs.model.counting import count
-from rung.jobs.progress import Progress
+from rung.platform.progress import Progress
 from rung.jobs.run_dir import RunDir
 from rung.jobs.train.step import StepMetrics
 from rung.platform import runtime

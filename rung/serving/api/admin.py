@@ -42,7 +42,7 @@ async def metrics(raw: Request):
 
 def _card(state: ServerState) -> ModelCard:
     return ModelCard(id=state.config.model_name, object="model", created=0, owned_by="rung",
-                     max_model_len=state.engine.max_model_len)
+                     max_model_len=state.engine.max_model_len, quantization=state.quantization)
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -36,6 +36,15 @@ def engine_client(config: ServeConfig, tokenizer, metrics: ServeMetrics, engine:
     return AsyncEngine(engine or ProcessCore(config.model_dir, config.engine), tokenizer, metrics)
 
 
+def served_quantization(config: ServeConfig) -> str:
+    """The engine's `--quantization`, else what the folder holds (`rung quantize` writes mixed ones)."""
+    if config.engine.quantization != "none" or config.backend != "rung":
+        return config.engine.quantization
+    from rung.serving.worker.compressed_tensors import describe
+
+    return describe(config.model_dir)
+
+
 def create_app(config: ServeConfig, engine: Engine | EngineClient | None = None, tokenizer=None) -> FastAPI:
     """The app. `engine`: an Engine to step on a thread here, or a ready EngineClient; by default the engine (and
     the tokenizer) load from `config.model_dir`."""
@@ -43,9 +52,11 @@ def create_app(config: ServeConfig, engine: Engine | EngineClient | None = None,
         tokenizer = load_tokenizer(config.model_dir)
     metrics = ServeMetrics(config.model_name)
     metrics.labels(metrics.queue_limit).set(config.max_queued_requests)
+    quantization = served_quantization(config)
+    metrics.describe_model(config.engine.dtype, quantization)
     client = engine if engine is not None and not isinstance(engine, Engine) else \
         engine_client(config, tokenizer, metrics, engine)
-    state = ServerState(config, tokenizer, client, metrics)
+    state = ServerState(config, tokenizer, client, metrics, quantization)
 
     async def lifespan(app: FastAPI):
         state.engine.start()

@@ -144,6 +144,7 @@ class ModelCard(Response):
     created: int
     owned_by: str
     max_model_len: int
+    quantization: str  # rung's: none, int8 or int4 (`--quantization`)
 
 
 class ModelList(Response):

@@ -30,8 +30,10 @@ def load_tokenizer(model_dir: str):
 
 
 class ServerState:
-    def __init__(self, config: ServeConfig, tokenizer, engine: EngineClient, metrics: ServeMetrics):
+    def __init__(self, config: ServeConfig, tokenizer, engine: EngineClient, metrics: ServeMetrics,
+                 quantization: str = "none"):
         self.config, self.tokenizer, self.engine, self.metrics = config, tokenizer, engine, metrics
+        self.quantization = quantization  # how the served weights are held (`/v1/models` reports it)
         self.ready = False
         self.draining = False
         self.open_requests = OpenRequests()  # what a drain's end cuts off

@@ -18,13 +18,15 @@ from rung.serving.worker.ops import Ops
 from rung.serving.worker.ops.select import select_ops
 from rung.serving.worker.ops.torch_ops import rope_tables
 from rung.serving.worker.overlap import StreamOverlap
+from rung.serving.worker.quantization import QUANTIZABLE, WeightQuantization
 from rung.serving.worker.step import StepInputs
 from rung.serving.worker.weights import check_weights, fuse_projections, stack_experts
 
 
 class InferenceModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                 device: torch.device = torch.device("cpu"), ops: Ops | None = None):
+                 device: torch.device = torch.device("cpu"), ops: Ops | None = None,
+                 quantization: WeightQuantization | None = None):
         self.spec, self.device = spec, device
         self.ops = ops or select_ops(device)
         self.last_nano_batches = 0
@@ -32,11 +34,24 @@ class InferenceModel:
         check_weights(spec, self.w)
         self.experts = [stack_experts(spec, self.w, i) for i in range(spec.num_layers)] if spec.num_experts else None
         fuse_projections(spec, self.w)
-        for name, tensor in self.w.items():  # the projections `_linear` reads, in the compute path's layout
-            if name.endswith(("_proj.weight", "_linear.weight", "lm_head.weight")):
-                self.w[name] = self.ops.pack_linear(tensor)
-        self.lm_head = self.ops.pack_linear(self.w["model.embed_tokens.weight"]) if spec.tie_word_embeddings \
+        self.quantization = quantization
+        stored: dict[str, int] = {}  # bytes of each projection as stored: a quantized one at its width, with scales
+
+        def packed(name: str, weight: torch.Tensor):  # quantized where the plan says, in the compute path's layout
+            weight = quantization.apply(name, weight) if quantization else weight
+            stored[name] = weight.nbytes
+            return self.ops.pack_linear(weight)
+
+        for name, tensor in self.w.items():  # the projections `_linear` reads
+            if name.endswith(QUANTIZABLE):
+                self.w[name] = packed(name, tensor)
+        self.lm_head = packed("lm_head.weight", self.w["model.embed_tokens.weight"]) if spec.tie_word_embeddings \
             else self.w["lm_head.weight"]
+        if spec.tie_word_embeddings and not (quantization and quantization.lm_head):
+            stored.pop("lm_head.weight")  # the embedding itself, counted once
+        # every weight's bytes as stored: what quantization saves
+        self.weight_bytes = sum(stored.values()) + sum(t.nbytes for n, t in self.w.items() if n not in stored) + \
+            sum(t.nbytes for layer in self.experts or [] for t in layer[1:])
         self._overlap = StreamOverlap()
 
     def _norm(self, x: torch.Tensor, weight: str) -> torch.Tensor:

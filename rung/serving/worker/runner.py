@@ -25,6 +25,7 @@ from rung.serving.worker.kv_sizing import check_device_fits, kv_cache_bytes, num
 from rung.serving.worker.model import InferenceModel
 from rung.serving.worker.model_spec import load_spec
 from rung.serving.worker.ops.select import select_ops
+from rung.serving.worker.quantization import QuantizedWeight, WeightQuantization
 from rung.serving.worker.sampling import SampleInput, Sampler
 from rung.serving.worker.step import StepInputs
 from rung.serving.worker.weights import load_weights
@@ -40,6 +41,21 @@ def resolve_device(device: str | None) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device", "is cuda, but torch sees no CUDA GPU here")
     return torch.device(device)
+
+
+def load_model(model_dir: str | Path, config: EngineConfig) -> InferenceModel:
+    """The model of a Hugging Face folder on the configured device and compute path, quantized as configured."""
+    spec = load_spec(model_dir)
+    dtype, device = DTYPES[config.dtype], resolve_device(config.device)
+    ops = select_ops(device, config.attention_backend)
+    ops.check_model(spec.head_dim)
+    check_device_fits(spec, dtype, device, config.gpu_memory_utilization)
+    quantization = WeightQuantization.of(config.quantization, config.quantization_group_size, config.quantize_lm_head)
+    weights = load_weights(model_dir)
+    if quantization and any(isinstance(w, QuantizedWeight) for w in weights.values()):
+        raise ConfigError("quantization", f"{model_dir} is already quantized (its config.json's "
+                          "quantization_config); serve it without --quantization")
+    return InferenceModel(spec, weights, dtype, device, ops, quantization)
 
 
 @dataclass
@@ -80,12 +96,8 @@ class ModelRunner:
     @classmethod
     def for_folder(cls, model_dir: str | Path, config: EngineConfig, nano_batches: int = 1) -> ModelRunner:
         """The model of a Hugging Face folder on the configured device, over a KV pool sized by the config."""
-        spec = load_spec(model_dir)
-        dtype, device = DTYPES[config.dtype], resolve_device(config.device)
-        ops = select_ops(device, config.attention_backend)
-        ops.check_model(spec.head_dim)
-        check_device_fits(spec, dtype, device, config.gpu_memory_utilization)
-        model = InferenceModel(spec, load_weights(model_dir), dtype, device, ops)
+        model = load_model(model_dir, config)
+        spec, dtype, device, ops = model.spec, DTYPES[config.dtype], model.device, model.ops
         block_size = config.block_size or DEFAULT_BLOCK_SIZE
         num_blocks = config.num_blocks or num_kv_blocks(spec, block_size, dtype, kv_cache_bytes(model, config))
         grammars = GrammarMasks(model_dir, spec.vocab_size, list(spec.eos_token_ids))

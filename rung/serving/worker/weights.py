@@ -11,13 +11,16 @@ import torch
 
 from rung.errors import RungError
 from rung.platform.tensor_files import load_tensors
-from rung.serving.worker.model_spec import ModelSpec
+from rung.serving.worker.compressed_tensors import read_quantized
+from rung.serving.worker.model_spec import ModelSpec, read_config
+from rung.serving.worker.quantization import QUANTIZABLE, QuantizedWeight
 
 Experts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # router [E, d], gate|up [E, d, 2f], down [E, f, d]
 
 
-def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint."""
+def load_weights(folder: str | Path) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint; the layers a quantized folder
+    (`compressed_tensors.py`) holds as levels, as QuantizedWeights."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
@@ -27,6 +30,15 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         if not (folder / name).is_file():
             raise RungError(f"{folder} is missing its weights file {name}")
         weights.update(load_tensors(folder / name))
+    config = read_config(folder / "config.json").get("quantization_config")
+    if config is None:
+        return weights
+    weights = read_quantized(weights, config)
+    beyond = [name for name, w in weights.items() if isinstance(w, QuantizedWeight) and not name.endswith(QUANTIZABLE)]
+    if beyond:
+        raise RungError(f"{folder}: {beyond[0].removesuffix('.weight')} is quantized; rung's engine holds only the "
+                        "attention and MLP projections and the readout as levels (embeddings, routers and MoE "
+                        "experts stay float)")
     return weights
 
 
@@ -78,22 +90,31 @@ def check_weights(spec: ModelSpec, w: dict[str, torch.Tensor]) -> None:
         raise RungError(f"the weights do not match the config: {'; '.join(wrong[:3])}")
 
 
-def fuse_projections(spec: ModelSpec, w: dict[str, torch.Tensor]) -> None:
+def fused_groups(spec: ModelSpec) -> dict[str, list[str]]:
+    """Per layer, the projections the engine multiplies as one (`fuse_projections`): fused name → the folder's names
+    of its parts, in order, all relative to `model.layers.N.`."""
+    groups = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}
+    if not spec.num_experts:
+        groups["mlp.gate_up_proj"] = ["mlp.gate_proj", "mlp.up_proj"]
+    return groups
+
+
+def fuse_projections(spec: ModelSpec, w: dict[str, torch.Tensor | QuantizedWeight]) -> None:
     """One GEMM for q, k and v (queries scaled by the attention scale on the way) and one for gate and up, as
     vLLM does: fewer, larger products per layer, and no pass to scale the queries. Changes `w` in place."""
     for layer in range(spec.num_layers):
         prefix = f"model.layers.{layer}."
-        groups = {"self_attn.qkv_proj": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}
-        if not spec.num_experts:
-            groups["mlp.gate_up_proj"] = ["mlp.gate_proj", "mlp.up_proj"]
-        for fused, parts in groups.items():
+        for fused, parts in fused_groups(spec).items():
             for kind in ("weight", "bias"):
                 if f"{prefix}{parts[0]}.{kind}" in w:
-                    w[f"{prefix}{fused}.{kind}"] = torch.cat([w.pop(f"{prefix}{part}.{kind}") for part in parts])
+                    tensors = [w.pop(f"{prefix}{part}.{kind}") for part in parts]
+                    w[f"{prefix}{fused}.{kind}"] = QuantizedWeight.cat(tensors) \
+                        if isinstance(tensors[0], QuantizedWeight) else torch.cat(tensors)
         for kind in ("weight", "bias"):  # queries come out scaled for attention (RoPE is linear)
             name = f"{prefix}self_attn.qkv_proj.{kind}"
             if name in w:
-                w[name][:spec.num_heads * spec.head_dim] *= spec.attention_scale
+                rows = w[name].scales if isinstance(w[name], QuantizedWeight) else w[name]  # a row's scale scales it
+                rows[:spec.num_heads * spec.head_dim] *= spec.attention_scale
 
 
 def stack_experts(spec: ModelSpec, w: dict[str, torch.Tensor], layer: int) -> Experts:

@@ -1,6 +1,6 @@
 """rung's compiled CPU kernels (`csrc/`): attention for every decoding request of a step in one call and for every
-prefill chunk in another, the writes of a step's keys and values into the paged pool, and the layers' RMSNorm,
-rotary embedding and SwiGLU activation in one pass each.
+prefill chunk in another, the writes of a step's keys and values into the paged pool, the layers' RMSNorm,
+rotary embedding and SwiGLU activation in one pass each, and linear layers over int8 and int4 weights.
 
 Why: a decode's attention in PyTorch is three small operators per layer per request, a prefill chunk's a Python
 loop over tiles that materialises every score, and RMSNorm, RoPE and SwiGLU are several passes over the hidden
@@ -103,6 +103,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up [tokens, 2f] = [gate | up]."""
     return torch.ops.rung.silu_and_mul(gate_up)
+
+
+def quantized_linear(x: torch.Tensor, levels: torch.Tensor, scales: torch.Tensor, shifts: torch.Tensor,
+                     out_features: int) -> torch.Tensor:
+    """x [rows, in] (float) times a weight of int8 levels, in the layouts `cpu_ops.pack_quantized` makes: each row
+    of x quantized to int8 with its own scale, integer products, fp32 scales per output row and group. Returns
+    [rows, out_features] in float."""
+    return torch.ops.rung.quantized_linear(x, levels, scales, shifts, out_features)
 
 
 def main() -> None:

@@ -7,16 +7,53 @@ backend does). Why: torch's `F.linear` on a CPU goes to MKL with the weight as s
 EPYC box ran at 0.5–0.9x of oneDNN's packed GEMM — decode-sized batches and the vocabulary projection lost most
 (`bench/RESULTS.md`). A weight oneDNN cannot take (a dtype this CPU lacks instructions for, a build without oneDNN)
 stays as it is and runs through `F.linear`.
+
+Quantized weights (`worker/quantization.py`) run on rung's integer kernel (`csrc/quantized_linear.cpp`): at decode
+batch sizes a CPU's float GEMM is bound by arithmetic rather than by reading weights, so it multiplies int8 levels
+by each row of x quantized to int8 (its own scale per row), 64 pairs per AVX-512 VNNI instruction. torch's own
+weight-only operators (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) were measured on this project's AMD EPYC
+box first: with float activations 12-70x slower than the float GEMM, and with bf16 ones 0.4-0.9x of it at 32 rows.
+The per-row quantization of x is the kernel's only extra rounding; `rung eval` measures what it costs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from rung.serving.worker.ops import cpu_kernels
 from rung.serving.worker.ops.torch_ops import TorchOps
+from rung.serving.worker.quantization import QuantizedWeight
 from rung.serving.worker.step import StepInputs
+
+LANES = 16  # output rows per block of the integer kernel
+
+
+@dataclass(frozen=True)
+class PackedQuantized:
+    """A quantized weight in the integer kernel's layouts (`csrc/quantized_linear.cpp`)."""
+
+    levels: torch.Tensor  # int8 [out/16, in/4, 64]; int4: [out/16, in/4, 32], two levels a byte
+    scales: torch.Tensor  # fp32 [out/16, groups, 16]
+    shifts: torch.Tensor  # int32 [out/16, groups, 16]: 128 x each group's sum of levels
+    out_features: int
+
+
+def pack_quantized(weight: QuantizedWeight) -> PackedQuantized:
+    """The kernel's layouts of `weight`, output rows padded to a multiple of 16 with zero levels."""
+    out, features = weight.shape
+    padded = -out % LANES
+    q = F.pad(weight.q, (0, 0, 0, padded))
+    scales = F.pad(weight.scales, (0, 0, 0, padded), value=1.0)
+    blocks, groups = (out + padded) // LANES, scales.shape[1]
+    levels = q.view(blocks, LANES, features // 4, 4).transpose(1, 2).reshape(blocks, features // 4, 4 * LANES)
+    if weight.bits == 4:  # byte j: level j in the low nibble, level j + 32 in the high one
+        levels = (levels[..., :2 * LANES] & 0xF) | (levels[..., 2 * LANES:] << 4)
+    shifts = 128 * q.view(out + padded, groups, -1).sum(-1, dtype=torch.int32)
+    per_block = lambda t: t.view(blocks, LANES, groups).transpose(1, 2).contiguous()  # noqa: E731
+    return PackedQuantized(levels, per_block(scales), per_block(shifts), out)
 
 
 class CpuKernelOps(TorchOps):
@@ -27,7 +64,9 @@ class CpuKernelOps(TorchOps):
     def prepare(self, step: StepInputs) -> None:
         step.decodes, step.prefills  # noqa: B018 - built now, while (under async scheduling) the step before computes
 
-    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
+    def pack_linear(self, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | PackedQuantized | QuantizedWeight:
+        if isinstance(weight, QuantizedWeight):  # the kernel reads input features in fours
+            return pack_quantized(weight) if weight.group_size % 4 == 0 else weight
         if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):  # private ops: checked, not assumed
             return weight
         try:
@@ -35,7 +74,14 @@ class CpuKernelOps(TorchOps):
         except RuntimeError:  # e.g. fp16 on a CPU without avx512_fp16
             return weight
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | PackedQuantized | QuantizedWeight,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(weight, PackedQuantized):
+            out = cpu_kernels.quantized_linear(x.float(), weight.levels, weight.scales, weight.shifts,
+                                               weight.out_features).to(x.dtype)
+            return out if bias is None else out + bias
+        if isinstance(weight, QuantizedWeight):
+            return super().linear(x, weight, bias)
         if weight.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
         return F.linear(x, weight, bias)

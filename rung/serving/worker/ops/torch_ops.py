@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rung.serving.worker.quantization import QuantizedWeight
 from rung.serving.worker.step import StepInputs
 
 ATTENTION_TILE = 128  # query rows per score matrix: a causal tile reads only the keys its last row can see
@@ -103,10 +104,15 @@ class TorchOps:
     def prepare(self, step: StepInputs) -> None:
         """Nothing to precompute: spans carry their runs."""
 
-    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
+    def pack_linear(self, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight:
         return weight
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """A quantized weight is dequantized to x's dtype for each product: the reference, exact to the levels,
+        and no faster than the float weight."""
+        if isinstance(weight, QuantizedWeight):
+            weight = weight.dequantize(x.dtype)
         return F.linear(x, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The Triton compute path: paged attention for the whole step — every decode and every prefill chunk, over contexts
 that are runs of pool slots — in one kernel launch per layer, instead of PyTorch operators per span; and one launch
 each for RMSNorm (fp32 statistics, cast, scale), rotary embedding of queries and keys together (in place), and the
-step's KV-cache writes, where PyTorch spends several operators on each. The GEMMs, SwiGLU and the experts' grouped
-GEMM are PyTorch's (TorchOps). Every kernel reads only tensors (no per-step Python values), so a decode step's
+step's KV-cache writes, where PyTorch spends several operators on each; and linear layers over int8 and int4
+weights, dequantized tile by tile in registers. The float GEMMs, SwiGLU and the experts' grouped GEMM are PyTorch's
+(TorchOps). Every kernel reads only tensors (no per-step Python values), so a decode step's
 launches can be captured in a CUDA graph and replayed (`worker/cuda_graphs.py`).
 
 One program per (query token, query head) walks its span's runs of the pool block by block with an online softmax
@@ -17,16 +18,19 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
 from rung.errors import ConfigError
 from rung.serving.worker.ops.torch_ops import TorchOps
+from rung.serving.worker.quantization import QuantizedWeight
 from rung.serving.worker.step import StepInputs
 
 BLOCK_N = 32  # keys per iteration
 MAX_HEAD_DIM = 256
+GEMM_BLOCK_M, GEMM_BLOCK_N = 16, 64  # rows of x and of the weight per program of the quantized GEMM
 
 
 def triton_available(device: torch.device) -> None:
@@ -124,8 +128,56 @@ def _kernels() -> SimpleNamespace:
         out = acc / total
         tl.store(out_ptr + token * stride_ot + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=in_head)
 
+    @triton.jit
+    def quantized_linear(x_ptr, q_ptr, scale_ptr, out_ptr, M, N, K, stride_xm, stride_qn, stride_sn, stride_om,
+                         GROUP: tl.constexpr, INT4: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            k = start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=(rows < M)[:, None], other=0.0)
+            if INT4:  # byte j: feature 2j in its low nibble, 2j + 1 in its high one
+                pairs = start // 2 + tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(q_ptr + cols[:, None] * stride_qn + pairs[None, :], mask=(cols < N)[:, None],
+                                 other=0).to(tl.int32) & 0xFF
+                low, high = packed & 0xF, packed >> 4
+                levels = tl.interleave((low ^ 8) - 8, (high ^ 8) - 8)
+            else:
+                levels = tl.load(q_ptr + cols[:, None] * stride_qn + k[None, :], mask=(cols < N)[:, None], other=0)
+            scale = tl.load(scale_ptr + cols * stride_sn + start // GROUP, mask=cols < N, other=0.0)
+            weight = levels.to(tl.float32) * scale[:, None]
+            acc += tl.dot(x.to(tl.float32), tl.trans(weight), input_precision=PRECISION)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=(rows < M)[:, None] & (cols < N)[None, :])
+
     return SimpleNamespace(paged_attention=paged_attention, rms_norm=rms_norm, rotary=rotary, write_kv=write_kv,
-                           next_power_of_2=triton.next_power_of_2)
+                           quantized_linear=quantized_linear, next_power_of_2=triton.next_power_of_2)
+
+
+@dataclass(frozen=True)
+class TritonQuantized:
+    """A quantized weight as the Triton kernel reads it: int8 levels [out, in], or int4 ones two to a byte
+    [out, in / 2], and fp32 scales [out, in / group]."""
+
+    levels: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+    group_size: int
+    block_k: int  # input features per step of the kernel: divides the group, so each step reads one scale a row
+
+
+def pack_for_triton(weight: QuantizedWeight) -> TritonQuantized | None:
+    """The kernel's layout, or None where its blocks do not fit (a group of fewer than 16 features, or not a multiple
+    of 16): the reference path computes those."""
+    block_k = next((b for b in (64, 32, 16) if weight.group_size % b == 0), None)
+    if block_k is None:
+        return None
+    levels = weight.q
+    if weight.bits == 4:
+        levels = (levels[:, 0::2] & 0xF) | (levels[:, 1::2] << 4)
+    return TritonQuantized(levels.contiguous(), weight.scales.contiguous(), weight.bits, weight.group_size, block_k)
 
 
 class TritonOps(TorchOps):
@@ -140,6 +192,31 @@ class TritonOps(TorchOps):
 
     def prepare(self, step: StepInputs) -> None:
         step.run_layout()  # now, while (under async scheduling) the step before computes; nano-batches build theirs
+
+    def pack_linear(self, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor | QuantizedWeight | TritonQuantized:
+        return (pack_for_triton(weight) or weight) if isinstance(weight, QuantizedWeight) else weight
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight | TritonQuantized,
+               bias: torch.Tensor | None) -> torch.Tensor:
+        """A quantized weight in one launch: each step of the input features dequantizes a tile of levels in
+        registers and multiplies it, accumulating in fp32 (weight-only: x as it is). fp32 activations multiply in
+        full fp32, as the reference; half-precision ones in TF32, which holds them exactly (and holds the tile
+        more finely than their own dtype would) — and Triton's interpreter, which the tests run, multiplies
+        bf16 tiles wrongly."""
+        if not isinstance(weight, TritonQuantized):
+            return super().linear(x, weight, bias)
+        kernels = _kernels()
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        count, features, outputs = rows.shape[0], rows.shape[1], weight.scales.shape[0]
+        out = torch.empty(count, outputs, dtype=x.dtype, device=x.device)
+        grid = (-(-count // GEMM_BLOCK_M), -(-outputs // GEMM_BLOCK_N))
+        kernels.quantized_linear[grid](rows, weight.levels, weight.scales, out, count, outputs, features,
+                                       rows.stride(0), weight.levels.stride(0), weight.scales.stride(0), out.stride(0),
+                                       GROUP=weight.group_size, INT4=weight.bits == 4,
+                                       PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                                       BLOCK_M=GEMM_BLOCK_M, BLOCK_N=GEMM_BLOCK_N, BLOCK_K=weight.block_k)
+        out = out.view(*x.shape[:-1], outputs)
+        return out if bias is None else out + bias
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         kernels = _kernels()
