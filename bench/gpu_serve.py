@@ -8,7 +8,9 @@ minutes: rung's engine (its Triton paged attention, `--attention-backend auto`) 
 - decode step time against batch size (1-256, 512-token contexts) beside the HBM roofline: bytes of weights and KV
   read per step over the card's bandwidth, measured in the same run with a device-to-device copy — with CUDA graphs
   (the default) and without (`enforce_eager`);
-- nano-batching off and on (1 and 2 nano-batches) on the MoE, on a quarter of its requests.
+- nano-batching off and on (1 and 2 nano-batches) on the MoE, on a quarter of its requests;
+- the dense model's weights as int8 and int4 (`--quantization`, Triton's weight-only GEMM) against bf16, output
+  tokens/s on a quarter of its requests.
 
 The engines size their KV pool from the device (`gpu_memory_utilization`, the default 0.9), so the run exercises
 the profiling too. Writes OUT/gpu_serve.json and OUT/gpu_serve.png naming the card. `--smoke` runs every part on
@@ -79,14 +81,15 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_rung(folder: Path, requests, dtype: str, nano_batches: int | None = None) -> float:
+def run_rung(folder: Path, requests, dtype: str, nano_batches: int | None = None, quantization: str = "none") -> float:
     """Output tokens/s of rung's offline engine on `requests` (prompt, output length), all submitted at once."""
     from rung.serving.core.params import SamplingParams
     from rung.serving.engine.llm import LLM
 
     release_memory()
     llm = LLM(folder, dtype=dtype, max_num_seqs=256, max_num_batched_tokens=8192,
-              kv_cache_memory=None if torch.cuda.is_available() else 1 << 30, nano_batches=nano_batches)
+              kv_cache_memory=None if torch.cuda.is_available() else 1 << 30, nano_batches=nano_batches,
+              quantization=quantization)
     engine = llm.engine
     for index, (prompt, output) in enumerate(requests):
         engine.add(f"r{index}", prompt, SamplingParams(max_tokens=output, temperature=0, ignore_eos=True))
@@ -217,6 +220,10 @@ def main() -> None:
                                               "transformers": run_transformers(folder, requests[:64]),
                                               "vllm": run_vllm(folder, requests)}
         print(f"{name}: " + ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in rates.items() if v), flush=True)
+        if name == "llama-1b":  # int8 / int4 weights on Triton's quantized GEMM, a quarter of the requests
+            record["quantization"] = {scheme: run_rung(folder, requests[:count // 4], dtype, quantization=scheme)
+                                      for scheme in ("none", "int8", "int4")}
+            print(f"{name} quantization none / int8 / int4: {record['quantization']}", flush=True)
         if name == "moe-8x":  # a quarter of the requests: the comparison, not the total, is what counts here
             record["nano_batches"] = {str(n): run_rung(folder, requests[:count // 4], dtype, nano_batches=n)
                                       for n in (1, 2)}

@@ -1,5 +1,6 @@
-"""Low-bit serving weights on this CPU (`make bench`): per model and scheme (fp32, bf16, int8, int4), decode output
-tokens/s at concurrency 32 and what it costs in quality, all in one run.
+"""Low-bit serving weights on this CPU (`make bench`): per model and scheme (fp32, bf16, int8, int4; the last two
+also with the readout quantized, `--quantize-lm-head`), decode output tokens/s at concurrency 32 and what it costs
+in quality, all in one run.
 
 - Speed: 32 requests of 32-token prompts prefilled (not timed), then every decode step timed until each has 128
   tokens (fewer where the model's context is shorter: the tiny models' 128 leave 96); output tokens/s of the decode
@@ -41,8 +42,11 @@ from rung.serving.model_tools.perplexity import (evaluate, prefill, read_documen
 from rung.serving.worker.runner import load_model  # noqa: E402
 
 SCHEMES = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "int8": {"quantization": "int8"},
-           "int4": {"quantization": "int4"}}
-GOALS = {"int8": (1.5, 0.01), "int4": (2.0, 0.05)}  # decode speed-up over fp32, perplexity increase at most
+           "int4": {"quantization": "int4"},
+           "int8+head": {"quantization": "int8", "quantize_lm_head": True},  # the readout too (--quantize-lm-head)
+           "int4+head": {"quantization": "int4", "quantize_lm_head": True}}
+# decode speed-up over fp32 and perplexity increase at most, per scheme (with the readout float and quantized)
+GOALS = {"int8": (1.5, 0.01), "int4": (2.0, 0.05), "int8+head": (1.5, 0.01), "int4+head": (2.0, 0.05)}
 CONCURRENCY, PROMPT = 32, 32  # requests, prompt tokens each; outputs of 128 tokens, or what the context leaves
 CALIBRATION_TOKENS = 16384
 HELD_OUT_PACKAGE = "transformers/utils"  # Python source the built-in corpus (the standard library) does not hold

@@ -345,7 +345,10 @@ def _serve_command(args: argparse.Namespace) -> int:
     else:
         from rung.serving.api.server import serve
 
-        serve(config, host=args.host, port=args.port)
+        try:
+            serve(config, host=args.host, port=args.port)
+        except ConfigError as err:  # a setting the model refuses at load (--group-size that divides no layer)
+            raise flag_of(err) from None
     return 0
 
 

@@ -207,6 +207,8 @@ def test_bad_quantization_settings_and_eval_data_are_refused(model_dir, tmp_path
     # 24 divides no projection's input of this model (64 and 176 features)
     assert_clean_failure(run_rung("eval", str(model_dir), "--data", str(text), "--quantization", "int4",
                                   "--group-size", "24"), "--group-size: 24 does not divide", "input features")
+    assert_clean_failure(run_rung("serve", str(model_dir), "--quantization", "int4", "--group-size", "24"),
+                         "--group-size: 24 does not divide")
     assert_clean_failure(run_rung("eval", str(model_dir), "--data", str(tmp_path / "none.txt")), "no such file")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     assert_clean_failure(run_rung("eval", str(model_dir), "--data", str(tmp_path / "latin1.txt")), "not UTF-8")

@@ -38,7 +38,7 @@ def engine_client(config: ServeConfig, tokenizer, metrics: ServeMetrics, engine:
 
 def served_quantization(config: ServeConfig) -> str:
     """The engine's `--quantization`, else what the folder holds (`rung quantize` writes mixed ones)."""
-    if config.engine.quantization != "none" or config.backend != "rung":
+    if config.engine.quantization != "none":
         return config.engine.quantization
     from rung.serving.worker.compressed_tensors import describe
 

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from rung.errors import RungError
+from rung.errors import ConfigError, RungError
 from rung.serving.config import EngineConfig
 from rung.serving.engine.engine import Engine
 from rung.serving.engine.messages import (AbortRequest, AddRequest, EngineFailed, EngineReady, LoadFailed,
@@ -119,6 +119,9 @@ def _engine_process(model_dir: str, config: EngineConfig, conn) -> None:
     configure_process()
     try:
         engine = Engine(model_dir, config)
+    except ConfigError as err:
+        conn.send(LoadFailed(err.message, err.field))
+        return
     except RungError as err:
         conn.send(LoadFailed(str(err)))
         return
@@ -164,7 +167,7 @@ class ProcessCore:
                             f"{model_dir}") from None
         if isinstance(first, LoadFailed):
             self._process.join(timeout=5)
-            raise RungError(first.reason)
+            raise RungError(first.reason) if first.field is None else ConfigError(first.field, first.reason)
         self.limits = dispatch(first, {EngineReady: lambda m: m.limits})
         self.place = "in its own process"
         self._reader: threading.Thread | None = None

@@ -83,6 +83,7 @@ class LoadFailed:
     """The engine could not be built (a bad model folder, a bad setting): the user's problem, said as is."""
 
     reason: str
+    field: str | None = None  # the engine setting it names, when it is one (a ConfigError's field)
 
 
 @dataclass(frozen=True)

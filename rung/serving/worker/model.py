@@ -18,13 +18,14 @@ from rung.serving.worker.ops import Ops
 from rung.serving.worker.ops.select import select_ops
 from rung.serving.worker.ops.torch_ops import rope_tables
 from rung.serving.worker.overlap import StreamOverlap
-from rung.serving.worker.quantization import QUANTIZABLE, WeightQuantization
+from rung.serving.worker.quantization import QUANTIZABLE, QuantizedWeight, WeightQuantization
 from rung.serving.worker.step import StepInputs
 from rung.serving.worker.weights import check_weights, fuse_projections, stack_experts
 
 
 class InferenceModel:
-    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor | QuantizedWeight],
+                 dtype: torch.dtype = torch.float32,
                  device: torch.device = torch.device("cpu"), ops: Ops | None = None,
                  quantization: WeightQuantization | None = None):
         self.spec, self.device = spec, device
@@ -34,10 +35,9 @@ class InferenceModel:
         check_weights(spec, self.w)
         self.experts = [stack_experts(spec, self.w, i) for i in range(spec.num_layers)] if spec.num_experts else None
         fuse_projections(spec, self.w)
-        self.quantization = quantization
         stored: dict[str, int] = {}  # bytes of each projection as stored: a quantized one at its width, with scales
 
-        def packed(name: str, weight: torch.Tensor):  # quantized where the plan says, in the compute path's layout
+        def packed(name: str, weight: torch.Tensor | QuantizedWeight):  # quantized as planned, in the path's layout
             weight = quantization.apply(name, weight) if quantization else weight
             stored[name] = weight.nbytes
             return self.ops.pack_linear(weight)

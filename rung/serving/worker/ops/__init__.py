@@ -4,9 +4,11 @@ one interface, so the model (`worker/model.py`) is written once and a new device
     Ops (this interface)
      ├─ TorchOps       PyTorch operators: any device; the reference every other path is tested against
      ├─ CpuKernelOps   rung's C++ kernels (csrc/) for CPUs: decode attention of a whole step in one call,
-     │                 fused KV writes, RMSNorm, RoPE and SwiGLU; and oneDNN's GEMMs over weights packed at load
-     └─ TritonOps      paged attention of the whole step in one Triton launch per layer (GPUs; on a CPU under
-                       Triton's interpreter, for tests), PyTorch's operators for the rest
+     │                 fused KV writes, RMSNorm, RoPE and SwiGLU, the int8 GEMM over quantized weights; and
+     │                 oneDNN's GEMMs over float weights packed at load
+     └─ TritonOps      paged attention of the whole step in one Triton launch per layer and the weight-only GEMM
+                       over quantized weights (GPUs; on a CPU under Triton's interpreter, for tests), PyTorch's
+                       operators for the rest
 
 `select.select_ops(device, backend)` picks (the engine's `attention_backend`, `auto` by default): the C++ kernels on a
 CPU where they are built (and RUNG_KERNELS is not 0), Triton on a GPU where it is installed, PyTorch's operators
@@ -19,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from rung.serving.worker.quantization import QuantizedWeight
 from rung.serving.worker.step import StepInputs
 
 
@@ -35,10 +38,11 @@ class Ops(Protocol):
         """Build whatever metadata this path needs for `step` (a whole step or one of its nano-batches) once, not per
         layer, before it runs."""
 
-    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
-        """A linear layer's weight [out, in] in the layout this path's `linear` reads fastest, made once at load."""
+    def pack_linear(self, weight: torch.Tensor | QuantizedWeight) -> object:
+        """A linear layer's weight [out, in], float or quantized (`worker/quantization.py`), in the layout this
+        path's `linear` reads fastest, made once at load."""
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: object, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ weight.T + bias, for a weight `pack_linear` made."""
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
