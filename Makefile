@@ -61,6 +61,7 @@ bench: install
 	$(BIN)/python bench/profile_engine.py --out bench/out
 	$(BIN)/python bench/structured_overhead.py --out bench/out
 	$(BIN)/python bench/optimizer_overhead.py --out bench/out
+	$(BIN)/python bench/quantized_gemm.py --out bench/out
 	test -f runs/pipeline/model/config.json || $(BIN)/rung pipeline tiny --exit  # a trained model to quantize
 	$(BIN)/python bench/quantization.py --trained runs/pipeline/model --out bench/out
 

@@ -76,8 +76,10 @@ def quantization_config(weights: dict[str, QuantizedWeight], ignore: list[str]) 
 
 
 def describe(model_dir: str | Path) -> str:
-    """What a folder holds, as `--quantization` names it: none, int8, int4, or mixed (both widths)."""
-    config = read_config(Path(model_dir) / "config.json").get("quantization_config")
+    """What a folder holds, as `--quantization` names it: none, int8, int4, or mixed (both widths). A folder without
+    config.json (a hub id vLLM resolves; an app built around an injected engine) holds nothing rung can see."""
+    path = Path(model_dir) / "config.json"
+    config = read_config(path).get("quantization_config") if path.is_file() else None
     if not config:
         return "none"
     widths = {(group.get("weights") or {}).get("num_bits") for group in (config.get("config_groups") or {}).values()}
