@@ -81,15 +81,15 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_rung(folder: Path, requests, dtype: str, nano_batches: int | None = None, quantization: str = "none") -> float:
-    """Output tokens/s of rung's offline engine on `requests` (prompt, output length), all submitted at once."""
+def run_rung(folder: Path, requests, dtype: str, nano_batches: int | None = None, **settings) -> float:
+    """Output tokens/s of rung's offline engine on `requests` (prompt, output length), all submitted at once;
+    `settings`: more engine settings (quantization)."""
     from rung.serving.core.params import SamplingParams
     from rung.serving.engine.llm import LLM
 
     release_memory()
     llm = LLM(folder, dtype=dtype, max_num_seqs=256, max_num_batched_tokens=8192,
-              kv_cache_memory=None if torch.cuda.is_available() else 1 << 30, nano_batches=nano_batches,
-              quantization=quantization)
+              kv_cache_memory=None if torch.cuda.is_available() else 1 << 30, nano_batches=nano_batches, **settings)
     engine = llm.engine
     for index, (prompt, output) in enumerate(requests):
         engine.add(f"r{index}", prompt, SamplingParams(max_tokens=output, temperature=0, ignore_eos=True))
@@ -221,7 +221,9 @@ def main() -> None:
                                               "vllm": run_vllm(folder, requests)}
         print(f"{name}: " + ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in rates.items() if v), flush=True)
         if name == "llama-1b":  # int8 / int4 weights on Triton's quantized GEMM, a quarter of the requests
-            record["quantization"] = {scheme: run_rung(folder, requests[:count // 4], dtype, quantization=scheme)
+            group = 16 if args.smoke else 128  # the smoke model's layers are 64 wide
+            record["quantization"] = {scheme: run_rung(folder, requests[:count // 4], dtype, quantization=scheme,
+                                                       quantization_group_size=group)
                                       for scheme in ("none", "int8", "int4")}
             print(f"{name} quantization none / int8 / int4: {record['quantization']}", flush=True)
         if name == "moe-8x":  # a quarter of the requests: the comparison, not the total, is what counts here
