@@ -193,7 +193,8 @@ def test_eval_reports_the_perplexity_transformers_computes_and_what_quantization
                for scheme in ("int8", "int4")}
     for scheme, result in results.items():
         assert result["tokens"] == full["tokens"] and result["weight_bytes"] < full["weight_bytes"], scheme
-        assert full["perplexity"] < result["perplexity"] < 1.25 * full["perplexity"], scheme  # a cost, a small one
+        # the levels change the function, a little (rounding may as well lower the perplexity as raise it)
+        assert result["loss"] != full["loss"] and abs(result["perplexity"] / full["perplexity"] - 1) < 0.25, scheme
     assert results["int4"]["weight_bytes"] < results["int8"]["weight_bytes"]
 
 

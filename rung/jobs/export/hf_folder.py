@@ -10,7 +10,6 @@ The folder is assembled in a temporary directory next to `--out` and renamed int
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from rung.jobs.export.folding import check_exportable, granite_weights, hf_confi
 from rung.jobs.params.parametrization import Multipliers, Parametrization
 from rung.jobs.run_dir import STATE, WEIGHTS, RunDir
 from rung.platform.checkpoint import MANIFEST, CheckpointStore, verify
+from rung.platform.folders import refuse_unless_empty, staged_folder
 from rung.platform.tensor_files import load_tensors, write_sharded
 
 PROVENANCE = "rung_export.json"  # where the folder came from: its run directory (whose validation split calibrates)
@@ -133,8 +133,7 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
     out = Path(out)
     if max_shard_bytes < 1:
         raise RungError(f"--max-shard-size must be at least 1 byte, got {max_shard_bytes}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RungError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
+    refuse_unless_empty(out, overwrite)
     ck = find_checkpoint(source)
     check_exportable(ck.model, fmt, allow_dropless)
     mult = Parametrization(ck.param, ck.model).multipliers
@@ -149,10 +148,7 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
         tensors, tied = granite_weights(weights, ck.model, mult), ck.model.tie_embeddings
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tensors = {name: t.to(torch_dtype) for name, t in tensors.items()}
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_folder(out) as staging:
         eos_id = _write_tokenizer(ck.run_dir, staging, ck.model.max_seq_len)
         config = hf_config(ck.model, mult, fmt, tied, eos_id, dtype)
         config.save_pretrained(staging)
@@ -161,9 +157,4 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
         (staging / PROVENANCE).write_text(json.dumps({"run_dir": str(ck.run_dir.resolve()),
                                                       "checkpoint": str(ck.path.resolve()),
                                                       "step": ck.state["step"]}, indent=2))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

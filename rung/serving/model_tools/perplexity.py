@@ -64,7 +64,7 @@ def window_cache(model: InferenceModel, window: int) -> torch.Tensor:
     """A KV pool for one window of `window` tokens."""
     spec = model.spec
     return torch.zeros(spec.num_layers, 2, spec.num_kv_heads, (window + SLOT_PADDING) * spec.head_dim,
-                       dtype=model.w["model.norm.weight"].dtype, device=model.device)
+                       dtype=model.dtype, device=model.device)
 
 
 @torch.inference_mode()

@@ -21,7 +21,6 @@ loss rise per weight while the budget allows (a greedy knapsack by density).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from rung.errors import RungError
+from rung.platform.folders import refuse_unless_empty, staged_folder
 from rung.platform.progress import Progress
 from rung.platform.tensor_files import write_sharded
 from rung.serving.config import EngineConfig
@@ -36,7 +36,7 @@ from rung.serving.model_tools.perplexity import read_documents, token_windows, w
 from rung.serving.worker.compressed_tensors import quantization_config, weight_tensors
 from rung.serving.worker.model import InferenceModel
 from rung.serving.worker.model_spec import ModelSpec, load_spec, read_config
-from rung.serving.worker.quantization import QuantizedWeight, quantize
+from rung.serving.worker.quantization import QUANTIZABLE, QuantizedWeight, quantize
 from rung.serving.worker.runner import load_model
 from rung.serving.worker.weights import fuse_projections, fused_groups, load_weights
 
@@ -52,7 +52,7 @@ def units(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> dict[str, list[s
         grouped = {prefix + part: prefix + fused for fused, parts in fused_groups(spec).items() for part in parts}
         for name, tensor in weights.items():
             layer_name = name.removesuffix(".weight")
-            if name.startswith(prefix) and name.endswith(("_proj.weight", "_linear.weight")) and tensor.dim() == 2 \
+            if name.startswith(prefix) and name.endswith(QUANTIZABLE) and tensor.dim() == 2 \
                     and "block_sparse_moe" not in name:
                 out.setdefault(grouped.get(layer_name, layer_name), []).append(layer_name)
     return out
@@ -125,8 +125,7 @@ def quantize_folder(model_dir: str, out: str, budget: float, calibration: str | 
     if read_config(source / "config.json").get("quantization_config"):
         raise RungError(f"{source} is already quantized (its config.json has a quantization_config); quantize the "
                         "float folder it came from")
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise RungError(f"--out {target} exists and is not empty (pass --overwrite to replace it)")
+    refuse_unless_empty(target, overwrite)
     weights = load_weights(source)
     unit_layers = units(spec, weights)
     sizes = {u: (sum(weights[n + ".weight"].numel() for n in layers), weights[layers[0] + ".weight"].shape[1])
@@ -139,7 +138,7 @@ def quantize_folder(model_dir: str, out: str, budget: float, calibration: str | 
     if not lowest <= budget <= highest:
         raise RungError(f"--bits-budget {budget:g} is outside what int4 and int8 can make of this model: "
                         f"{lowest:.3f} (all int4 in groups of {group_size}) to {highest:.3f} (all int8)")
-    model = load_model(source, EngineConfig())
+    model = load_model(source, EngineConfig(), dict(weights))  # the engine fuses and packs its own copy
     windows = calibration_windows(calibration, load_tokenizer(str(source)), spec.max_position_embeddings,
                                   calibration_tokens)
     if not windows:
@@ -163,11 +162,7 @@ def quantize_folder(model_dir: str, out: str, budget: float, calibration: str | 
 def write_folder(source: Path, target: Path, weights: dict[str, torch.Tensor],
                  quantized: dict[str, QuantizedWeight], report: dict) -> None:
     """The source folder's files with the quantized layers' tensors, config and card; in place only when whole."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_folder(target) as staging:
         for path in source.iterdir():
             weights_file = path.suffix == ".safetensors" or path.name == "model.safetensors.index.json"
             if path.is_file() and not weights_file and path.name != REPORT:
@@ -186,8 +181,3 @@ def write_folder(source: Path, target: Path, weights: dict[str, torch.Tensor],
                        f"{report['group_size']} for int4), {report['average_bits']:.3f} bits per weight with scales "
                        f"(budget {report['bits_budget']:g}); each projection's width and its loss rise at int4 on "
                        f"{report['calibration_tokens']:,} calibration tokens: `{REPORT}`.\n")
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -28,7 +28,7 @@ class InferenceModel:
                  dtype: torch.dtype = torch.float32,
                  device: torch.device = torch.device("cpu"), ops: Ops | None = None,
                  quantization: WeightQuantization | None = None):
-        self.spec, self.device = spec, device
+        self.spec, self.device, self.dtype = spec, device, dtype
         self.ops = ops or select_ops(device)
         self.last_nano_batches = 0
         self.w = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}

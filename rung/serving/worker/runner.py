@@ -43,15 +43,17 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def load_model(model_dir: str | Path, config: EngineConfig) -> InferenceModel:
-    """The model of a Hugging Face folder on the configured device and compute path, quantized as configured."""
+def load_model(model_dir: str | Path, config: EngineConfig,
+               weights: dict[str, torch.Tensor | QuantizedWeight] | None = None) -> InferenceModel:
+    """The model of a Hugging Face folder on the configured device and compute path, quantized as configured;
+    `weights`: the folder's, when the caller has read them already."""
     spec = load_spec(model_dir)
     dtype, device = DTYPES[config.dtype], resolve_device(config.device)
     ops = select_ops(device, config.attention_backend)
     ops.check_model(spec.head_dim)
     check_device_fits(spec, dtype, device, config.gpu_memory_utilization)
     quantization = WeightQuantization.of(config.quantization, config.quantization_group_size, config.quantize_lm_head)
-    weights = load_weights(model_dir)
+    weights = load_weights(model_dir) if weights is None else weights
     if quantization and any(isinstance(w, QuantizedWeight) for w in weights.values()):
         raise ConfigError("quantization", f"{model_dir} is already quantized (its config.json's "
                           "quantization_config); serve it without --quantization")
