@@ -52,10 +52,14 @@ class EngineConfig:
     quantization: Quantization = "none"
     quantization_group_size: int = 128  # int4's input features per scale: must divide every projection's input size
     quantize_lm_head: bool = False
+    # processes the model is split across, one per GPU (or CPU cores, with gloo): Megatron-style sharding of heads,
+    # FFN width and vocabulary (worker/parallel/); rank 0 is the engine core
+    tensor_parallel_size: int = 1
+    overlap_collectives: bool = True  # a nano-batch's all-reduce runs while the next one computes (NanoFlow)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "kv_cache_memory", "max_num_seqs", "max_num_batched_tokens",
-                     "max_model_len", "nano_batches", "quantization_group_size"):
+                     "max_model_len", "nano_batches", "quantization_group_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(name, f"must be at least 1, got {value}")
@@ -63,6 +67,9 @@ class EngineConfig:
             raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.device is not None and not _DEVICE.match(self.device):
             raise ConfigError("device", f"must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.tensor_parallel_size > 1 and self.deterministic:
+            raise ConfigError("tensor_parallel_size", "deterministic mode is not supported with tensor parallelism "
+                              "(its per-request GEMMs would each need their own collectives)")
 
 
 RUNG_ONLY = ("nano_batches", "deterministic", "device", "quantize_lm_head")  # settings vLLM has no counterpart for
@@ -95,7 +102,7 @@ class ServeConfig:
             if getattr(self.engine, name):
                 raise ConfigError(f"engine.{name}", "applies to rung's engine only; leave it unset with the vllm "
                                   "engine")
-        for name, unset in (("attention_backend", "auto"), ("quantization", "none")):
+        for name, unset in (("attention_backend", "auto"), ("quantization", "none"), ("overlap_collectives", True)):
             if self.backend == "vllm" and getattr(self.engine, name) != unset:
                 raise ConfigError(f"engine.{name}", "applies to rung's engine only; leave it unset with the vllm "
                                   "engine")

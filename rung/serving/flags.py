@@ -22,7 +22,8 @@ SERVE_FLAGS: dict[str, str] = {
     "--tool-call-parser": "tool_call_parser", "--attention-backend": "attention_backend",
     "--gpu-memory-utilization": "gpu_memory_utilization", "--enforce-eager": "enforce_eager",
     "--quantization": "quantization", "--group-size": "quantization_group_size",
-    "--quantize-lm-head": "quantize_lm_head",
+    "--quantize-lm-head": "quantize_lm_head", "--tensor-parallel-size": "tensor_parallel_size",
+    "--no-overlap-collectives": "overlap_collectives",
 }
 MODEL_FIELDS = ("dtype", "attention_backend", "quantization", "quantization_group_size", "quantize_lm_head", "device")
 GIB = 1 << 30
@@ -52,7 +53,8 @@ def add_model_settings(parser: argparse.ArgumentParser) -> None:
 
 
 def _value(args: argparse.Namespace, flag: str, name: str):
-    return getattr(args, {"--engine": "backend", "--no-prefix-caching": name}.get(flag, flag[2:].replace("-", "_")))
+    return getattr(args, {"--engine": "backend", "--no-prefix-caching": name, "--no-overlap-collectives": name}.get(
+        flag, flag[2:].replace("-", "_")))
 
 
 def model_settings(args: argparse.Namespace) -> dict:
@@ -107,6 +109,14 @@ def add_serve_settings(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--tool-call-parser", choices=list(TOOL_CALL_FORMATS),
                        help="how the model writes tool calls, for `tools` in chat requests (default: the format its "
                             "chat template shows; rung's exports write hermes)")
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=engine("tensor_parallel_size"),
+                       metavar="N",
+                       help="split the model across N processes, one per GPU (or per CPU core, with gloo): heads, "
+                            "FFN width and vocabulary sharded Megatron-style; with --engine vllm, vLLM's own "
+                            "(default: 1)")
+    serve.add_argument("--no-overlap-collectives", dest="overlap_collectives", action="store_false",
+                       help="with --tensor-parallel-size: wait for each all-reduce at once instead of running it "
+                            "while the next nano-batch computes")
     serve.add_argument("--engine", dest="backend", default=default(ServeConfig, "backend"), choices=["rung", "vllm"],
                        help="what computes: rung's engine, or vLLM's (needs the vllm extra; default: rung)")
 

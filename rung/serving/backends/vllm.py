@@ -92,7 +92,8 @@ class VLLMAsyncEngine:
                                gpu_memory_utilization=config.gpu_memory_utilization,
                                enforce_eager=config.enforce_eager,
                                scheduling_policy="priority", seed=0, async_scheduling=config.async_scheduling,
-                               enable_prefix_caching=config.enable_prefix_caching)
+                               enable_prefix_caching=config.enable_prefix_caching,
+                               tensor_parallel_size=config.tensor_parallel_size)
         self.llm = AsyncLLM.from_engine_args(args, stat_loggers=[Gauges])
 
     @property

@@ -101,7 +101,10 @@ class AsyncEngine:
         scheduling = "async scheduling" if limits.async_scheduling else "sync scheduling"
         blocks, size = limits.kv_blocks
         caching = "prefix caching" if limits.prefix_caching else "no prefix caching"
-        return f"rung engine {self.core.place}, {scheduling}, {caching}, {blocks} KV blocks of {size} tokens"
+        ranks = limits.rank_weight_bytes
+        parallel = f", tensor-parallel over {len(ranks)} ranks holding {', '.join(f'{b / 2**20:.1f}' for b in ranks)} " \
+            "MiB of weights" if ranks else ""
+        return f"rung engine {self.core.place}{parallel}, {scheduling}, {caching}, {blocks} KV blocks of {size} tokens"
 
     # -- the asyncio side ------------------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, stop: list[str] | tuple = (),

@@ -49,6 +49,7 @@ def run_steps(engine: Engine, receive: Callable[[float], list[ToEngine]], report
     handlers = {AddRequest: lambda m: engine.add(m.request_id, m.prompt_token_ids, m.params, m.priority),
                 AbortRequest: lambda m: engine.abort(m.request_id, m.status), Shutdown: stop}
     while not stopping() and not shutdown:
+        engine.check_health()
         for message in receive(0.0 if engine.has_work else IDLE_WAIT_SECONDS):
             dispatch(message, handlers)
         if engine.has_work:
@@ -146,6 +147,8 @@ def _engine_process(model_dir: str, config: EngineConfig, conn) -> None:
     except Exception as err:  # noqa: BLE001 - reported to the server, which answers 503
         log.exception("the engine failed")
         conn.send(EngineFailed(f"the engine failed: {err}"))
+    finally:
+        engine.close()
 
 
 class ProcessCore:

@@ -78,6 +78,17 @@ class Engine:
             else:
                 self._release_after_step.append(request_id)
 
+    def check_health(self) -> None:
+        """Raise RungError if the engine can no longer compute a step (a tensor-parallel worker has exited)."""
+        if self.runner.workers is not None:
+            self.runner.workers.check()
+
+    def close(self) -> None:
+        """Stop what the engine started: the compute thread, and the other tensor-parallel ranks."""
+        if self._compute is not None:
+            self._compute.shutdown(wait=True)
+        self.runner.close()
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._in_flight is not None
@@ -136,8 +147,10 @@ class Engine:
 
     @property
     def limits(self) -> EngineLimits:
+        workers = self.runner.workers
         return EngineLimits(self.max_model_len, self.spec.vocab_size, (self.kv.num_blocks, self.kv.block_size),
-                            self.async_scheduling, self.kv.enable_prefix_caching)
+                            self.async_scheduling, self.kv.enable_prefix_caching,
+                            workers.weight_bytes if workers else ())
 
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),

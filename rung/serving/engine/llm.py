@@ -29,6 +29,17 @@ class LLM:
         self.spec, self.kv, self.scheduler = self.engine.spec, self.engine.kv, self.engine.scheduler
         self._next_id = 0
 
+    def close(self) -> None:
+        """Stop what the engine started (tensor-parallel workers, a compute thread); `with LLM(...) as llm:` does
+        it on leaving."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(self, prompts: list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[list[Completion]]:
         """`params.n` completions of each token-id prompt, all scheduled together (siblings share the prompt's

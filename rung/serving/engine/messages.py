@@ -28,6 +28,7 @@ class EngineLimits:
     kv_blocks: tuple[int, int]  # (count, tokens per block)
     async_scheduling: bool
     prefix_caching: bool
+    rank_weight_bytes: tuple[int, ...] = ()  # under tensor parallelism: the bytes of weights each rank holds
 
 
 @dataclass(frozen=True)

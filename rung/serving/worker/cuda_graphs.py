@@ -37,10 +37,12 @@ def padded_size(sizes: list[int], batch: int) -> int | None:
 
 
 def graphs_blocked(device: torch.device, ops_name: str, num_experts: int, enforce_eager: bool,
-                   deterministic: bool) -> str | None:
+                   deterministic: bool, tensor_parallel_size: int = 1) -> str | None:
     """Why decode steps run eagerly on this engine, or None when they are captured."""
     if enforce_eager:
         return "--enforce-eager"
+    if tensor_parallel_size > 1:
+        return "tensor parallelism issues its collectives eagerly"
     if device.type != "cuda":
         return "not a CUDA device"
     if ops_name != "triton":

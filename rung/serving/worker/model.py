@@ -6,6 +6,10 @@ of a step, at any mix of prefill chunks and decodes, run as one packed batch of 
 
 The model is written once; whatever depends on the device (attention, norms, rotary, activation, KV writes, the
 experts' grouped GEMM) goes through its compute path, `self.ops` (`worker/ops/`).
+
+Under tensor parallelism (`worker/parallel/`) it is one rank's shard: its spec has the rank's heads and FFN width,
+each attention and MLP block's output is a partial sum that the ranks all-reduce before the residual add, the
+embedding is looked up in the rank's vocabulary rows and summed, and the logits are gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from rung.serving.worker.ops import Ops
 from rung.serving.worker.ops.select import select_ops
 from rung.serving.worker.ops.torch_ops import rope_tables
 from rung.serving.worker.overlap import StreamOverlap
+from rung.serving.worker.parallel.group import TensorParallelGroup
 from rung.serving.worker.quantization import QUANTIZABLE, QuantizedWeight, WeightQuantization
 from rung.serving.worker.step import StepInputs
 from rung.serving.worker.weights import check_weights, fuse_projections, stack_experts
@@ -27,12 +32,18 @@ class InferenceModel:
     def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor | QuantizedWeight],
                  dtype: torch.dtype = torch.float32,
                  device: torch.device = torch.device("cpu"), ops: Ops | None = None,
-                 quantization: WeightQuantization | None = None):
-        self.spec, self.device, self.dtype = spec, device, dtype
+                 quantization: WeightQuantization | None = None, group: TensorParallelGroup | None = None,
+                 overlap_collectives: bool = True):
+        """`spec`: the shapes this process computes (a tensor-parallel rank's share, `Shard.local_spec`); `group`:
+        the rank's process group, None on one device; `overlap_collectives`: a nano-batch's all-reduce runs while
+        the next one computes (off: each waits for its own at once)."""
+        self.spec, self.device, self.dtype, self.group = spec, device, dtype, group
+        self.overlap_collectives = overlap_collectives
+        self.vocab_rows = group.shard.vocab_rows(spec) if group else spec.vocab_size
         self.ops = ops or select_ops(device)
         self.last_nano_batches = 0
         self.w = {name: tensor.to(device=device, dtype=dtype) for name, tensor in weights.items()}
-        check_weights(spec, self.w)
+        check_weights(spec, self.w, self.vocab_rows)
         self.experts = [stack_experts(spec, self.w, i) for i in range(spec.num_layers)] if spec.num_experts else None
         fuse_projections(spec, self.w)
         stored: dict[str, int] = {}  # bytes of each projection as stored: a quantized one at its width, with scales
@@ -106,6 +117,50 @@ class InferenceModel:
         h = self._norm(x, f"model.layers.{layer}.post_attention_layernorm.weight")
         return torch.add(x, self._mlp(h, layer), alpha=self.spec.residual_multiplier)
 
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of the step's tokens; on a tensor-parallel rank, of those in its vocabulary rows (zeros for
+        the others), summed over the ranks."""
+        table = self.w["model.embed_tokens.weight"]
+        if self.group is None:
+            return F.embedding(token_ids, table)
+        local = token_ids - self.group.rank * self.vocab_rows
+        inside = (local >= 0) & (local < self.vocab_rows)
+        x = F.embedding(local.clamp(0, self.vocab_rows - 1), table) * inside[:, None].to(table.dtype)
+        self.group.all_reduce(x)
+        return x
+
+    def _sharded_layers(self, x: torch.Tensor, parts: list[tuple[slice, StepInputs]], cache: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Every layer of every part on a tensor-parallel rank, updating x in place. Each block's output is this
+        rank's partial sum; it is all-reduced asynchronously, and a part waits for its own sum only when its next
+        block needs x — so one nano-batch's all-reduce runs while the next one's attention or GEMMs compute
+        (NanoFlow's overlap of the network). With overlap_collectives off, every all-reduce is waited for at once."""
+        group, alpha = self.group, self.spec.residual_multiplier
+        in_flight: list[tuple[torch.Tensor, object] | None] = [None] * len(parts)
+
+        def settle(index: int) -> None:
+            if in_flight[index] is not None:
+                partial, work = in_flight[index]
+                work.wait()
+                x[parts[index][0]] += partial * alpha if alpha != 1.0 else partial
+                in_flight[index] = None
+
+        for layer in range(self.spec.num_layers):
+            for block in ("attention", "mlp"):
+                for index, (rows, sub) in enumerate(parts):
+                    settle(index)
+                    if block == "attention":
+                        h = self._norm(x[rows], f"model.layers.{layer}.input_layernorm.weight")
+                        partial = self._attention(h, layer, sub, cache, (cos[rows], sin[rows]))
+                    else:
+                        h = self._norm(x[rows], f"model.layers.{layer}.post_attention_layernorm.weight")
+                        partial = self._mlp(h, layer)
+                    in_flight[index] = (partial, group.all_reduce(partial, async_op=True))
+                    if not self.overlap_collectives:
+                        settle(index)
+        for index in range(len(parts)):
+            settle(index)
+
     @torch.inference_mode()
     def forward(self, step: StepInputs, cache: torch.Tensor, nano_batches: int = 1) -> torch.Tensor:
         """Final hidden states [T, d] for the packed step, computed as up to `nano_batches` nano-batches of whole
@@ -113,13 +168,15 @@ class InferenceModel:
         run on another (NanoFlow's intra-layer overlap, `overlap.py`); elsewhere they run one after the other —
         the same math."""
         spec = self.spec
-        x = F.embedding(step.token_ids, self.w["model.embed_tokens.weight"])
+        x = self._embed(step.token_ids)
         if spec.embedding_multiplier != 1.0:
             x = x * spec.embedding_multiplier
         cos, sin = rope_tables(step.positions, spec.head_dim, spec.rope_theta)
         parts = step.nano_batches(nano_batches)
         self.last_nano_batches = len(parts)  # what the step was split into, for the serving metrics
-        if x.is_cuda and len(parts) > 1:
+        if self.group is not None:
+            self._sharded_layers(x, parts, cache, cos, sin)
+        elif x.is_cuda and len(parts) > 1:
             self._overlap.run(x, parts, spec.num_layers, cos, sin,
                               lambda h, layer, sub, rope: self._attention_block(h, layer, sub, cache, rope),
                               self._mlp_block)
@@ -131,6 +188,13 @@ class InferenceModel:
         return self._norm(x, "model.norm.weight")
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """fp32 logits of every row of `hidden`; on a tensor-parallel rank other than 0, None (rank 0 gathers
+        every rank's vocabulary slice)."""
         logits = self.ops.linear(hidden, self.lm_head, None).float()
+        if self.group is not None:
+            logits = self.group.gather(logits)
+            if logits is None:
+                return None
+            logits = logits[:, :self.spec.vocab_size]
         return logits if self.spec.logits_multiplier == 1.0 else logits * self.spec.logits_multiplier

@@ -28,7 +28,10 @@ from rung.serving.worker.ops.select import select_ops
 from rung.serving.worker.quantization import QuantizedWeight, WeightQuantization
 from rung.serving.worker.sampling import SampleInput, Sampler
 from rung.serving.worker.step import StepInputs
-from rung.serving.worker.weights import load_weights
+from rung.serving.worker.parallel.group import TensorParallelGroup
+from rung.serving.worker.parallel.sharding import load_shard
+from rung.serving.worker.parallel.workers import StepMessage, Workers, rank_config
+from rung.serving.worker.weights import check_weights, load_weights, weight_files
 
 SLOT_PADDING = 32
 DTYPES = {name: getattr(torch, name) for name in typing.get_args(DType)}  # the config's names, as torch dtypes
@@ -44,20 +47,27 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def load_model(model_dir: str | Path, config: EngineConfig,
-               weights: dict[str, torch.Tensor | QuantizedWeight] | None = None) -> InferenceModel:
+               weights: dict[str, torch.Tensor | QuantizedWeight] | None = None,
+               group: TensorParallelGroup | None = None) -> InferenceModel:
     """The model of a Hugging Face folder on the configured device and compute path, quantized as configured;
-    `weights`: the folder's, when the caller has read them already."""
+    `weights`: the folder's, when the caller has read them already; `group`: this process's tensor-parallel rank,
+    whose shard alone is read."""
     spec = load_spec(model_dir)
     dtype, device = DTYPES[config.dtype], resolve_device(config.device)
     ops = select_ops(device, config.attention_backend)
     ops.check_model(spec.head_dim)
-    check_device_fits(spec, dtype, device, config.gpu_memory_utilization)
+    local = group.shard.local_spec(spec) if group else spec
+    check_device_fits(local, dtype, device, config.gpu_memory_utilization)
     quantization = WeightQuantization.of(config.quantization, config.quantization_group_size, config.quantize_lm_head)
+    if group is not None:
+        folder = Path(model_dir)
+        weights, shapes, _ = load_shard(folder, weight_files(folder), spec, group.shard)
+        check_weights(spec, shapes)  # the stored tensors' whole shapes against config.json
     weights = load_weights(model_dir) if weights is None else weights
     if quantization and any(isinstance(w, QuantizedWeight) for w in weights.values()):
         raise ConfigError("quantization", f"{model_dir} is already quantized (its config.json's "
                           "quantization_config); serve it without --quantization")
-    return InferenceModel(spec, weights, dtype, device, ops, quantization)
+    return InferenceModel(local, weights, dtype, device, ops, quantization, group, config.overlap_collectives)
 
 
 @dataclass
@@ -70,9 +80,11 @@ class PreparedStep:
 
 class ModelRunner:
     def __init__(self, model: InferenceModel, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32,
-                 nano_batches: int = 1, deterministic: bool = False, grammars: GrammarMasks | None = None):
+                 nano_batches: int = 1, deterministic: bool = False, grammars: GrammarMasks | None = None,
+                 workers: Workers | None = None):
         spec = model.spec
         self.model, self.num_blocks, self.block_size = model, num_blocks, block_size
+        self.workers = workers  # on a tensor-parallel rank 0: the other ranks, sent every step
         self.grammars = grammars  # structured outputs' masks; None: a runner without a tokenizer refuses them
         self.nano_batches = nano_batches
         # batch-invariant: every request's rows go through their own GEMMs (one nano-batch per span, one logits
@@ -96,15 +108,37 @@ class ModelRunner:
                                    self.num_slots, capture)
 
     @classmethod
-    def for_folder(cls, model_dir: str | Path, config: EngineConfig, nano_batches: int = 1) -> ModelRunner:
-        """The model of a Hugging Face folder on the configured device, over a KV pool sized by the config."""
-        model = load_model(model_dir, config)
-        spec, dtype, device, ops = model.spec, DTYPES[config.dtype], model.device, model.ops
-        block_size = config.block_size or DEFAULT_BLOCK_SIZE
-        num_blocks = config.num_blocks or num_kv_blocks(spec, block_size, dtype, kv_cache_bytes(model, config))
-        grammars = GrammarMasks(model_dir, spec.vocab_size, list(spec.eos_token_ids))
-        runner = cls(model, num_blocks, block_size, dtype, nano_batches, config.deterministic, grammars)
-        if graphs_blocked(device, ops.name, spec.num_experts, config.enforce_eager, config.deterministic) is None:
+    def for_folder(cls, model_dir: str | Path, config: EngineConfig, nano_batches: int = 1,
+                   group: TensorParallelGroup | None = None) -> ModelRunner:
+        """The model of a Hugging Face folder on the configured device, over a KV pool sized by the config. With
+        tensor_parallel_size N > 1 and no `group`, this process is rank 0: it starts ranks 1..N-1 (`Workers`) and
+        holds its own shard; a worker passes its `group`."""
+        workers = Workers(model_dir, config) if config.tensor_parallel_size > 1 and group is None else None
+        group = workers.group if workers else group
+        if group is not None:
+            config = rank_config(config, group.rank)
+        try:
+            model = load_model(model_dir, config, group=group)
+            spec, dtype, device, ops = model.spec, DTYPES[config.dtype], model.device, model.ops
+            block_size = config.block_size or DEFAULT_BLOCK_SIZE
+            num_blocks = config.num_blocks or num_kv_blocks(spec, block_size, dtype, kv_cache_bytes(model, config))
+            if group is not None:  # every rank's pool holds the same blocks; rank 0 learns what each rank holds
+                num_blocks = group.min(num_blocks)
+                held = group.gather(torch.tensor([[model.weight_bytes]], device=device))
+                if workers is not None:
+                    workers.weight_bytes = tuple(held[0].tolist())
+        except BaseException:
+            if workers is not None:
+                try:
+                    workers.check()  # a worker that failed to load says why
+                finally:
+                    workers.stop()
+            raise
+        grammars = GrammarMasks(model_dir, spec.vocab_size, list(spec.eos_token_ids)) \
+            if group is None or group.rank == 0 else None
+        runner = cls(model, num_blocks, block_size, dtype, nano_batches, config.deterministic, grammars, workers)
+        if graphs_blocked(device, ops.name, spec.num_experts, config.enforce_eager, config.deterministic,
+                          config.tensor_parallel_size) is None:
             runner.capture_graphs(config.max_num_seqs, cuda_graph_capture())
         return runner
 
@@ -197,9 +231,12 @@ class ModelRunner:
             masks = self.grammars.fill([(step.sample_inputs[i].request_id, step.sample_inputs[i].params)
                                         for i in structured])
         hidden = self.graphs.run(step.inputs) if self.graphs else None
-        if hidden is None:
-            hidden = self.model.forward(step.inputs, self.cache, self._nano_batch_count(step.inputs))
         rows = step.sample_rows
+        if hidden is None:
+            count = self._nano_batch_count(step.inputs)
+            if self.workers is not None:
+                self.workers.send(StepMessage.of(step.inputs, count, rows))
+            hidden = self.model.forward(step.inputs, self.cache, count)
         if not rows:
             return {}
         logits = torch.cat([self.model.logits(hidden[[row]]) for row in rows]) if self.deterministic else \
@@ -209,6 +246,22 @@ class ModelRunner:
         for index in structured:
             self.grammars.accept(step.sample_inputs[index].request_id, samples[index].token_id)
         return {row.request_id: sample for row, sample in zip(step.sample_inputs, samples)}
+
+    def compute(self, message: StepMessage) -> None:
+        """A tensor-parallel worker's part of a step rank 0 sent: the same forward over its shard, and its share of
+        the sampled rows' logits (gathered on rank 0)."""
+        inputs = message.inputs(self.model.device)
+        for _, part in inputs.nano_batches(message.nano_batches):
+            self.model.ops.prepare(part)
+        hidden = self.model.forward(inputs, self.cache, message.nano_batches)
+        if message.sample_rows:
+            self.model.logits(hidden[message.sample_rows])
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if this is rank 0 of several."""
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
 
     def run(self, plan: StepPlan) -> dict[str, Sample]:
         return self.execute(self.prepare(plan)) if plan.spans else {}

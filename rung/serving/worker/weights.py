@@ -18,17 +18,23 @@ from rung.serving.worker.quantization import QUANTIZABLE, QuantizedWeight
 Experts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # router [E, d], gate|up [E, d, 2f], down [E, f, d]
 
 
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a (possibly sharded) checkpoint, each checked to be there."""
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        ["model.safetensors"]
+    for name in files:
+        if not (folder / name).is_file():
+            raise RungError(f"{folder} is missing its weights file {name}")
+    return files
+
+
 def load_weights(folder: str | Path) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Every tensor of a (possibly sharded) safetensors checkpoint; the layers a quantized folder
     (`compressed_tensors.py`) holds as levels, as QuantizedWeights."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
-        ["model.safetensors"]
     weights = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise RungError(f"{folder} is missing its weights file {name}")
+    for name in weight_files(folder):
         weights.update(load_tensors(folder / name))
     config = read_config(folder / "config.json").get("quantization_config")
     if config is None:
@@ -42,12 +48,14 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor | QuantizedWeight
     return weights
 
 
-def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The shapes config.json implies for the tensors every supported architecture has."""
+def expected_shapes(spec: ModelSpec, vocab_rows: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The shapes config.json implies for the tensors every supported architecture has; `vocab_rows`: the
+    embedding's and readout's rows when they are a tensor-parallel rank's share of the vocabulary."""
     d, q, kv = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    shapes = {"model.embed_tokens.weight": (spec.vocab_size, d), "model.norm.weight": (d,)}
+    vocab = vocab_rows or spec.vocab_size
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
     if not spec.tie_word_embeddings:
-        shapes["lm_head.weight"] = (spec.vocab_size, d)
+        shapes["lm_head.weight"] = (vocab, d)
     f, experts, shared = spec.intermediate_size, spec.num_experts, spec.shared_intermediate_size
     for layer in range(spec.num_layers):
         prefix = f"model.layers.{layer}."
@@ -72,10 +80,10 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(spec: ModelSpec, w: dict[str, torch.Tensor]) -> None:
+def check_weights(spec: ModelSpec, w: dict[str, torch.Tensor], vocab_rows: int | None = None) -> None:
     """Refuse weights that do not match the config, naming what is missing, misshapen or beyond its layers (a
     config that says fewer layers than the weights hold would otherwise serve a truncated model)."""
-    expected = expected_shapes(spec)
+    expected = expected_shapes(spec, vocab_rows)
     layers = {int(name.split(".")[2]) for name in w if name.startswith("model.layers.")}
     if layers and max(layers) >= spec.num_layers:
         raise RungError(f"the weights hold {max(layers) + 1} layers; config.json's num_hidden_layers is "

@@ -1,0 +1,8 @@
+"""Tensor-parallel serving: one model split across N processes (GPUs, or CPU cores with gloo).
+
+    sharding.py        which part of each weight a rank holds, read alone from the safetensors files
+    group.py           the collectives the model's forward issues (all-reduce, vocabulary gather)
+    workers.py         rank 0's side (rank 0 is the engine core, which keeps the scheduler and the KV manager):
+                       starts ranks 1..N-1, sends each step's inputs, watches and stops them
+    worker_process.py  a worker's side: join, load its shard, run every step it is sent
+"""
