@@ -10,7 +10,10 @@ minutes: rung's engine (its Triton paged attention, `--attention-backend auto`) 
   (the default) and without (`enforce_eager`);
 - nano-batching off and on (1 and 2 nano-batches) on the MoE, on a quarter of its requests;
 - the dense model's weights as int8 and int4 (`--quantization`, Triton's weight-only GEMM) against bf16, output
-  tokens/s on a quarter of its requests.
+  tokens/s on a quarter of its requests;
+- where several GPUs are present: the dense model split over 2, 4, ... of them (`--tensor-parallel-size`, NCCL),
+  with two nano-batches whose all-reduces overlap the other's compute and, for the largest split, without
+  (`--no-overlap-collectives`), on a quarter of its requests (in --smoke: over two CPU processes).
 
 The engines size their KV pool from the device (`gpu_memory_utilization`, the default 0.9), so the run exercises
 the profiling too. Writes OUT/gpu_serve.json and OUT/gpu_serve.png naming the card. `--smoke` runs every part on
@@ -96,7 +99,9 @@ def run_rung(folder: Path, requests, dtype: str, nano_batches: int | None = None
     started, produced = time.perf_counter(), 0
     while engine.has_work:
         produced += len(engine.step())
-    return produced / (time.perf_counter() - started)
+    rate = produced / (time.perf_counter() - started)
+    llm.close()
+    return rate
 
 
 def run_transformers(folder: Path, requests, batch: int = 32) -> float:
@@ -226,6 +231,17 @@ def main() -> None:
                                                        quantization_group_size=group)
                                       for scheme in ("none", "int8", "int4")}
             print(f"{name} quantization none / int8 / int4: {record['quantization']}", flush=True)
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 2
+            sizes = [n for n in (2, 4, 8) if n <= gpus]
+            if sizes:  # tensor parallelism across the GPUs present
+                quarter = requests[:count // 4]
+                runs = {"tp1": run_rung(folder, quarter, dtype, nano_batches=2)}
+                runs.update({f"tp{n}": run_rung(folder, quarter, dtype, nano_batches=2, tensor_parallel_size=n)
+                             for n in sizes})
+                runs[f"tp{sizes[-1]}-serial"] = run_rung(folder, quarter, dtype, nano_batches=2,
+                                                         tensor_parallel_size=sizes[-1], overlap_collectives=False)
+                record["tensor_parallel"] = runs
+                print(f"{name} tensor parallel (tokens/s): {runs}", flush=True)
         if name == "moe-8x":  # a quarter of the requests: the comparison, not the total, is what counts here
             record["nano_batches"] = {str(n): run_rung(folder, requests[:count // 4], dtype, nano_batches=n)
                                       for n in (1, 2)}

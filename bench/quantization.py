@@ -83,7 +83,9 @@ def decode_tokens_per_s(folder: Path, config: EngineConfig, vocab: int) -> float
     while engine.has_work:
         engine.step()
         steps += 1
-    return CONCURRENCY * steps / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    engine.close()
+    return CONCURRENCY * steps / elapsed
 
 
 def held_out_text(out: Path, max_bytes: int = 400_000) -> Path:

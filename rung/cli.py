@@ -336,6 +336,9 @@ def _serve_command(args: argparse.Namespace) -> int:
 
         if not os.path.isdir(args.model_dir):
             raise RungError(f"model folder not found: {args.model_dir}")
+        if config.engine.tensor_parallel_size > 1:
+            raise ConfigError("--tune", "times one process's forward per split; run it without "
+                              "--tensor-parallel-size")
         tune(args.model_dir, config.engine)
     elif args.ray:
         from rung.serving.deploy.ray_app import serve_on_ray

@@ -10,13 +10,15 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import Server, assert_clean_failure, http, run_rung
+from conftest import Server, assert_clean_failure, http, ray_head, run_rung
 from test_engine import saved_reference, transformers_greedy
 
 from rung.errors import ConfigError
@@ -118,6 +120,15 @@ def test_sizes_the_model_or_machine_cannot_take_are_refused_naming_why(tmp_path)
     assert worker_pids() == before  # refused before any worker started
 
 
+def test_with_vllm_the_size_passes_through_and_rung_only_settings_are_refused():
+    from rung.serving.config import serve_config
+
+    assert serve_config({"model_dir": "m", "backend": "vllm", "tensor_parallel_size": 2}).engine.tensor_parallel_size == 2
+    for setting in ({"overlap_collectives": False}, {"distributed_backend": "ray"}):
+        with pytest.raises(ConfigError, match="applies to rung's engine only"):
+            serve_config({"model_dir": "m", "backend": "vllm", "tensor_parallel_size": 2, **setting})
+
+
 def worker_pids(parent: int | None = None) -> set[int]:
     """The tensor-parallel worker processes running now (those under `parent`'s tree, when given)."""
     found = set()
@@ -145,34 +156,60 @@ def alive(pid: int) -> bool:
 def test_bad_tensor_parallel_flags_exit_2_before_any_worker_starts(model_dir):
     for flags, words in ((["--tensor-parallel-size", "3"], "does not divide"),
                          (["--tensor-parallel-size", "2", "--deterministic"], "deterministic mode"),
-                         (["--tensor-parallel-size", "0"], "at least 1")):
+                         (["--tensor-parallel-size", "0"], "at least 1"),
+                         (["--tensor-parallel-size", "2", "--tune"], "without --tensor-parallel-size")):
         result = run_rung("serve", str(model_dir), *flags, timeout=120)
         assert_clean_failure(result, "--tensor-parallel-size", words)
         assert result.returncode == 2
 
 
 def test_a_served_model_split_over_two_ranks_fails_loudly_when_a_worker_dies(model_dir, tmp_path):
-    """Streams and plain requests work across two ranks; a SIGKILLed worker turns into 503s and a failing /health
-    within seconds; stopping the server leaves no worker behind."""
-    server = Server(model_dir, tmp_path / "serve.log", "--tensor-parallel-size", "2", "--nano-batches", "2")
+    """Streams and plain requests work across two ranks; a worker SIGKILLed while two long requests run ends both
+    with a 503 (an error event for the stream) naming it, /health fails, and stopping the server leaves no worker
+    behind."""
+    from http.client import HTTPConnection
+
+    folder = tmp_path / "model"  # a context long enough for requests that outlast the kill
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    server = Server(folder, tmp_path / "serve.log", "--tensor-parallel-size", "2", "--nano-batches", "2")
+    results: dict[bool, tuple[int, str]] = {}
+
+    def long_request(stream: bool) -> None:
+        connection = HTTPConnection("127.0.0.1", server.port, timeout=60)
+        connection.request("POST", "/v1/completions", json.dumps(
+            {"model": "tiny", "prompt": "def", "max_tokens": 4000, "ignore_eos": True, "stream": stream}),
+            {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        results[stream] = (response.status, response.read().decode())
+
     try:
         assert "tensor-parallel over 2 ranks" in (tmp_path / "serve.log").read_text()
         body = {"model": "tiny", "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
         status, _, text = http("POST", f"{server.url}/v1/completions", body)
         assert status == 200 and json.loads(text)["usage"]["completion_tokens"] == 8, text
-        status, _, text = http("POST", f"{server.url}/v1/completions", {**body, "stream": True})
-        assert status == 200 and text.rstrip().endswith("data: [DONE]"), text
+        threads = [threading.Thread(target=long_request, args=(stream,)) for stream in (True, False)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 20
+        while server.metrics()['rung_serve_requests_running{model_name="tiny"}'] < 2 and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
         workers = worker_pids(server.process.pid)
         assert len(workers) == 1, workers
         os.kill(workers.pop(), signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while http("GET", f"{server.url}/health")[0] != 503 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)  # nothing hangs
+        streamed, plain = results[True], results[False]
+        assert streamed[0] == 200 and "tensor-parallel worker 1" in streamed[1] and \
+            streamed[1].rstrip().endswith("data: [DONE]"), streamed
+        assert plain[0] == 503 and json.loads(plain[1])["error"]["type"] == "service_unavailable", plain
         assert http("GET", f"{server.url}/health")[0] == 503
         status, _, text = http("POST", f"{server.url}/v1/completions", body)
         error = json.loads(text)["error"]
-        assert status == 503 and error["type"] == "service_unavailable" and "tensor-parallel worker 1" in \
-            error["message"], text
+        assert status == 503 and "tensor-parallel worker 1" in error["message"], text
     finally:
         server.stop()
     assert server.process.returncode is not None and not worker_pids(server.process.pid)
@@ -195,3 +232,36 @@ def test_sigterm_drains_a_tensor_parallel_server_and_stops_its_workers(model_dir
         assert not any(map(alive, workers))
     finally:
         server.stop()
+
+
+RAY_SCRIPT = """
+import json, sys
+from rung.errors import ConfigError
+from rung.serving.core.params import SamplingParams
+from rung.serving.engine.llm import LLM
+folder, prompts = sys.argv[1], json.loads(sys.argv[2])
+try:
+    LLM(folder, tensor_parallel_size=4, distributed_backend="ray")
+except ConfigError as err:
+    print(json.dumps({"refused": str(err)}))
+with LLM(folder, num_blocks=30, block_size=4, max_num_seqs=4, max_num_batched_tokens=16, tensor_parallel_size=2,
+         distributed_backend="ray") as llm:
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    print(json.dumps({"tokens": [[c.token_ids for c in o] for o in outputs],
+                      "held": llm.engine.limits.rank_weight_bytes}))
+"""
+
+
+def test_workers_placed_by_ray_give_the_same_tokens(tmp_path):
+    """`distributed_backend="ray"` against a real Ray cluster (2 CPUs): the worker is an actor in a placement-group
+    bundle, reached over TCP; a split needing more workers than the cluster has CPUs is refused before any starts."""
+    saved_reference("llama-headdim24", tmp_path)
+    single, _ = generate(tmp_path, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    with ray_head() as head:
+        result = subprocess.run([sys.executable, "-c", RAY_SCRIPT, str(tmp_path), json.dumps(prompts())],
+                                env={**os.environ, **head.env, "RAY_ADDRESS": head.gcs}, capture_output=True,
+                                text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert "3 workers need 3 CPUs in the Ray cluster, which has 2" in lines[0]["refused"]
+    assert lines[1]["tokens"] == single and len(lines[1]["held"]) == 2

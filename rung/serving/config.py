@@ -18,6 +18,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 Backend = Literal["rung", "vllm"]
 AttentionBackend = Literal["auto", "cpu", "torch", "triton"]
 Quantization = Literal["none", "int8", "int4"]
+DistributedBackend = Literal["mp", "ray"]
 DEFAULT_BLOCK_SIZE = 16  # tokens per KV block when the config leaves it to rung's engine
 CPU_KV_CACHE_MEMORY = 256 << 20  # bytes of KV pool on a CPU when the config does not say
 _DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+)$")
@@ -55,6 +56,8 @@ class EngineConfig:
     # processes the model is split across, one per GPU (or CPU cores, with gloo): Megatron-style sharding of heads,
     # FFN width and vocabulary (worker/parallel/); rank 0 is the engine core
     tensor_parallel_size: int = 1
+    # how ranks 1..N-1 start: mp = processes on this machine; ray = Ray actors in a placement group (across nodes)
+    distributed_backend: DistributedBackend = "mp"
     overlap_collectives: bool = True  # a nano-batch's all-reduce runs while the next one computes (NanoFlow)
 
     def __post_init__(self) -> None:
@@ -102,7 +105,8 @@ class ServeConfig:
             if getattr(self.engine, name):
                 raise ConfigError(f"engine.{name}", "applies to rung's engine only; leave it unset with the vllm "
                                   "engine")
-        for name, unset in (("attention_backend", "auto"), ("quantization", "none"), ("overlap_collectives", True)):
+        for name, unset in (("attention_backend", "auto"), ("quantization", "none"), ("overlap_collectives", True),
+                            ("distributed_backend", "mp")):
             if self.backend == "vllm" and getattr(self.engine, name) != unset:
                 raise ConfigError(f"engine.{name}", "applies to rung's engine only; leave it unset with the vllm "
                                   "engine")

@@ -23,7 +23,7 @@ SERVE_FLAGS: dict[str, str] = {
     "--gpu-memory-utilization": "gpu_memory_utilization", "--enforce-eager": "enforce_eager",
     "--quantization": "quantization", "--group-size": "quantization_group_size",
     "--quantize-lm-head": "quantize_lm_head", "--tensor-parallel-size": "tensor_parallel_size",
-    "--no-overlap-collectives": "overlap_collectives",
+    "--no-overlap-collectives": "overlap_collectives", "--distributed-backend": "distributed_backend",
 }
 MODEL_FIELDS = ("dtype", "attention_backend", "quantization", "quantization_group_size", "quantize_lm_head", "device")
 GIB = 1 << 30
@@ -114,6 +114,10 @@ def add_serve_settings(serve: argparse.ArgumentParser) -> None:
                        help="split the model across N processes, one per GPU (or per CPU core, with gloo): heads, "
                             "FFN width and vocabulary sharded Megatron-style; with --engine vllm, vLLM's own "
                             "(default: 1)")
+    serve.add_argument("--distributed-backend", default=engine("distributed_backend"), choices=["mp", "ray"],
+                       help="with --tensor-parallel-size: start the other ranks as processes on this machine (mp), "
+                            "or as Ray actors placed by a placement group on the cluster at $RAY_ADDRESS (ray; "
+                            "an embedded one without it) (default: mp)")
     serve.add_argument("--no-overlap-collectives", dest="overlap_collectives", action="store_false",
                        help="with --tensor-parallel-size: wait for each all-reduce at once instead of running it "
                             "while the next nano-batch computes")

@@ -32,8 +32,22 @@ from rung.serving.core.request import Request, Status
 from rung.serving.core.scheduler import Scheduler, StepPlan
 from rung.serving.core.validation import validate_request
 from rung.serving.engine.messages import EngineLimits, EngineStats, TokenEvent
+from rung.serving.worker.parallel.launch import LocalLauncher
+from rung.serving.worker.parallel.workers import Workers
 from rung.serving.worker.runner import ModelRunner, PreparedStep, resolve_device
 from rung.serving.worker.tuning import default_nano_batches, tuned_nano_batches
+
+
+def start_workers(model_dir: str | Path, config: EngineConfig) -> Workers | None:
+    """Under tensor parallelism, ranks 1..N-1, started as `distributed_backend` says (Ray's launcher imported only
+    when asked for); None on one device."""
+    if config.tensor_parallel_size == 1:
+        return None
+    if config.distributed_backend == "ray":
+        from rung.serving.worker.parallel.ray_ranks import RayLauncher
+
+        return Workers(model_dir, config, RayLauncher)
+    return Workers(model_dir, config, LocalLauncher)
 
 
 class Engine:
@@ -42,7 +56,7 @@ class Engine:
         device = resolve_device(config.device)
         self.nano_batches = (config.nano_batches or tuned_nano_batches(model_dir, device)
                              or default_nano_batches(device))
-        self.runner = ModelRunner.for_folder(model_dir, config, self.nano_batches)
+        self.runner = ModelRunner.for_folder(model_dir, config, self.nano_batches, start_workers(model_dir, config))
         self.model, self.spec = self.runner.model, self.runner.model.spec
         self.kv = KVCacheManager(self.runner.num_blocks, self.runner.block_size,
                                  enable_prefix_caching=config.enable_prefix_caching and not config.deterministic)

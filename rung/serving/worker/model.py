@@ -141,7 +141,7 @@ class InferenceModel:
         def settle(index: int) -> None:
             if in_flight[index] is not None:
                 partial, work = in_flight[index]
-                work.wait()
+                group.wait(work)
                 x[parts[index][0]] += partial * alpha if alpha != 1.0 else partial
                 in_flight[index] = None
 

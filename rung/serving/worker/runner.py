@@ -28,7 +28,7 @@ from rung.serving.worker.ops.select import select_ops
 from rung.serving.worker.quantization import QuantizedWeight, WeightQuantization
 from rung.serving.worker.sampling import SampleInput, Sampler
 from rung.serving.worker.step import StepInputs
-from rung.serving.worker.parallel.group import TensorParallelGroup
+from rung.serving.worker.parallel.group import CollectiveFailed, TensorParallelGroup
 from rung.serving.worker.parallel.sharding import load_shard
 from rung.serving.worker.parallel.workers import StepMessage, Workers, rank_config
 from rung.serving.worker.weights import check_weights, load_weights, weight_files
@@ -109,14 +109,12 @@ class ModelRunner:
 
     @classmethod
     def for_folder(cls, model_dir: str | Path, config: EngineConfig, nano_batches: int = 1,
-                   group: TensorParallelGroup | None = None) -> ModelRunner:
-        """The model of a Hugging Face folder on the configured device, over a KV pool sized by the config. With
-        tensor_parallel_size N > 1 and no `group`, this process is rank 0: it starts ranks 1..N-1 (`Workers`) and
-        holds its own shard; a worker passes its `group`."""
-        workers = Workers(model_dir, config) if config.tensor_parallel_size > 1 and group is None else None
-        group = workers.group if workers else group
-        if group is not None:
-            config = rank_config(config, group.rank)
+                   workers: Workers | None = None, group: TensorParallelGroup | None = None) -> ModelRunner:
+        """The model of a Hugging Face folder on the configured device, over a KV pool sized by the config. Under
+        tensor parallelism, rank 0 passes the `workers` it started (ranks 1..N-1, whose group it joined) and a
+        worker passes its `group`; each holds its own shard."""
+        if workers is not None:
+            group, config = workers.group, rank_config(config, 0)
         try:
             model = load_model(model_dir, config, group=group)
             spec, dtype, device, ops = model.spec, DTYPES[config.dtype], model.device, model.ops
@@ -232,15 +230,18 @@ class ModelRunner:
                                         for i in structured])
         hidden = self.graphs.run(step.inputs) if self.graphs else None
         rows = step.sample_rows
-        if hidden is None:
-            count = self._nano_batch_count(step.inputs)
-            if self.workers is not None:
-                self.workers.send(StepMessage.of(step.inputs, count, rows))
-            hidden = self.model.forward(step.inputs, self.cache, count)
-        if not rows:
-            return {}
-        logits = torch.cat([self.model.logits(hidden[[row]]) for row in rows]) if self.deterministic else \
-            self.model.logits(hidden[rows])
+        try:
+            if hidden is None:
+                count = self._nano_batch_count(step.inputs)
+                if self.workers is not None:
+                    self.workers.send(StepMessage.of(step.inputs, count, rows))
+                hidden = self.model.forward(step.inputs, self.cache, count)
+            if not rows:
+                return {}
+            logits = torch.cat([self.model.logits(hidden[[row]]) for row in rows]) if self.deterministic else \
+                self.model.logits(hidden[rows])
+        except CollectiveFailed as err:  # a rank went away mid-step: say which, when one did
+            raise self.workers.explain(err) if self.workers is not None else err from None
         samples = self.sampler.sample(logits, step.sample_inputs,
                                       (structured, masks.result()) if masks else None)
         for index in structured:

@@ -4,5 +4,7 @@
     group.py           the collectives the model's forward issues (all-reduce, vocabulary gather)
     workers.py         rank 0's side (rank 0 is the engine core, which keeps the scheduler and the KV manager):
                        starts ranks 1..N-1, sends each step's inputs, watches and stops them
+    launch.py          starting them as processes on this machine (the default), and what any way must provide
+    ray_ranks.py       the same ranks as Ray actors placed by a placement group (`--distributed-backend ray`)
     worker_process.py  a worker's side: join, load its shard, run every step it is sent
 """

@@ -44,6 +44,13 @@ class TensorParallelGroup:
         except RuntimeError as err:
             raise CollectiveFailed(f"an all-reduce failed: {err}") from None
 
+    def wait(self, work: dist.Work) -> None:
+        """Wait for an asynchronous all-reduce to finish."""
+        try:
+            work.wait()
+        except RuntimeError as err:
+            raise CollectiveFailed(f"an all-reduce failed: {err}") from None
+
     def gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """Every rank's `tensor` [rows, columns] side by side, [rows, N x columns], on rank 0; None elsewhere."""
         parts = [torch.empty_like(tensor) for _ in range(self.shard.world)] if self.rank == 0 else None

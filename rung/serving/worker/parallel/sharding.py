@@ -84,8 +84,9 @@ class Shard:
         return None
 
 
-def check_tensor_parallel(spec: ModelSpec, world: int, device: torch.device) -> None:
-    """Refuse a tensor-parallel size this model or machine cannot take, naming why, before any worker starts."""
+def check_tensor_parallel(spec: ModelSpec, world: int, device: torch.device, local: bool = True) -> None:
+    """Refuse a tensor-parallel size this model (or, for ranks on this machine, `local`, this machine) cannot take,
+    naming why, before any worker starts."""
     if world == 1:
         return
     widths = {"attention heads": spec.num_heads, "FFN width (intermediate_size)": spec.intermediate_size}
@@ -99,7 +100,7 @@ def check_tensor_parallel(spec: ModelSpec, world: int, device: torch.device) -> 
         raise ConfigError("tensor_parallel_size", f"{world} ranks cannot split or replicate the model's {kv} KV "
                           "heads (one must divide the other)")
     present = torch.cuda.device_count() if device.type == "cuda" else len(_cpus())
-    if world > present:
+    if local and world > present:
         unit = "GPUs" if device.type == "cuda" else "CPU cores this process may use"
         raise ConfigError("tensor_parallel_size", f"is {world}, but there are only {present} {unit}")
 

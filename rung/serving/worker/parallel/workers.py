@@ -1,38 +1,42 @@
-"""Ranks 1..N-1 of a tensor-parallel engine, each a process of its own.
+"""Ranks 1..N-1 of a tensor-parallel engine, each a process of its own, as rank 0 sees them.
 
 Rank 0 is the engine core (it keeps the scheduler, the KV manager and the sampler, as vLLM's engine core does) and
-computes its own shard too. It starts the other ranks as `python -m rung.serving.worker.parallel.worker_process` (plain
-subprocesses: the engine process is a daemon, and daemons may not fork multiprocessing children), and every step
-writes the step's inputs to each worker's stdin; the workers run the same forward over their shards, meeting rank 0
-in the collectives, and return nothing but their share of those. A worker whose stdin closes (rank 0 gone) exits.
+computes its own shard too. It starts the other ranks, and every step writes the step's inputs to each worker's
+step stream; the workers run the same forward over their shards, meeting rank 0 in the collectives, and return
+nothing but their share of those. A worker whose step stream closes (rank 0 gone) exits.
 
-Joining goes through a file store in a fresh temporary folder (these ranks share one machine, and a file holds no
-port another service could want): each worker says it joined, or why it could not load, and rank 0 waits for that
-while watching the processes, so a worker that dies while starting is reported, not waited for.
+Two ways to start them (`distributed_backend`):
+- mp (the default, `launch.LocalLauncher`): `python -m rung.serving.worker.parallel.worker_process` subprocesses on this machine (plain
+  subprocesses: the engine process is a daemon, and daemons may not fork multiprocessing children), each reading its
+  steps from stdin, joined through a file store in a fresh temporary folder (a file holds no port another service
+  could want);
+- ray: Ray actors placed by a placement group, one bundle each, on whichever nodes hold the resources
+  (`ray_ranks.RayLauncher`), reading their steps from a TCP connection to rank 0 and joined through a TCP store rank 0 hosts.
+
+Either way each worker says in the store that it joined, or why it could not load, and rank 0 waits for that while
+watching the workers, so one that dies while starting is reported, not waited for.
 """
 
 from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from rung.errors import ConfigError, RungError
 from rung.serving.config import EngineConfig
 from rung.serving.worker.model_spec import load_spec, read_config
 from rung.serving.worker.parallel.group import TensorParallelGroup
+from rung.serving.worker.parallel.launch import Launcher, Rank
 from rung.serving.worker.parallel.sharding import Shard, check_tensor_parallel
 from rung.serving.worker.step import StepInputs
 
-JOIN_TIMEOUT_SECONDS = 300.0  # how long rank 0 waits for the workers to start (imports, CUDA contexts)
+JOIN_TIMEOUT_SECONDS = 300.0  # how long rank 0 waits for the workers to start (imports, CUDA contexts, placement)
 
 
 @dataclass
@@ -59,44 +63,46 @@ class StepMessage:
 
 
 def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
-    """The config a rank computes under: on GPUs, rank r on device r."""
+    """The config a rank on this machine computes under: on GPUs, rank r on device r."""
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return replace(config, device=f"cuda:{rank}") if device.startswith("cuda") else config
 
 
 class Workers:
-    """Rank 0's side: the worker processes and the process group they joined. Building it checks the request
+    """Rank 0's side: the workers and the process group they joined. Building it checks the request
     (`check_tensor_parallel`), starts the workers, and returns once every rank has joined."""
 
-    def __init__(self, model_dir: str | Path, config: EngineConfig):
+    def __init__(self, model_dir: str | Path, config: EngineConfig, launch: Callable[[int, torch.device], Launcher]):
+        """`launch(world, device)`: how the workers start (`LocalLauncher`, or `ray_ranks.RayLauncher`, which
+        `engine.py` picks, so that this module, which the runner imports, never reaches Ray's)."""
         world = config.tensor_parallel_size
         spec = load_spec(model_dir)
         device = torch.device(rank_config(config, 0).device or "cpu")
-        check_tensor_parallel(spec, world, device)
         if "quantization_config" in read_config(Path(model_dir) / "config.json"):
             raise ConfigError("tensor_parallel_size", f"{model_dir} is a quantized folder, which rung's engine "
                               "serves on one device only (serve the float folder with --quantization instead)")
         self.weight_bytes: tuple[int, ...] = ()  # each rank's weights as it holds them, measured once all loaded
-        self._rendezvous = tempfile.TemporaryDirectory(prefix="rung-tp-")
-        self.store_path = str(Path(self._rendezvous.name) / "store")
-        self._store = store = dist.FileStore(self.store_path, world)
-        settings = asdict(config)
-        self.processes = [subprocess.Popen(
-            [sys.executable, "-m", "rung.serving.worker.parallel.worker_process",
-             json.dumps({"rank": rank, "world": world, "store": self.store_path, "model_dir": str(model_dir),
-                         "config": settings})], stdin=subprocess.PIPE) for rank in range(1, world)]
+        self.ranks: list[Rank] = []
+        check_tensor_parallel(spec, world, device, local=config.distributed_backend == "mp")
+        self._launcher = launch(world, device)
         try:
-            self._wait_for_joins(store, world)
-            self.group = TensorParallelGroup(Shard(0, world), device, store)
+            for rank in range(1, world):
+                rank_settings = config if config.distributed_backend == "ray" else rank_config(config, rank)
+                self.ranks.append(self._launcher.start(rank, {
+                    "rank": rank, "world": world, "store": self._launcher.store_spec, "model_dir": str(model_dir),
+                    "config": asdict(rank_settings)}))
+            self._wait_for_joins(world)
+            self.group = TensorParallelGroup(Shard(0, world), device, self._launcher.store)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_for_joins(self, store: dist.Store, world: int) -> None:
+    def _wait_for_joins(self, world: int) -> None:
         deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
         waiting = set(range(1, world))
-        while waiting:
-            waiting -= {rank for rank in waiting if store.check([f"joined/{rank}"])}
+        while waiting or any(rank.steps is None for rank in self.ranks):
+            self._launcher.connect(self.ranks)
+            waiting -= {rank for rank in waiting if self._launcher.store.check([f"joined/{rank}"])}
             self.check()
             if time.monotonic() > deadline:
                 raise RungError(f"tensor-parallel workers {sorted(waiting)} did not start within "
@@ -104,12 +110,12 @@ class Workers:
             time.sleep(0.05)
 
     def send(self, message: StepMessage | None) -> None:
-        """The next step to every worker (None: stop)."""
+        """The next step to every worker."""
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        for process in self.processes:
+        for rank in self.ranks:
             try:
-                process.stdin.write(payload)
-                process.stdin.flush()
+                rank.steps.write(payload)
+                rank.steps.flush()
             except (BrokenPipeError, OSError):
                 self.check()
                 raise RungError("a tensor-parallel worker stopped reading its steps") from None
@@ -117,27 +123,31 @@ class Workers:
     def check(self) -> None:
         """Raise RungError if a worker has exited (an engine with a dead rank cannot compute a step), with the
         reason it left when it could not load."""
-        for rank, process in enumerate(self.processes, 1):
-            if process.poll() is not None:
-                if self._store.check([f"failed/{rank}"]):
-                    failure = json.loads(self._store.get(f"failed/{rank}"))
+        for index, rank in enumerate(self.ranks, 1):
+            status = rank.exit_status()
+            if status is not None:
+                if self._launcher.store.check([f"failed/{index}"]):
+                    failure = json.loads(self._launcher.store.get(f"failed/{index}"))
                     raise ConfigError(failure["field"], failure["message"]) if failure["field"] else \
                         RungError(failure["message"])
-                raise RungError(f"tensor-parallel worker {rank} exited (code {process.returncode})")
+                raise RungError(f"tensor-parallel worker {index} {status}")
+
+    def explain(self, failure: RungError) -> RungError:
+        """What a failed collective means: the worker that exited, when one did (given a moment to be reaped: its
+        socket closes as it dies), else the failure itself."""
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                self.check()
+            except RungError as exited:
+                return exited
+            time.sleep(0.05)
+        return failure
 
     def stop(self) -> None:
-        """Tell every worker to stop, and end those that do not within a few seconds."""
-        for process in self.processes:
-            try:
-                process.stdin.close()  # end of steps: the worker exits
-            except OSError:
-                pass
-        for process in self.processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        """Stop every worker (ending those that do not exit in time) and leave the group."""
+        for rank in self.ranks:
+            rank.stop()
         if hasattr(self, "group"):
             self.group.leave()
-        self._rendezvous.cleanup()
+        self._launcher.close()
