@@ -25,7 +25,7 @@ from rung.serving.worker.ops.torch_ops import TorchOps
 from rung.serving.worker.quantization import LARGEST, quantize
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "shared_mlp.input_linear",
-               "shared_mlp.output_linear")  # what the engine quantizes: MoE experts, routers and the readout stay
+               "shared_mlp.output_linear")  # the linear layers the engine quantizes (and MoE experts); routers stay
 
 
 @pytest.mark.parametrize("bits, group", [(8, 128), (4, 32), (4, 128)])
@@ -97,14 +97,19 @@ def test_the_triton_kernel_computes_the_weight_only_product(bits, group, rows, d
     assert TritonOps().pack_linear(quantize(torch.randn(8, 24), 4, 12)).__class__.__name__ == "QuantizedWeight"
 
 
-@pytest.mark.parametrize("name", ["llama-gqa1-tied", "qwen2-bias", "granitemoe-shared"])
+@pytest.mark.parametrize("name", ["llama-gqa1-tied", "qwen2-bias", "mixtral", "granitemoe-shared"])
 def test_the_pytorch_path_serves_exactly_the_dequantized_model(name, tmp_path):
-    """Greedy tokens of the engine at int4 equal transformers' with every projection replaced by its levels."""
+    """Greedy tokens of the engine at int4 equal transformers' with every projection and every MoE expert's
+    projections (transformers stacks them, [experts, out, in]) replaced by their levels."""
     reference = saved_reference(name, tmp_path)
     with torch.no_grad():
         for module_name, module in reference.named_modules():
             if isinstance(module, torch.nn.Linear) and module_name.endswith(PROJECTIONS):
                 module.weight.copy_(quantize(module.weight, 4, 16).dequantize())
+            if module_name.endswith(".experts"):
+                for stacked in (module.gate_up_proj, module.down_proj):
+                    for expert in stacked:
+                        expert.copy_(quantize(expert, 4, 16).dequantize())
     prompts = [list(range(1, 30)), [7, 7, 7, 3, 9]]
     expected = [transformers_greedy(reference, prompt, 10) for prompt in prompts]
     for backend in ("torch", "triton"):  # Triton's quantized GEMM under its interpreter

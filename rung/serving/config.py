@@ -47,9 +47,9 @@ class EngineConfig:
     # attention (and the other per-layer operations): auto = rung's C++ kernels on a CPU, Triton on a GPU where it is
     # installed, else PyTorch's operators; cpu / torch / triton to choose (worker/ops/select.py)
     attention_backend: AttentionBackend = "auto"
-    # the attention and MLP projections' weights as integers (worker/quantization.py): int8 with a scale per output
-    # row, int4 with one per quantization_group_size input features; embeddings, norms, MoE experts and (unless
-    # quantize_lm_head) the readout stay in dtype
+    # the attention, MLP and MoE experts' projections' weights as integers (worker/quantization.py): int8 with a
+    # scale per output row, int4 with one per quantization_group_size input features; embeddings, norms, routers and
+    # (unless quantize_lm_head) the readout stay in dtype
     quantization: Quantization = "none"
     quantization_group_size: int = 128  # int4's input features per scale: must divide every projection's input size
     quantize_lm_head: bool = False

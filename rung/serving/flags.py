@@ -40,9 +40,9 @@ def add_model_settings(parser: argparse.ArgumentParser) -> None:
                              "attention in Triton: GPUs, or a CPU under TRITON_INTERPRET=1); auto: cpu on a CPU, triton "
                              "on a GPU where it is installed (default: auto)")
     parser.add_argument("--quantization", default=engine("quantization"), choices=["none", "int8", "int4"],
-                        help="the attention and MLP projections' weights as integers: int8 (a scale per output row) "
-                             "or int4 (a scale per --group-size input features); on a CPU they multiply rows of "
-                             "activations quantized to int8 (default: none)")
+                        help="the attention, MLP and MoE experts' projections' weights as integers: int8 (a scale "
+                             "per output row) or int4 (a scale per --group-size input features); on a CPU they "
+                             "multiply rows of activations quantized to int8 (default: none)")
     parser.add_argument("--group-size", type=int, default=engine("quantization_group_size"),
                         help="int4's input features per scale; must divide every projection's input size "
                              f"(default: {engine('quantization_group_size')})")

@@ -102,8 +102,8 @@ class AsyncEngine:
         blocks, size = limits.kv_blocks
         caching = "prefix caching" if limits.prefix_caching else "no prefix caching"
         ranks = limits.rank_weight_bytes
-        parallel = f", tensor-parallel over {len(ranks)} ranks holding {', '.join(f'{b / 2**20:.1f}' for b in ranks)} " \
-            "MiB of weights" if ranks else ""
+        held = ", ".join(f"{b / 2**20:.1f}" for b in ranks)
+        parallel = f", tensor-parallel over {len(ranks)} ranks holding {held} MiB of weights" if ranks else ""
         return f"rung engine {self.core.place}{parallel}, {scheduling}, {caching}, {blocks} KV blocks of {size} tokens"
 
     # -- the asyncio side ------------------------------------------------------------------------------------------

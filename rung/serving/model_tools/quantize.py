@@ -9,7 +9,8 @@ loss rise per weight while the budget allows (a greedy knapsack by density).
 - Budget: bits per quantized weight with the scales counted (an fp32 scale per row for int8, per group for int4),
   averaged over the projections by their sizes: int4 in groups of 128 is 4.25, int8 a little over 8.
 - Units: the engine multiplies q, k and v as one product and gate and up as another, so each such group takes one
-  width (`weights.fused_groups`). Embeddings, norms, MoE experts, routers and the readout stay float.
+  width (`weights.fused_groups`). Embeddings, norms, routers and the readout stay float, and so do MoE experts in
+  the folder (`rung serve --quantization` quantizes them at load).
 - Calibration: `--calibration FILE` (text, or JSONL of {"text": ...}), else the validation split of the run a rung
   export came from (the CLI reads it: `jobs/export/calibration.py`), at most `--calibration-tokens` tokens in
   windows of the model's context.

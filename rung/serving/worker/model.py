@@ -15,6 +15,7 @@ embedding is looked up in the rank's vocabulary rows and summed, and the logits 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from rung.serving.worker.model_spec import ModelSpec
@@ -60,9 +61,14 @@ class InferenceModel:
             else self.w["lm_head.weight"]
         if spec.tie_word_embeddings and not (quantization and quantization.lm_head):
             stored.pop("lm_head.weight")  # the embedding itself, counted once
+        if self.experts and quantization:  # each expert's projections as levels, multiplied one expert at a time
+            self.experts = [(router, *([packed(f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight",
+                                               stacked[e].T) for e in range(spec.num_experts)]
+                                       for kind, stacked in (("gate_up_proj", gate_up), ("down_proj", down))))
+                            for i, (router, gate_up, down) in enumerate(self.experts)]
         # every weight's bytes as stored: what quantization saves
         self.weight_bytes = sum(stored.values()) + sum(t.nbytes for n, t in self.w.items() if n not in stored) + \
-            sum(t.nbytes for layer in self.experts or [] for t in layer[1:])
+            sum(t.nbytes for layer in self.experts or [] for t in layer[1:] if isinstance(t, torch.Tensor))
         self._overlap = StreamOverlap()
 
     def _norm(self, x: torch.Tensor, weight: str) -> torch.Tensor:
@@ -71,9 +77,17 @@ class InferenceModel:
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.ops.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
+    def _per_expert(self, x: torch.Tensor, weights: list[object], ends: torch.Tensor) -> torch.Tensor:
+        """The grouped GEMM over quantized experts: each expert's rows through the compute path's quantized
+        product with its own levels (experts no token chose skipped)."""
+        bounds = [0, *ends.tolist()]
+        return torch.cat([self.ops.linear(x[start:stop], weights[e], None)
+                          for e, (start, stop) in enumerate(zip(bounds, bounds[1:])) if stop > start])
+
     def _moe(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Top-k routing with renormalised gates; the (token, expert) pairs sorted by expert go through one
-        grouped GEMM per projection, each expert's rows against its own weights."""
+        grouped GEMM per projection, each expert's rows against its own weights (one product per expert when
+        they are quantized)."""
         router, gate_up, down = self.experts[layer]
         probs = torch.softmax(F.linear(x, router).float(), dim=-1)
         weights, chosen = probs.topk(self.spec.num_experts_per_tok, dim=-1)
@@ -81,7 +95,7 @@ class InferenceModel:
         order = chosen.flatten().argsort(stable=True)
         tokens = order // self.spec.num_experts_per_tok
         ends = torch.bincount(chosen.flatten(), minlength=self.spec.num_experts).cumsum(0).to(torch.int32)
-        grouped = self.ops.grouped_matmul
+        grouped = self.ops.grouped_matmul if isinstance(gate_up, torch.Tensor) else self._per_expert
         y = grouped(self.ops.silu_and_mul(grouped(x[tokens], gate_up, ends)), down, ends)
         y = y * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, tokens, y)
@@ -108,14 +122,22 @@ class InferenceModel:
         self.ops.write_kv(k, v, keys, values, step.slots)  # the whole step's KV first: a span may read another's
         return self._linear(self.ops.attention(q, keys, values, step), prefix + "o_proj")
 
+    def _attention_delta(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,
+                         rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """What the attention block adds to the residual stream (before its multiplier): a tensor-parallel rank's
+        partial sum."""
+        return self._attention(self._norm(x, f"model.layers.{layer}.input_layernorm.weight"), layer, step, cache,
+                               rope)
+
+    def _mlp_delta(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        return self._mlp(self._norm(x, f"model.layers.{layer}.post_attention_layernorm.weight"), layer)
+
     def _attention_block(self, x: torch.Tensor, layer: int, step: StepInputs, cache: torch.Tensor,
                          rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h = self._norm(x, f"model.layers.{layer}.input_layernorm.weight")
-        return torch.add(x, self._attention(h, layer, step, cache, rope), alpha=self.spec.residual_multiplier)
+        return torch.add(x, self._attention_delta(x, layer, step, cache, rope), alpha=self.spec.residual_multiplier)
 
     def _mlp_block(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        h = self._norm(x, f"model.layers.{layer}.post_attention_layernorm.weight")
-        return torch.add(x, self._mlp(h, layer), alpha=self.spec.residual_multiplier)
+        return torch.add(x, self._mlp_delta(x, layer), alpha=self.spec.residual_multiplier)
 
     def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of the step's tokens; on a tensor-parallel rank, of those in its vocabulary rows (zeros for
@@ -136,25 +158,21 @@ class InferenceModel:
         block needs x — so one nano-batch's all-reduce runs while the next one's attention or GEMMs compute
         (NanoFlow's overlap of the network). With overlap_collectives off, every all-reduce is waited for at once."""
         group, alpha = self.group, self.spec.residual_multiplier
-        in_flight: list[tuple[torch.Tensor, object] | None] = [None] * len(parts)
+        in_flight: list[tuple[torch.Tensor, dist.Work] | None] = [None] * len(parts)
 
         def settle(index: int) -> None:
             if in_flight[index] is not None:
                 partial, work = in_flight[index]
                 group.wait(work)
-                x[parts[index][0]] += partial * alpha if alpha != 1.0 else partial
+                x[parts[index][0]].add_(partial, alpha=alpha)
                 in_flight[index] = None
 
         for layer in range(self.spec.num_layers):
             for block in ("attention", "mlp"):
                 for index, (rows, sub) in enumerate(parts):
                     settle(index)
-                    if block == "attention":
-                        h = self._norm(x[rows], f"model.layers.{layer}.input_layernorm.weight")
-                        partial = self._attention(h, layer, sub, cache, (cos[rows], sin[rows]))
-                    else:
-                        h = self._norm(x[rows], f"model.layers.{layer}.post_attention_layernorm.weight")
-                        partial = self._mlp(h, layer)
+                    partial = self._attention_delta(x[rows], layer, sub, cache, (cos[rows], sin[rows])) \
+                        if block == "attention" else self._mlp_delta(x[rows], layer)
                     in_flight[index] = (partial, group.all_reduce(partial, async_op=True))
                     if not self.overlap_collectives:
                         settle(index)

@@ -25,12 +25,12 @@ from rung.serving.worker.kv_sizing import check_device_fits, kv_cache_bytes, num
 from rung.serving.worker.model import InferenceModel
 from rung.serving.worker.model_spec import load_spec
 from rung.serving.worker.ops.select import select_ops
-from rung.serving.worker.quantization import QuantizedWeight, WeightQuantization
-from rung.serving.worker.sampling import SampleInput, Sampler
-from rung.serving.worker.step import StepInputs
 from rung.serving.worker.parallel.group import CollectiveFailed, TensorParallelGroup
 from rung.serving.worker.parallel.sharding import load_shard
 from rung.serving.worker.parallel.workers import StepMessage, Workers, rank_config
+from rung.serving.worker.quantization import QuantizedWeight, WeightQuantization
+from rung.serving.worker.sampling import SampleInput, Sampler
+from rung.serving.worker.step import StepInputs
 from rung.serving.worker.weights import check_weights, load_weights, weight_files
 
 SLOT_PADDING = 32

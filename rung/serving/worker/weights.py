@@ -42,9 +42,9 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor | QuantizedWeight
     weights = read_quantized(weights, config)
     beyond = [name for name, w in weights.items() if isinstance(w, QuantizedWeight) and not name.endswith(QUANTIZABLE)]
     if beyond:
-        raise RungError(f"{folder}: {beyond[0].removesuffix('.weight')} is quantized; rung's engine holds only the "
-                        "attention and MLP projections and the readout as levels (embeddings, routers and MoE "
-                        "experts stay float)")
+        raise RungError(f"{folder}: {beyond[0].removesuffix('.weight')} is quantized; rung's engine reads only the "
+                        "attention and MLP projections and the readout as levels from a folder (embeddings, routers "
+                        "and MoE experts stay float there; --quantization quantizes experts at load)")
     return weights
 
 

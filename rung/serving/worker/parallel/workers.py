@@ -6,12 +6,13 @@ step stream; the workers run the same forward over their shards, meeting rank 0 
 nothing but their share of those. A worker whose step stream closes (rank 0 gone) exits.
 
 Two ways to start them (`distributed_backend`):
-- mp (the default, `launch.LocalLauncher`): `python -m rung.serving.worker.parallel.worker_process` subprocesses on this machine (plain
-  subprocesses: the engine process is a daemon, and daemons may not fork multiprocessing children), each reading its
-  steps from stdin, joined through a file store in a fresh temporary folder (a file holds no port another service
-  could want);
+- mp (the default, `launch.LocalLauncher`): `python -m rung.serving.worker.parallel.worker_process` on this machine
+  (plain subprocesses: the engine process is a daemon, and daemons may not fork multiprocessing children), each
+  reading its steps from stdin, joined through a file store in a fresh temporary folder (a file holds no port
+  another service could want);
 - ray: Ray actors placed by a placement group, one bundle each, on whichever nodes hold the resources
-  (`ray_ranks.RayLauncher`), reading their steps from a TCP connection to rank 0 and joined through a TCP store rank 0 hosts.
+  (`ray_ranks.RayLauncher`), reading their steps from a TCP connection to rank 0 and joined through a TCP store
+  rank 0 hosts.
 
 Either way each worker says in the store that it joined, or why it could not load, and rank 0 waits for that while
 watching the workers, so one that dies while starting is reported, not waited for.
