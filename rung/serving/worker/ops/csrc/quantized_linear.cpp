@@ -8,6 +8,11 @@
 // VNNI multiplies unsigned by signed bytes, so x's levels are stored shifted by +128 and the shift's contribution,
 // 128 * (the group's sum of weight levels), is subtracted per group (`shifts`, made once at load).
 //
+// Without VNNI (AVX2 CPUs: AMD before Zen 4, older Intel), the same products come from AVX2's byte multiply-add
+// (32 int8 pairs per two instructions to the float FMA's 8): x's levels are unshifted to signed, and each product
+// is |x| times the weight level with x's sign (so the pairwise 16-bit sums, at most 2 * 127 * 127, never saturate).
+// Without either, a scalar loop computes the same arithmetic, slowly (a test checks it here).
+//
 // Layouts, made once at load by `cpu_ops.pack_quantized`: levels [N/16, K/4, 64] bytes for int8 (16 output rows, 4
 // consecutive input features per 32-bit lane: byte 4 * row + feature), [N/16, K/4, 32] for int4 (byte j holds level j
 // in its low nibble and level j + 32 in its high one, so half the bytes are read); scales and shifts
@@ -58,6 +63,22 @@ inline __m512i load_levels(const int8_t* quad) {
     return _mm512_sub_epi8(_mm512_xor_si512(nibbles, eight), eight);
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// A block's 64 levels for four input features as two registers of 32 signed bytes: rows 0-7, then rows 8-15.
+template <int Bits>
+inline void load_levels(const int8_t* quad, __m256i& low_rows, __m256i& high_rows) {
+  if constexpr (Bits == 8) {
+    low_rows = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad));
+    high_rows = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad + 32));
+  } else {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad));
+    const __m256i low_bits = _mm256_set1_epi8(0xF);
+    const __m256i eight = _mm256_set1_epi8(8);
+    low_rows = _mm256_sub_epi8(_mm256_xor_si256(_mm256_and_si256(packed, low_bits), eight), eight);
+    high_rows = _mm256_sub_epi8(
+        _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_bits), eight), eight);
+  }
+}
 #endif
 
 // Each row of x as unsigned levels (level + 128) and its scale: row max |x| / 127.
@@ -105,6 +126,38 @@ void tile(const int32_t* x_levels, const float* x_scales, int64_t first, int64_t
   for (int r = 0; r < R; ++r) {
     const __m512 row = _mm512_mul_ps(sums[r], _mm512_set1_ps(x_scales[first + r]));
     _mm512_mask_storeu_ps(out + (first + r) * out_stride + column, mask, row);
+  }
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 sums[R][2];
+  for (int r = 0; r < R; ++r) sums[r][0] = sums[r][1] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i unshift = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i dots[R][2];
+    for (int r = 0; r < R; ++r) dots[r][0] = dots[r][1] = _mm256_setzero_si256();
+    for (int64_t q = g * quads_per_group; q < (g + 1) * quads_per_group; ++q) {
+      __m256i weights[2];
+      load_levels<Bits>(block + q * kBytes, weights[0], weights[1]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_xor_si256(_mm256_set1_epi32(x_levels[(first + r) * quads + q]), unshift);
+        const __m256i magnitude = _mm256_abs_epi8(x);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(weights[h], x));
+          dots[r][h] = _mm256_add_epi32(dots[r][h], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 scale = _mm256_loadu_ps(scales + g * kLanes + 8 * h);
+      for (int r = 0; r < R; ++r) sums[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r][h]), scale, sums[r][h]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) float row[kLanes];
+    const __m256 x_scale = _mm256_set1_ps(x_scales[first + r]);
+    _mm256_store_ps(row, _mm256_mul_ps(sums[r][0], x_scale));
+    _mm256_store_ps(row + 8, _mm256_mul_ps(sums[r][1], x_scale));
+    std::copy(row, row + width, out + (first + r) * out_stride + column);
   }
 #else  // the same arithmetic, lane by lane
   for (int r = 0; r < R; ++r) {
