@@ -66,6 +66,53 @@ def test_two_ranks_give_one_rank_and_transformers_greedy_tokens(name, nano_batch
     assert llm.engine.model.last_nano_batches >= 1
 
 
+def test_shared_memory_sums_in_rank_order_with_several_in_flight_and_notices_a_dead_peer(tmp_path):
+    """Two ranks as two threads over one region: three all-reduces in flight at once come back summed (the same
+    bits on both ranks), slots are reused past SLOTS, and a rank waiting on a peer that stopped fails quickly."""
+    from rung.serving.worker.parallel.shared_memory import SLOTS, PeerGone, SharedMemoryAllReduce, create_region
+
+    region = tmp_path / "region"
+    create_region(region, 2, 64)
+    ranks = [SharedMemoryAllReduce(region, rank, 2, 64, lambda: True) for rank in (0, 1)]
+    inputs = [[torch.randn(4, 16) for _ in range(3 * SLOTS)] for _ in (0, 1)]
+    results: list[list[torch.Tensor]] = [[], []]
+
+    def run(rank: int) -> None:
+        tensors = [t.clone() for t in inputs[rank]]
+        for batch in range(0, len(tensors), 3):
+            pending = [ranks[rank].start(t) for t in tensors[batch:batch + 3]]
+            for handle in pending:
+                handle.wait()
+        results[rank] = tensors
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for index in range(3 * SLOTS):
+        expected = inputs[0][index] + inputs[1][index]
+        assert torch.equal(results[0][index], expected) and torch.equal(results[1][index], expected)
+    alone = SharedMemoryAllReduce(region, 0, 2, 64, lambda: False)  # its peer never publishes again
+    alone._number = ranks[0]._number
+    started = time.monotonic()
+    with pytest.raises(PeerGone):
+        alone.start(torch.ones(4)).wait()
+    assert time.monotonic() - started < 1
+
+
+def test_without_room_in_dev_shm_the_ranks_sum_through_gloo(tmp_path, monkeypatch):
+    import rung.serving.worker.parallel.workers as workers
+
+    monkeypatch.setattr(workers, "_region_path", lambda size: None)
+    saved_reference("qwen2-bias", tmp_path)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    split, llm = generate(tmp_path, params, tensor_parallel_size=2, nano_batches=2)
+    assert llm.engine.model.group.shared is None
+    assert split == generate(tmp_path, params)[0]
+    assert not list(Path("/dev/shm").glob("rung-tp-*"))  # no region left behind by any test
+
+
 def test_seeded_sampling_and_n_samples_equal_one_rank(tmp_path):
     saved_reference("mixtral", tmp_path)
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=7, n=2, ignore_eos=True)

@@ -15,7 +15,6 @@ embedding is looked up in the rank's vocabulary rows and summed, and the logits 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from rung.serving.worker.model_spec import ModelSpec
@@ -23,7 +22,7 @@ from rung.serving.worker.ops import Ops
 from rung.serving.worker.ops.select import select_ops
 from rung.serving.worker.ops.torch_ops import rope_tables
 from rung.serving.worker.overlap import StreamOverlap
-from rung.serving.worker.parallel.group import TensorParallelGroup
+from rung.serving.worker.parallel.group import Handle, TensorParallelGroup
 from rung.serving.worker.quantization import QUANTIZABLE, QuantizedWeight, WeightQuantization
 from rung.serving.worker.step import StepInputs
 from rung.serving.worker.weights import check_weights, fuse_projections, stack_experts
@@ -158,7 +157,7 @@ class InferenceModel:
         block needs x — so one nano-batch's all-reduce runs while the next one's attention or GEMMs compute
         (NanoFlow's overlap of the network). With overlap_collectives off, every all-reduce is waited for at once."""
         group, alpha = self.group, self.spec.residual_multiplier
-        in_flight: list[tuple[torch.Tensor, dist.Work] | None] = [None] * len(parts)
+        in_flight: list[tuple[torch.Tensor, Handle] | None] = [None] * len(parts)
 
         def settle(index: int) -> None:
             if in_flight[index] is not None:

@@ -2,6 +2,7 @@
 
     sharding.py        which part of each weight a rank holds, read alone from the safetensors files
     group.py           the collectives the model's forward issues (all-reduce, vocabulary gather)
+    shared_memory.py   the all-reduce between CPU ranks on one machine, through a mapped region
     workers.py         rank 0's side (rank 0 is the engine core, which keeps the scheduler and the KV manager):
                        starts ranks 1..N-1, sends each step's inputs, watches and stops them
     launch.py          starting them as processes on this machine (the default), and what any way must provide

@@ -1,7 +1,8 @@
 """The collectives of a tensor-parallel forward, over one torch.distributed process group (NCCL between GPUs, gloo
 between CPU processes). The model issues three kinds: the sum of row-parallel partial outputs (all-reduce, which
 may run asynchronously while another nano-batch computes), the embedding lookup's sum over vocabulary shards, and
-the gather of every rank's vocabulary slice of the logits onto rank 0, which samples."""
+the gather of every rank's vocabulary slice of the logits onto rank 0, which samples. Between CPU processes on one
+machine the all-reduces go through shared memory instead (`shared_memory.py` says why)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import torch
 import torch.distributed as dist
 
 from rung.errors import RungError
+from rung.serving.worker.parallel.shared_memory import PeerGone, Pending, SharedMemoryAllReduce
 from rung.serving.worker.parallel.sharding import Shard
 
 # a collective waits this long for a peer before failing (a peer that dies is noticed at once: its socket closes)
 COLLECTIVE_TIMEOUT = timedelta(seconds=300)
+
+
+Handle = dist.Work | Pending  # an all-reduce in flight, whichever way it goes
 
 
 class CollectiveFailed(RungError):
@@ -25,8 +30,9 @@ class TensorParallelGroup:
     """This process's rank in the group, joined through `store` (rank 0 hosts it, `workers.py`); joining blocks
     until every rank has joined."""
 
-    def __init__(self, shard: Shard, device: torch.device, store: dist.Store):
-        self.shard, self.device = shard, device
+    def __init__(self, shard: Shard, device: torch.device, store: dist.Store,
+                 shared: SharedMemoryAllReduce | None = None):
+        self.shard, self.device, self.shared = shard, device, shared
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=shard.rank,
                                     world_size=shard.world, timeout=COLLECTIVE_TIMEOUT)
@@ -37,18 +43,24 @@ class TensorParallelGroup:
     def rank(self) -> int:
         return self.shard.rank
 
-    def all_reduce(self, tensor: torch.Tensor, async_op: bool = False) -> dist.Work | None:
-        """Sum `tensor` over the ranks in place; with async_op, a handle to wait on before reading it."""
+    def all_reduce(self, tensor: torch.Tensor, async_op: bool = False) -> Handle | None:
+        """Sum `tensor` (contiguous) over the ranks in place; with async_op, a handle for `wait` before reading it."""
         try:
+            if self.shared is not None and self.shared.fits(tensor):
+                pending = self.shared.start(tensor)
+                if async_op:
+                    return pending
+                pending.wait()
+                return None
             return dist.all_reduce(tensor, async_op=async_op)
-        except RuntimeError as err:
+        except (RuntimeError, PeerGone) as err:
             raise CollectiveFailed(f"an all-reduce failed: {err}") from None
 
-    def wait(self, work: dist.Work) -> None:
+    def wait(self, work: Handle) -> None:
         """Wait for an asynchronous all-reduce to finish."""
         try:
             work.wait()
-        except RuntimeError as err:
+        except (RuntimeError, PeerGone) as err:
             raise CollectiveFailed(f"an all-reduce failed: {err}") from None
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor | None:

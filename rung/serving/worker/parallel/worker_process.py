@@ -5,9 +5,11 @@ stdin (`python -m rung.serving.worker.parallel.worker_process SETTINGS`) or insi
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import signal
 import sys
+from pathlib import Path
 from typing import BinaryIO
 
 import torch
@@ -17,6 +19,7 @@ from rung.errors import ConfigError, RungError
 from rung.platform.runtime import configure_process
 from rung.serving.config import EngineConfig
 from rung.serving.worker.parallel.group import TensorParallelGroup
+from rung.serving.worker.parallel.shared_memory import SharedMemoryAllReduce
 from rung.serving.worker.parallel.sharding import Shard
 from rung.serving.worker.parallel.launch import open_store
 from rung.serving.worker.parallel.workers import StepMessage
@@ -32,9 +35,14 @@ def serve_shard(settings: dict, steps: BinaryIO) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     store = open_store(settings["store"], world)
+    shared = None
+    if settings.get("shared_memory"):  # mapped before joining: rank 0 unlinks the file once every rank has
+        parent = os.getppid()
+        shared = SharedMemoryAllReduce(Path(settings["shared_memory"]["path"]), rank, world,
+                                       settings["shared_memory"]["capacity"], lambda: os.getppid() == parent)
     store.set(f"joined/{rank}", "1")
     try:
-        group = TensorParallelGroup(Shard(rank, world), device, store)
+        group = TensorParallelGroup(Shard(rank, world), device, store, shared)
         runner = ModelRunner.for_folder(settings["model_dir"], config, group=group)
     except RungError as err:  # rank 0 reports it as its own (a ConfigError keeps its field)
         field = err.field if isinstance(err, ConfigError) else None

@@ -14,15 +14,19 @@ Two ways to start them (`distributed_backend`):
   (`ray_ranks.RayLauncher`), reading their steps from a TCP connection to rank 0 and joined through a TCP store
   rank 0 hosts.
 
-Either way each worker says in the store that it joined, or why it could not load, and rank 0 waits for that while
+CPU ranks on this machine also map one shared-memory region for their all-reduces (`shared_memory.py`), which rank
+0 creates before they start and unlinks once they have joined. Either way each worker says in the store that it
+joined, or why it could not load, and rank 0 waits for that while
 watching the workers, so one that dies while starting is reported, not waited for.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +38,7 @@ from rung.serving.config import EngineConfig
 from rung.serving.worker.model_spec import load_spec, read_config
 from rung.serving.worker.parallel.group import TensorParallelGroup
 from rung.serving.worker.parallel.launch import Launcher, Rank
+from rung.serving.worker.parallel.shared_memory import SharedMemoryAllReduce, create_region, region_bytes
 from rung.serving.worker.parallel.sharding import Shard, check_tensor_parallel
 from rung.serving.worker.step import StepInputs
 
@@ -69,6 +74,17 @@ def rank_config(config: EngineConfig, rank: int) -> EngineConfig:
     return replace(config, device=f"cuda:{rank}") if device.startswith("cuda") else config
 
 
+def _region_path(size: int) -> Path | None:
+    """A fresh name in /dev/shm for a shared-memory region of `size` bytes; None where there is no /dev/shm or it
+    lacks the room (a container's default 64 MiB may): a write past it would kill the process, so gloo sums
+    instead."""
+    shm = Path("/dev/shm")
+    if not os.access(shm, os.W_OK):
+        return None
+    stats = os.statvfs(shm)
+    return shm / f"rung-tp-{uuid.uuid4().hex}" if stats.f_bavail * stats.f_frsize >= size else None
+
+
 class Workers:
     """Rank 0's side: the workers and the process group they joined. Building it checks the request
     (`check_tensor_parallel`), starts the workers, and returns once every rank has joined."""
@@ -84,19 +100,31 @@ class Workers:
                               "serves on one device only (serve the float folder with --quantization instead)")
         self.weight_bytes: tuple[int, ...] = ()  # each rank's weights as it holds them, measured once all loaded
         self.ranks: list[Rank] = []
-        check_tensor_parallel(spec, world, device, local=config.distributed_backend == "mp")
+        local = config.distributed_backend == "mp"
+        check_tensor_parallel(spec, world, device, local=local)
         self._launcher = launch(world, device)
+        # CPU ranks on this machine sum through shared memory: as large as a step's activations
+        capacity = config.max_num_batched_tokens * spec.hidden_size
+        region = _region_path(region_bytes(world, capacity)) if local and device.type == "cpu" else None
         try:
+            shared = None
+            if region is not None:
+                create_region(region, world, capacity)
+                shared = SharedMemoryAllReduce(region, 0, world, capacity, self._alive)
             for rank in range(1, world):
-                rank_settings = config if config.distributed_backend == "ray" else rank_config(config, rank)
+                rank_settings = rank_config(config, rank) if local else config
                 self.ranks.append(self._launcher.start(rank, {
                     "rank": rank, "world": world, "store": self._launcher.store_spec, "model_dir": str(model_dir),
-                    "config": asdict(rank_settings)}))
+                    "config": asdict(rank_settings),
+                    "shared_memory": {"path": str(region), "capacity": capacity} if region else None}))
             self._wait_for_joins(world)
-            self.group = TensorParallelGroup(Shard(0, world), device, self._launcher.store)
+            self.group = TensorParallelGroup(Shard(0, world), device, self._launcher.store, shared)
         except BaseException:
             self.stop()
             raise
+        finally:
+            if region is not None:
+                region.unlink(missing_ok=True)  # every rank has it mapped (or has failed): nothing left behind
 
     def _wait_for_joins(self, world: int) -> None:
         deadline = time.monotonic() + JOIN_TIMEOUT_SECONDS
@@ -109,6 +137,9 @@ class Workers:
                 raise RungError(f"tensor-parallel workers {sorted(waiting)} did not start within "
                                 f"{JOIN_TIMEOUT_SECONDS:g} s")
             time.sleep(0.05)
+
+    def _alive(self) -> bool:
+        return all(rank.exit_status() is None for rank in self.ranks)
 
     def send(self, message: StepMessage | None) -> None:
         """The next step to every worker."""
