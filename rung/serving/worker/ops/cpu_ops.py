@@ -10,10 +10,11 @@ stays as it is and runs through `F.linear`.
 
 Quantized weights (`worker/quantization.py`) run on rung's integer kernel (`csrc/quantized_linear.cpp`): at decode
 batch sizes a CPU's float GEMM is bound by arithmetic rather than by reading weights, so it multiplies int8 levels
-by each row of x quantized to int8 (its own scale per row), 64 pairs per AVX-512 VNNI instruction. torch's own
-weight-only operators (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) were measured on this project's AMD EPYC
-box first: with float activations 12-70x slower than the float GEMM, and with bf16 ones 0.65-0.93x of it at 32
-rows (`bench/quantized_gemm.py`; rung's kernel 3.2-4.2x).
+by each row of x quantized to int8 (its own scale per row), 64 pairs per AVX-512 VNNI instruction (AVX2's byte
+multiply-add where there is no VNNI). torch's own weight-only operators (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`) were measured on this project's AVX-512 AMD EPYC box first: with float activations
+12-70x slower than the float GEMM, and with bf16 ones 0.65-0.93x of it at 32 rows (`bench/quantized_gemm.py`;
+rung's kernel 3.2-4.2x; on an AVX2-only EPYC 1.3-1.5x).
 The per-row quantization of x is the kernel's only extra rounding; `rung eval` measures what it costs.
 """
 
