@@ -66,16 +66,18 @@ def test_two_ranks_give_one_rank_and_transformers_greedy_tokens(name, nano_batch
     assert llm.engine.model.last_nano_batches >= 1
 
 
-def test_shared_memory_sums_in_rank_order_with_several_in_flight_and_notices_a_dead_peer(tmp_path):
+def test_shared_memory_sums_and_gathers_with_several_in_flight_and_notices_a_dead_peer(tmp_path):
     """Two ranks as two threads over one region: three all-reduces in flight at once come back summed (the same
-    bits on both ranks), slots are reused past SLOTS, and a rank waiting on a peer that stopped fails quickly."""
-    from rung.serving.worker.parallel.shared_memory import SLOTS, PeerGone, SharedMemoryAllReduce, create_region
+    bits on both ranks), slots are reused past SLOTS, gathers land side by side on rank 0 between them, and a rank
+    waiting on a peer that stopped fails quickly."""
+    from rung.serving.worker.parallel.shared_memory import SLOTS, PeerGone, SharedMemoryCollectives, create_region
 
     region = tmp_path / "region"
     create_region(region, 2, 64)
-    ranks = [SharedMemoryAllReduce(region, rank, 2, 64, lambda: True) for rank in (0, 1)]
+    ranks = [SharedMemoryCollectives(region, rank, 2, 64, lambda: True) for rank in (0, 1)]
     inputs = [[torch.randn(4, 16) for _ in range(3 * SLOTS)] for _ in (0, 1)]
     results: list[list[torch.Tensor]] = [[], []]
+    gathered: list[list[torch.Tensor | None]] = [[], []]
 
     def run(rank: int) -> None:
         tensors = [t.clone() for t in inputs[rank]]
@@ -83,6 +85,7 @@ def test_shared_memory_sums_in_rank_order_with_several_in_flight_and_notices_a_d
             pending = [ranks[rank].start(t) for t in tensors[batch:batch + 3]]
             for handle in pending:
                 handle.wait()
+            gathered[rank].append(ranks[rank].gather(inputs[rank][batch][:2]))
         results[rank] = tensors
 
     threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
@@ -93,7 +96,10 @@ def test_shared_memory_sums_in_rank_order_with_several_in_flight_and_notices_a_d
     for index in range(3 * SLOTS):
         expected = inputs[0][index] + inputs[1][index]
         assert torch.equal(results[0][index], expected) and torch.equal(results[1][index], expected)
-    alone = SharedMemoryAllReduce(region, 0, 2, 64, lambda: False)  # its peer never publishes again
+    for index, batch in enumerate(range(0, 3 * SLOTS, 3)):
+        assert torch.equal(gathered[0][index], torch.cat([inputs[0][batch][:2], inputs[1][batch][:2]], dim=-1))
+        assert gathered[1][index] is None
+    alone = SharedMemoryCollectives(region, 0, 2, 64, lambda: False)  # its peer never publishes again
     alone._number = ranks[0]._number
     started = time.monotonic()
     with pytest.raises(PeerGone):

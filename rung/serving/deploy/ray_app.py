@@ -33,7 +33,9 @@ def build(args: dict[str, Any]):
     from ray import serve
 
     config = serve_config({k: v for k, v in args.items() if k not in PLACEMENT_ARGS})
-    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": args.get("num_cpus", 1),
+    # a replica reserves a CPU per tensor-parallel rank unless told otherwise (its ranks run as its subprocesses)
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": args.get("num_cpus",
+                                                                          config.engine.tensor_parallel_size),
                                                      "num_gpus": args.get("num_gpus", 0)},
                                "max_ongoing_requests": config.engine.max_num_seqs + config.max_queued_requests}
     autoscaling = args.get("autoscaling")

@@ -2,7 +2,7 @@
 between CPU processes). The model issues three kinds: the sum of row-parallel partial outputs (all-reduce, which
 may run asynchronously while another nano-batch computes), the embedding lookup's sum over vocabulary shards, and
 the gather of every rank's vocabulary slice of the logits onto rank 0, which samples. Between CPU processes on one
-machine the all-reduces go through shared memory instead (`shared_memory.py` says why)."""
+machine the all-reduces and the gather go through shared memory instead (`shared_memory.py` says why)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from rung.errors import RungError
-from rung.serving.worker.parallel.shared_memory import PeerGone, Pending, SharedMemoryAllReduce
+from rung.serving.worker.parallel.shared_memory import PeerGone, Pending, SharedMemoryCollectives
 from rung.serving.worker.parallel.sharding import Shard
 
 # a collective waits this long for a peer before failing (a peer that dies is noticed at once: its socket closes)
@@ -31,7 +31,7 @@ class TensorParallelGroup:
     until every rank has joined."""
 
     def __init__(self, shard: Shard, device: torch.device, store: dist.Store,
-                 shared: SharedMemoryAllReduce | None = None):
+                 shared: SharedMemoryCollectives | None = None):
         self.shard, self.device, self.shared = shard, device, shared
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=shard.rank,
@@ -65,10 +65,12 @@ class TensorParallelGroup:
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """Every rank's `tensor` [rows, columns] side by side, [rows, N x columns], on rank 0; None elsewhere."""
-        parts = [torch.empty_like(tensor) for _ in range(self.shard.world)] if self.rank == 0 else None
         try:
+            if self.shared is not None and self.shared.fits(tensor) and tensor.is_floating_point():
+                return self.shared.gather(tensor.contiguous())  # (fp32 slots: integers would round)
+            parts = [torch.empty_like(tensor) for _ in range(self.shard.world)] if self.rank == 0 else None
             dist.gather(tensor.contiguous(), parts, dst=0)
-        except RuntimeError as err:
+        except (RuntimeError, PeerGone) as err:
             raise CollectiveFailed(f"gathering the logits failed: {err}") from None
         return torch.cat(parts, dim=-1) if parts is not None else None
 

@@ -1,6 +1,6 @@
-"""The all-reduce between tensor-parallel ranks on one machine's CPUs, through shared memory: gloo's over loopback
-TCP took ~2 ms for a 32 x 1024 fp32 tensor on the 2-core box (most of a small model's step), as vLLM's CPU backend
-also found, which is why it sums through shared memory too.
+"""The all-reduce and the logits' gather between tensor-parallel ranks on one machine's CPUs, through shared memory:
+gloo's all-reduce over loopback TCP took ~2 ms for a 32 x 1024 fp32 tensor on the 2-core box (most of a small
+model's step), as vLLM's CPU backend also found, which is why it sums through shared memory too.
 
 One file in /dev/shm, mapped by every rank (rank 0 creates it, and unlinks it once every rank has mapped it, so
 nothing is left behind whatever happens), holds SLOTS slots of one buffer per rank and two counters per rank. An
@@ -8,7 +8,8 @@ all-reduce is numbered (every rank issues the same ones in the same order): a ra
 buffer of slot `number % SLOTS` and publishes the number (`start`); once every rank has published it, each sums the
 slot's buffers in rank order — so every rank gets the same bits — and records it consumed (`Pending.wait`). A slot
 is reused only once every rank has consumed what it held, so several all-reduces may be in flight (NanoFlow's
-nano-batches: one's sum waits while the next one computes). x86 keeps stores in order, so a published number is
+nano-batches: one's sum waits while the next one computes). A gather is numbered the same way; rank 0 alone reads
+it, the others count it consumed at once. x86 keeps stores in order, so a published number is
 seen only after the data written before it.
 
 A rank waiting on its peers spins, and checks every few milliseconds that they are alive (`alive`), so a dead
@@ -49,8 +50,9 @@ def create_region(path: Path, world: int, capacity: int) -> None:
         file.truncate(region_bytes(world, capacity))
 
 
-class SharedMemoryAllReduce:
-    """This rank's view of the region at `path`; `alive()` says whether every peer still runs."""
+class SharedMemoryCollectives:
+    """This rank's view of the region at `path`; `alive()` says whether every peer still runs. Every rank issues
+    the same all-reduces and gathers in the same order."""
 
     def __init__(self, path: Path, rank: int, world: int, capacity: int, alive: Callable[[], bool]):
         self.rank, self.capacity, self._alive = rank, capacity, alive
@@ -65,13 +67,29 @@ class SharedMemoryAllReduce:
 
     def start(self, tensor: torch.Tensor) -> Pending:
         """Publish this rank's `tensor` (contiguous, at most `capacity` values) for the next all-reduce."""
+        return Pending(self, tensor, self._publish(tensor))
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's `tensor` [rows, columns] (at most `capacity` values) side by side, [rows, N x columns], on
+        rank 0; None elsewhere."""
+        number = self._publish(tensor)
+        if self.rank != 0:
+            self._consumed[self.rank] = number
+            return None
+        self._spin(lambda: int(self._published.min()) >= number)
+        rows, columns = tensor.shape
+        parts = self._buffers[number % SLOTS, :, :tensor.numel()].view(-1, rows, columns)
+        gathered = parts.permute(1, 0, 2).reshape(rows, -1).to(tensor.dtype)  # a copy: the slot may be reused
+        self._consumed[0] = number
+        return gathered
+
+    def _publish(self, tensor: torch.Tensor) -> int:
         self._number += 1
         number = self._number
         self._spin(lambda: int(self._consumed.min()) >= number - SLOTS)  # the slot's last use is read everywhere
-        values = tensor.numel()
-        self._buffers[number % SLOTS, self.rank, :values].copy_(tensor.view(-1))
+        self._buffers[number % SLOTS, self.rank, :tensor.numel()].copy_(tensor.reshape(-1))
         self._published[self.rank] = number
-        return Pending(self, tensor, number)
+        return number
 
     def finish(self, tensor: torch.Tensor, number: int) -> None:
         self._spin(lambda: int(self._published.min()) >= number)
@@ -92,7 +110,7 @@ class SharedMemoryAllReduce:
 class Pending:
     """An all-reduce this rank has published: `wait()` sums it into the tensor once every rank has."""
 
-    def __init__(self, owner: SharedMemoryAllReduce, tensor: torch.Tensor, number: int):
+    def __init__(self, owner: SharedMemoryCollectives, tensor: torch.Tensor, number: int):
         self._owner, self._tensor, self._number = owner, tensor, number
 
     def wait(self) -> None:

@@ -19,7 +19,7 @@ from rung.errors import ConfigError, RungError
 from rung.platform.runtime import configure_process
 from rung.serving.config import EngineConfig
 from rung.serving.worker.parallel.group import TensorParallelGroup
-from rung.serving.worker.parallel.shared_memory import SharedMemoryAllReduce
+from rung.serving.worker.parallel.shared_memory import SharedMemoryCollectives
 from rung.serving.worker.parallel.sharding import Shard
 from rung.serving.worker.parallel.launch import open_store
 from rung.serving.worker.parallel.workers import StepMessage
@@ -38,7 +38,7 @@ def serve_shard(settings: dict, steps: BinaryIO) -> None:
     shared = None
     if settings.get("shared_memory"):  # mapped before joining: rank 0 unlinks the file once every rank has
         parent = os.getppid()
-        shared = SharedMemoryAllReduce(Path(settings["shared_memory"]["path"]), rank, world,
+        shared = SharedMemoryCollectives(Path(settings["shared_memory"]["path"]), rank, world,
                                        settings["shared_memory"]["capacity"], lambda: os.getppid() == parent)
     store.set(f"joined/{rank}", "1")
     try:

@@ -38,7 +38,7 @@ from rung.serving.config import EngineConfig
 from rung.serving.worker.model_spec import load_spec, read_config
 from rung.serving.worker.parallel.group import TensorParallelGroup
 from rung.serving.worker.parallel.launch import Launcher, Rank
-from rung.serving.worker.parallel.shared_memory import SharedMemoryAllReduce, create_region, region_bytes
+from rung.serving.worker.parallel.shared_memory import SharedMemoryCollectives, create_region, region_bytes
 from rung.serving.worker.parallel.sharding import Shard, check_tensor_parallel
 from rung.serving.worker.step import StepInputs
 
@@ -110,7 +110,7 @@ class Workers:
             shared = None
             if region is not None:
                 create_region(region, world, capacity)
-                shared = SharedMemoryAllReduce(region, 0, world, capacity, self._alive)
+                shared = SharedMemoryCollectives(region, 0, world, capacity, self._alive)
             for rank in range(1, world):
                 rank_settings = rank_config(config, rank) if local else config
                 self.ranks.append(self._launcher.start(rank, {
