@@ -16,7 +16,7 @@ import torch
 from conftest import Server, assert_clean_failure, http, run_rung
 from test_engine import saved_reference, transformers_greedy
 
-from rung.errors import ConfigError
+from rung.errors import ConfigError, RungError
 from rung.serving.core.params import SamplingParams
 from rung.serving.engine.llm import LLM
 from rung.serving.worker.ops import cpu_kernels
@@ -295,6 +295,60 @@ def test_the_mixed_allocation_meets_its_budget_and_gives_the_sensitive_layer_mor
 
         losses[name] = evaluate(str(tmp_path / name), str(text), engine_config_of(**settings))["loss"]
     assert losses["mixed"] < losses["float"]
+
+
+def test_quantize_writes_moe_experts_as_levels_that_serve_as_at_load(tmp_path):
+    """A Mixtral folder's experts are units of the allocation (a layer's gates and ups, and its downs); the folder
+    holds each expert's w1, w2 and w3 as levels, and rung serves it as it serves the float folder quantized at load:
+    the same bytes, the same logits."""
+    from rung.serving.model_tools.perplexity import prefill, window_cache
+    from rung.serving.model_tools.quantize import quantize_folder
+    from rung.serving.worker.runner import load_model
+    from rung.serving.worker.weights import load_weights
+
+    saved_reference("mixtral", tmp_path / "float")  # d 48, 4 experts of FFN 64, 2 layers: int4 at groups of 16 is 6.0
+    weights = load_weights(tmp_path / "float")
+    ids = torch.randint(0, 211, (400,), generator=torch.Generator().manual_seed(0))  # calibration token ids
+    experts = "model.layers.1.block_sparse_moe.experts."
+    for budget, out in ((7.0, "mixed"), (6.0, "int4")):
+        report = quantize_folder(str(tmp_path / "float"), str(tmp_path / out), budget, ids, 16, 400)
+        assert report["units"][experts + "gate_up_proj"]["weights"] == 4 * 2 * 64 * 48
+        assert report["units"][experts + "down_proj"]["weights"] == 4 * 48 * 64
+        assert all(row["int4_loss_rise"] != 0 for row in report["units"].values())  # each measured in the model
+        assert report["average_bits"] <= budget
+        levels = load_weights(tmp_path / out)
+        for e in range(4):
+            for kind in ("w1", "w2", "w3"):
+                name = f"{experts}{e}.{kind}.weight"
+                bits = report["units"][experts + ("down_proj" if kind == "w2" else "gate_up_proj")]["bits"]
+                expected = quantize(weights[name], bits, 16)
+                assert torch.equal(levels[name].q, expected.q) and torch.equal(levels[name].scales, expected.scales)
+    assert {row["bits"] for row in report["units"].values()} == {4}
+    folder = load_model(tmp_path / "int4", engine_config_of(attention_backend="torch"))
+    at_load = load_model(tmp_path / "float", engine_config_of(attention_backend="torch", quantization="int4",
+                                                              quantization_group_size=16))
+    assert folder.weight_bytes == at_load.weight_bytes
+    tokens = torch.arange(1, 40)
+    logits = [model.logits(prefill(model, tokens, window_cache(model, 64))) for model in (folder, at_load)]
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)  # the CPU's integer kernel path too
+    served = [LLM(tmp_path / "int4", num_blocks=32, block_size=4).generate([list(range(1, 20))], greedy),
+              LLM(tmp_path / "float", num_blocks=32, block_size=4, quantization="int4",
+                  quantization_group_size=16).generate([list(range(1, 20))], greedy)]
+    assert served[0][0][0].token_ids == served[1][0][0].token_ids
+    # a third-party folder with one expert's projection float and the rest levels is refused, naming the layer
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tmp_path / "int4", tmp_path / "partial")
+    tensors = load_file(str(tmp_path / "partial" / "model.safetensors"))
+    for suffix in ("weight_packed", "weight_scale", "weight_shape"):
+        del tensors[f"{experts}0.w1.{suffix}"]
+    tensors[f"{experts}0.w1.weight"] = weights[f"{experts}0.w1.weight"]
+    save_file(tensors, str(tmp_path / "partial" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RungError, match="layer 1's experts are partly quantized"):
+        load_model(tmp_path / "partial", engine_config_of(attention_backend="torch"))
 
 
 def engine_config_of(**settings):

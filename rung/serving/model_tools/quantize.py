@@ -1,5 +1,5 @@
-"""`rung quantize`: a model folder rewritten with its attention and MLP projections as int8 or int4 levels, each
-projection's width chosen by how much it matters, to meet an average budget of bits per weight.
+"""`rung quantize`: a model folder rewritten with its attention and MLP projections (MoE experts' too) as int8 or int4
+levels, each projection's width chosen by how much it matters, to meet an average budget of bits per weight.
 
 Importance, as in the seed paper's mixed-precision allocation, is measured rather than assumed: the rise of the
 model's loss on calibration text when that projection alone is held at int4 (the rest float), computed by rung's
@@ -9,8 +9,9 @@ loss rise per weight while the budget allows (a greedy knapsack by density).
 - Budget: bits per quantized weight with the scales counted (an fp32 scale per row for int8, per group for int4),
   averaged over the projections by their sizes: int4 in groups of 128 is 4.25, int8 a little over 8.
 - Units: the engine multiplies q, k and v as one product and gate and up as another, so each such group takes one
-  width (`weights.fused_groups`). Embeddings, norms, routers and the readout stay float, and so do MoE experts in
-  the folder (`rung serve --quantization` quantizes them at load).
+  width (`weights.fused_groups`); a layer's MoE experts take one width for their gates and ups and one for their
+  downs (Mixtral's per-expert layout; Granite's stacked experts stay float in the folder, and `rung serve
+  --quantization` quantizes them at load). Embeddings, norms, routers and the readout stay float.
 - Calibration: `--calibration FILE` (text, or JSONL of {"text": ...}), else the validation split of the run a rung
   export came from (the CLI reads it: `jobs/export/calibration.py`), at most `--calibration-tokens` tokens in
   windows of the model's context.
@@ -22,8 +23,10 @@ loss rise per weight while the budget allows (a greedy knapsack by density).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,11 +46,14 @@ from rung.serving.worker.weights import fuse_projections, fused_groups, load_wei
 
 SCALE_BITS = 32  # fp32 scales
 REPORT = "rung_quantization.json"
+EXPERT_UNIT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(gate_up|down)_proj")
 
 
-def units(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Each unit's engine name (a fused projection's, or a single one's) → the folder's layers in it."""
-    out: dict[str, list[str]] = {}
+def units(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> dict[str, list[list[str]]]:
+    """Each unit's engine name → its products, each the folder's layers the engine multiplies as one: a fused
+    projection's parts or a single projection (one product), or a layer's experts' gate and up, or their down
+    (one product per expert; Mixtral's layout: Granite's stacked experts, 3-D, stay float in a folder)."""
+    out: dict[str, list[list[str]]] = {}
     for layer in range(spec.num_layers):
         prefix = f"model.layers.{layer}."
         grouped = {prefix + part: prefix + fused for fused, parts in fused_groups(spec).items() for part in parts}
@@ -55,7 +61,11 @@ def units(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> dict[str, list[s
             layer_name = name.removesuffix(".weight")
             if name.startswith(prefix) and name.endswith(QUANTIZABLE) and tensor.dim() == 2 \
                     and "block_sparse_moe" not in name:
-                out.setdefault(grouped.get(layer_name, layer_name), []).append(layer_name)
+                out.setdefault(grouped.get(layer_name, layer_name), [[]])[0].append(layer_name)
+        if spec.num_experts and spec.family != "granite":
+            experts = prefix + "block_sparse_moe.experts."
+            out[experts + "gate_up_proj"] = [[f"{experts}{e}.w1", f"{experts}{e}.w3"] for e in range(spec.num_experts)]
+            out[experts + "down_proj"] = [[f"{experts}{e}.w2"] for e in range(spec.num_experts)]
     return out
 
 
@@ -80,16 +90,36 @@ def allocate(rises: dict[str, float], sizes: dict[str, tuple[int, int]], budget:
     return allocation
 
 
-def calibration_windows(calibration: str | torch.Tensor, tokenizer, context: int,
+def calibration_windows(calibration: str | torch.Tensor, model_dir: Path, context: int,
                         tokens: int) -> list[torch.Tensor]:
-    """Windows of `context` tokens of a calibration file, or of token ids (a run's validation split)."""
+    """Windows of `context` tokens of a calibration file (read with the folder's tokenizer), or of token ids (a
+    run's validation split)."""
     if isinstance(calibration, str):
-        return token_windows(tokenizer, read_documents(calibration), context, tokens)
+        from rung.serving.api.state import load_tokenizer
+
+        return token_windows(load_tokenizer(str(model_dir)), read_documents(calibration), context, tokens)
     return [window for window in calibration[:tokens].split(context) if len(window) > 1]
 
 
+def hold_at_int4(model: InferenceModel, unit: str, products: list[list[str]], floats: dict[str, torch.Tensor],
+                 group_size: int) -> Callable[[], None]:
+    """`unit`'s weights in `model` replaced by their int4 levels; returns what puts the float ones back."""
+    experts = EXPERT_UNIT.fullmatch(unit)
+    if experts is None:
+        key = unit + ".weight"
+        kept = model.w[key]
+        model.w[key] = model.ops.pack_linear(quantize(floats[key], 4, group_size))
+        return lambda: model.w.__setitem__(key, kept)
+    layer, position = int(experts[1]), 1 if experts[2] == "gate_up" else 2
+    kept_layer = model.experts[layer]
+    levels = [model.ops.pack_linear(quantize(torch.cat([floats[part + ".weight"] for part in product]), 4,
+                                             group_size)) for product in products]
+    model.experts[layer] = tuple(levels if index == position else t for index, t in enumerate(kept_layer))
+    return lambda: model.experts.__setitem__(layer, kept_layer)
+
+
 @torch.inference_mode()
-def loss_rises(model: InferenceModel, floats: dict[str, torch.Tensor], names: list[str],
+def loss_rises(model: InferenceModel, floats: dict[str, torch.Tensor], unit_products: dict[str, list[list[str]]],
                windows: list[torch.Tensor], group_size: int) -> dict[str, float]:
     """Per unit, the mean loss per token with that unit alone at int4, minus the float model's."""
     cache = window_cache(model, max(len(w) for w in windows))
@@ -99,13 +129,11 @@ def loss_rises(model: InferenceModel, floats: dict[str, torch.Tensor], names: li
         return sum(window_loss(model, w, cache) for w in windows) / tokens
 
     base, rises = loss(), {}
-    progress = Progress("quantize: sensitivity", len(names), "units")
-    for index, unit in enumerate(names, 1):
-        key = unit + ".weight"
-        kept = model.w[key]
-        model.w[key] = model.ops.pack_linear(quantize(floats[key], 4, group_size))
+    progress = Progress("quantize: sensitivity", len(unit_products), "units")
+    for index, (unit, products) in enumerate(unit_products.items(), 1):
+        restore = hold_at_int4(model, unit, products, floats, group_size)
         rises[unit] = loss() - base
-        model.w[key] = kept
+        restore()
         print(progress.line(index, index), file=sys.stderr, flush=True)
     return rises
 
@@ -114,8 +142,6 @@ def quantize_folder(model_dir: str, out: str, budget: float, calibration: str | 
                     calibration_tokens: int, overwrite: bool = False) -> dict:
     """Write the quantized folder at `out`; returns the report (`REPORT`). `calibration`: a text file's path, or
     token ids (the CLI's default: the exporting run's validation split)."""
-    from rung.serving.api.state import load_tokenizer
-
     source, target = Path(model_dir), Path(out)
     if group_size < 4 or group_size % 4:
         raise RungError(f"--group-size must be a positive multiple of 4 (the CPU kernel reads inputs in fours), got "
@@ -128,7 +154,8 @@ def quantize_folder(model_dir: str, out: str, budget: float, calibration: str | 
                         "float folder it came from")
     refuse_unless_empty(target, overwrite)
     weights = load_weights(source)
-    unit_layers = units(spec, weights)
+    unit_products = units(spec, weights)
+    unit_layers = {unit: [layer for product in products for layer in product] for unit, products in unit_products.items()}
     sizes = {u: (sum(weights[n + ".weight"].numel() for n in layers), weights[layers[0] + ".weight"].shape[1])
              for u, layers in unit_layers.items()}
     uneven = sorted({k for _, k in sizes.values() if k % group_size})
@@ -140,13 +167,12 @@ def quantize_folder(model_dir: str, out: str, budget: float, calibration: str | 
         raise RungError(f"--bits-budget {budget:g} is outside what int4 and int8 can make of this model: "
                         f"{lowest:.3f} (all int4 in groups of {group_size}) to {highest:.3f} (all int8)")
     model = load_model(source, EngineConfig(), dict(weights))  # the engine fuses and packs its own copy
-    windows = calibration_windows(calibration, load_tokenizer(str(source)), spec.max_position_embeddings,
-                                  calibration_tokens)
+    windows = calibration_windows(calibration, source, spec.max_position_embeddings, calibration_tokens)
     if not windows:
         raise RungError("the calibration text holds fewer than 2 tokens")
     floats = dict(weights)
     fuse_projections(spec, floats)  # the weights as the engine multiplies them
-    rises = loss_rises(model, floats, list(unit_layers), windows, group_size)
+    rises = loss_rises(model, floats, unit_products, windows, group_size)
     allocation = allocate(rises, sizes, budget, group_size)
     quantized = {layer: quantize(weights[layer + ".weight"], allocation[unit], group_size)
                  for unit, layers in unit_layers.items() for layer in layers}

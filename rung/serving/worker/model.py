@@ -60,10 +60,17 @@ class InferenceModel:
             else self.w["lm_head.weight"]
         if spec.tie_word_embeddings and not (quantization and quantization.lm_head):
             stored.pop("lm_head.weight")  # the embedding itself, counted once
-        if self.experts and quantization:  # each expert's projections as levels, multiplied one expert at a time
-            self.experts = [(router, *([packed(f"model.layers.{i}.block_sparse_moe.experts.{e}.{kind}.weight",
-                                               stacked[e].T) for e in range(spec.num_experts)]
-                                       for kind, stacked in (("gate_up_proj", gate_up), ("down_proj", down))))
+        def expert_products(layer: int, kind: str, weights: torch.Tensor | list[QuantizedWeight]):
+            """Stacked for the grouped GEMM, or, quantized at load or in the folder, each expert's packed levels
+            (multiplied one expert at a time)."""
+            if isinstance(weights, torch.Tensor) and not quantization:
+                return weights
+            each = weights if isinstance(weights, list) else [stacked.T for stacked in weights]
+            return [packed(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{kind}.weight", weight)
+                    for e, weight in enumerate(each)]
+
+        if self.experts:
+            self.experts = [(router, expert_products(i, "gate_up_proj", gate_up), expert_products(i, "down_proj", down))
                             for i, (router, gate_up, down) in enumerate(self.experts)]
         # every weight's bytes as stored: what quantization saves
         self.weight_bytes = sum(stored.values()) + sum(t.nbytes for n, t in self.w.items() if n not in stored) + \
@@ -76,9 +83,12 @@ class InferenceModel:
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.ops.linear(x, self.w[name + ".weight"], self.w.get(name + ".bias"))
 
-    def _per_expert(self, x: torch.Tensor, weights: list[object], ends: torch.Tensor) -> torch.Tensor:
-        """The grouped GEMM over quantized experts: each expert's rows through the compute path's quantized
-        product with its own levels (experts no token chose skipped)."""
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor | list[object], ends: torch.Tensor) -> torch.Tensor:
+        """The grouped GEMM over the experts' rows (sorted by expert, `ends` their cumulative counts): one product
+        over stacked float weights, or, quantized, each expert's rows through the compute path's quantized product
+        with its own levels (experts no token chose skipped)."""
+        if isinstance(weights, torch.Tensor):
+            return self.ops.grouped_matmul(x, weights, ends)
         bounds = [0, *ends.tolist()]
         return torch.cat([self.ops.linear(x[start:stop], weights[e], None)
                           for e, (start, stop) in enumerate(zip(bounds, bounds[1:])) if stop > start])
@@ -94,8 +104,7 @@ class InferenceModel:
         order = chosen.flatten().argsort(stable=True)
         tokens = order // self.spec.num_experts_per_tok
         ends = torch.bincount(chosen.flatten(), minlength=self.spec.num_experts).cumsum(0).to(torch.int32)
-        grouped = self.ops.grouped_matmul if isinstance(gate_up, torch.Tensor) else self._per_expert
-        y = grouped(self.ops.silu_and_mul(grouped(x[tokens], gate_up, ends)), down, ends)
+        y = self._grouped(self.ops.silu_and_mul(self._grouped(x[tokens], gate_up, ends)), down, ends)
         y = y * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, tokens, y)
 

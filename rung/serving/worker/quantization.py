@@ -15,6 +15,7 @@ registers. A quantized folder's layers arrive already as levels (`compressed_ten
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,13 @@ from rung.errors import ConfigError, RungError
 LARGEST = {8: 127, 4: 7}  # the largest level of each width; levels run from -LARGEST to LARGEST
 BITS = {"int8": 8, "int4": 4}  # the schemes `--quantization` names, by their weights' width
 QUANTIZABLE = ("_proj.weight", "_linear.weight", "lm_head.weight")  # the linear layers the engine can hold as levels
+EXPERT_MATRIX = re.compile(r"\.experts\.\d+\.w[123]\.weight$")  # one MoE expert's projection in Mixtral's layout
+
+
+def holds_levels(name: str) -> bool:
+    """Whether a folder may hold tensor `name` as levels: a projection, the readout, or one expert's projection
+    (Mixtral's per-expert layout; Granite's stacked experts, 3-D, stay float in a folder)."""
+    return name.endswith(QUANTIZABLE) or EXPERT_MATRIX.search(name) is not None
 
 
 @dataclass(frozen=True)

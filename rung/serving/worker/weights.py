@@ -13,9 +13,11 @@ from rung.errors import RungError
 from rung.platform.tensor_files import load_tensors
 from rung.serving.worker.compressed_tensors import read_quantized
 from rung.serving.worker.model_spec import ModelSpec, read_config
-from rung.serving.worker.quantization import QUANTIZABLE, QuantizedWeight
+from rung.serving.worker.quantization import QuantizedWeight, holds_levels
 
-Experts = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # router [E, d], gate|up [E, d, 2f], down [E, f, d]
+# router [E, d], then gate|up and down: stacked [E, d, 2f] and [E, f, d] for the grouped GEMM, or, from a quantized
+# folder, each expert's own QuantizedWeight ([2f, d] and [d, f], output rows first)
+Experts = tuple[torch.Tensor, torch.Tensor | list[QuantizedWeight], torch.Tensor | list[QuantizedWeight]]
 
 
 def weight_files(folder: Path) -> list[str]:
@@ -40,11 +42,11 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor | QuantizedWeight
     if config is None:
         return weights
     weights = read_quantized(weights, config)
-    beyond = [name for name, w in weights.items() if isinstance(w, QuantizedWeight) and not name.endswith(QUANTIZABLE)]
+    beyond = [name for name, w in weights.items() if isinstance(w, QuantizedWeight) and not holds_levels(name)]
     if beyond:
         raise RungError(f"{folder}: {beyond[0].removesuffix('.weight')} is quantized; rung's engine reads only the "
-                        "attention and MLP projections and the readout as levels from a folder (embeddings, routers "
-                        "and MoE experts stay float there; --quantization quantizes experts at load)")
+                        "attention and MLP projections, Mixtral-layout experts' w1, w2 and w3 and the readout as "
+                        "levels from a folder (embeddings, norms and routers stay float)")
     return weights
 
 
@@ -127,14 +129,21 @@ def fuse_projections(spec: ModelSpec, w: dict[str, torch.Tensor | QuantizedWeigh
 
 def stack_experts(spec: ModelSpec, w: dict[str, torch.Tensor], layer: int) -> Experts:
     """(router, gate and up, down) of one MoE layer from either folder layout, stored as the grouped GEMM reads
-    them (input features first); the per-expert tensors are taken out of `w`."""
+    them (input features first), or as each expert's levels when the folder holds them quantized; the per-expert
+    tensors are taken out of `w`."""
     prefix = f"model.layers.{layer}.block_sparse_moe."
     if spec.family == "granite":
         gate_up, down = w.pop(prefix + "input_linear.weight"), w.pop(prefix + "output_linear.weight")
         router = w[prefix + "router.layer.weight"]
     else:
-        def stack(name: str) -> torch.Tensor:
-            return torch.stack([w.pop(f"{prefix}experts.{e}.{name}.weight") for e in range(spec.num_experts)])
+        def each(name: str) -> list[torch.Tensor | QuantizedWeight]:
+            return [w.pop(f"{prefix}experts.{e}.{name}.weight") for e in range(spec.num_experts)]
 
-        gate_up, down, router = torch.cat([stack("w1"), stack("w3")], dim=1), stack("w2"), w[prefix + "gate.weight"]
+        gate, up, down, router = each("w1"), each("w3"), each("w2"), w[prefix + "gate.weight"]
+        if any(isinstance(t, QuantizedWeight) for t in gate + up + down):
+            if not all(isinstance(t, QuantizedWeight) for t in gate + up + down):
+                raise RungError(f"layer {layer}'s experts are partly quantized; rung's engine reads a layer's experts "
+                                "all as levels or all float")
+            return router, [QuantizedWeight.cat([g, u]) for g, u in zip(gate, up)], down
+        gate_up, down = torch.cat([torch.stack(gate), torch.stack(up)], dim=1), torch.stack(down)
     return router, gate_up.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
