@@ -51,19 +51,30 @@ def generate(folder: Path, params: SamplingParams, **settings) -> tuple[list[lis
     ("mixtral", 3, True),
     ("granitemoe-shared", 3, True),  # Granite's multipliers, experts and a shared expert
 ])
-def test_two_ranks_give_one_rank_and_transformers_greedy_tokens(name, nano_batches, overlap, tmp_path):
+def test_two_ranks_give_one_rank_and_transformers_greedy_tokens(name, nano_batches, overlap, tmp_path, monkeypatch):
     """With chunked prefill forced small, prefix caching, a pool small enough to preempt, and nano-batches whose
-    all-reduces overlap the next one's compute; a vocabulary (211) that two ranks split unevenly."""
+    all-reduces overlap the next one's compute (rank 0's steps seen split); a vocabulary (211) that two ranks split
+    unevenly."""
+    from rung.serving.worker.model import InferenceModel
+
     reference = saved_reference(name, tmp_path)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     single, _ = generate(tmp_path, params, nano_batches=nano_batches)
+    splits, forward = [], InferenceModel.forward
+
+    def recorded(model, *args, **kwargs):  # rank 0 computes in this process: what each of its steps was split into
+        hidden = forward(model, *args, **kwargs)
+        splits.append(model.last_nano_batches)
+        return hidden
+
+    monkeypatch.setattr(InferenceModel, "forward", recorded)
     split, llm = generate(tmp_path, params, nano_batches=nano_batches, tensor_parallel_size=2,
                           overlap_collectives=overlap)
     assert split == single
     for prompt, (output,) in zip(prompts(), split):
         assert output == transformers_greedy(reference, prompt, 12), (name, len(prompt))
     assert llm.scheduler.num_preemptions > 0 and llm.kv.prefix_hits > 0
-    assert llm.engine.model.last_nano_batches >= 1
+    assert max(splits) == nano_batches and min(splits) == 1  # decode steps of one sequence stay whole
 
 
 def test_shared_memory_sums_and_gathers_with_several_in_flight_and_notices_a_dead_peer(tmp_path):
