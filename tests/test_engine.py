@@ -176,6 +176,27 @@ def test_half_precision_serving_tracks_fp32(dtype, tmp_path):
         assert abs(a[0].logprobs[0] - b[0].logprobs[0]) < 0.1
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(native, tmp_path, monkeypatch, caplog):
+    """The probe reads this CPU's flags as Linux lists them; the answer is then set both ways (a CPU with and without
+    AVX-512 BF16 / AMX cannot both be here), and only the emulating CPU's bf16 engine warns."""
+    from pathlib import Path
+
+    from rung.serving.worker import runner
+    from rung.serving.worker.ops.cpu_ops import native_bf16
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
+    monkeypatch.setattr(runner, "native_bf16", lambda: native)
+    cls, config = MODELS["llama-headdim24"]
+    cls(config).save_pretrained(tmp_path)
+    for dtype in ("bfloat16", "float32"):
+        caplog.clear()
+        LLM(tmp_path, num_blocks=8, block_size=4, dtype=dtype)
+        warned = [r for r in caplog.records if "without AVX-512 BF16 or AMX" in r.getMessage()]
+        assert bool(warned) == (dtype == "bfloat16" and not native), dtype
+
+
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("ops", ["kernels", "pytorch"])
 @pytest.mark.parametrize("nano_batches", [1, 3])
