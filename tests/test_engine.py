@@ -183,7 +183,7 @@ def test_bf16_on_a_cpu_that_emulates_it_is_warned_about(native, tmp_path, monkey
     from pathlib import Path
 
     from rung.serving.worker import runner
-    from rung.serving.worker.ops.cpu_ops import native_bf16
+    from rung.platform.cpu_features import native_bf16
 
     flags = set(Path("/proc/cpuinfo").read_text().split())
     assert native_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)

@@ -1,11 +1,11 @@
 """The training optimizers behind `train.optimizer`, built from the parametrization's groups (each group says which
 optimizer steps it): `adamw`, torch's AdamW (fused on GPUs); `muon`, torch's Muon for the hidden matrices — Newton–
-Schulz-orthogonalized Nesterov momentum, its LR adjusted to AdamW's update RMS (`match_rms_adamw`), so one base LR
-serves both; `shampoo`, `soap` and `kfac`, rung's `Shampoo`, `SOAP` and `KFAC` (`shampoo.py`, `soap.py`,
-`kfac.py`) for the hidden matrices. These step matrices, so every other group (embedding, norms, readout, router)
-takes AdamW beside them. The pair is one `torch.optim.Optimizer` to DeepSpeed and the LR schedule: it shares its
-group dicts with the two it steps, so a schedule (or DeepSpeed's fp32 master copies) changing a group changes it for
-the optimizer that owns it.
+Schulz-orthogonalized Nesterov momentum (in fp32 on CPUs without bf16: `muon.py`), its LR adjusted to AdamW's update
+RMS (`match_rms_adamw`), so one base LR serves both; `shampoo`, `soap` and `kfac`, rung's `Shampoo`, `SOAP` and
+`KFAC` (`shampoo.py`, `soap.py`, `kfac.py`) for the hidden matrices. These step matrices, so every other group
+(embedding, norms, readout, router) takes AdamW beside them. The pair is one `torch.optim.Optimizer` to DeepSpeed and
+the LR schedule: it shares its group dicts with the two it steps, so a schedule (or DeepSpeed's fp32 master copies)
+changing a group changes it for the optimizer that owns it.
 
 Muon, Shampoo, SOAP and K-FAC precondition whole matrices, so they run under ZeRO-0 only (ZeRO 1-3 hand the
 optimizer flat partitions); `check_launchable` refuses the rest.
@@ -20,6 +20,7 @@ import torch
 from rung.jobs.config import TrainConfig
 from rung.jobs.train.kfac import KFAC
 from rung.jobs.train.kronecker import KroneckerFactored
+from rung.jobs.train.muon import Muon
 from rung.jobs.train.shampoo import Shampoo
 from rung.jobs.train.soap import SOAP
 
@@ -93,8 +94,8 @@ def build_optimizer(train: TrainConfig, groups: list[dict], model: torch.nn.Modu
                               fused=fused)
     matrix = [group for group in groups if group["optimizer"] == train.optimizer != "adamw"]
     if train.optimizer == "muon":
-        return MatrixWithAdamW(torch.optim.Muon(matrix, momentum=train.muon_momentum or MUON_MOMENTUM,
-                                                nesterov=True, adjust_lr_fn="match_rms_adamw"), adamw)
+        return MatrixWithAdamW(Muon(matrix, momentum=train.muon_momentum or MUON_MOMENTUM,
+                                    nesterov=True, adjust_lr_fn="match_rms_adamw"), adamw)
     every = train.precondition_every or PRECONDITION_EVERY
     if train.optimizer == "shampoo":
         return MatrixWithAdamW(Shampoo(matrix, betas=train.betas, precondition_every=every), adamw)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from rung.errors import ConfigError
+from rung.platform.cpu_features import native_bf16
 from rung.serving.config import DEFAULT_BLOCK_SIZE, DType, EngineConfig
 from rung.serving.core.outputs import Sample
 from rung.serving.core.scheduler import PENDING, StepPlan
@@ -25,7 +26,6 @@ from rung.serving.worker.grammar import GrammarMasks
 from rung.serving.worker.kv_sizing import check_device_fits, kv_cache_bytes, num_kv_blocks
 from rung.serving.worker.model import InferenceModel
 from rung.serving.worker.model_spec import load_spec
-from rung.serving.worker.ops.cpu_ops import native_bf16
 from rung.serving.worker.ops.select import select_ops
 from rung.serving.worker.parallel.group import CollectiveFailed, TensorParallelGroup
 from rung.serving.worker.parallel.sharding import load_shard

@@ -33,13 +33,6 @@ from rung.serving.worker.step import StepInputs
 LANES = 16  # output rows per block of the integer kernel
 
 
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX). Elsewhere oneDNN converts every product:
-    bf16 decode ran at 0.13-0.28x fp32 on an AVX2-only EPYC (`bench/RESULTS.md`). A torch without these (private)
-    probes is taken at its word that it knows best: True."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return not all(probes) or any(probe() for probe in probes)
-
 
 @dataclass(frozen=True)
 class PackedQuantized:
