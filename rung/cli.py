@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export an MoE trained with capacity-factor dropping as the dropless model")
     export.add_argument("--max-shard-size", type=int, default=5 << 30, metavar="BYTES",
                         help="split weights into shards of at most this size (default 5 GiB)")
+    export.add_argument("--layers", metavar="K|every-N",
+                        help="export a depth cut: the first K layers, or the last of every N (layers N-1, 2N-1, ...), "
+                             "with the parent's multipliers")
 
     pipeline = commands.add_parser("pipeline", help="data → μP sweep → transfer to a wider model on Ray workers → "
                                                     "export → serve, with a chat completion as the smoke test")
@@ -235,7 +238,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from rung.jobs.export.hf_folder import export
 
         out = export(args.source, args.out, fmt=args.format, dtype=args.dtype, overwrite=args.overwrite,
-                     allow_dropless=args.allow_dropless, max_shard_bytes=args.max_shard_size)
+                     allow_dropless=args.allow_dropless, max_shard_bytes=args.max_shard_size, layers=args.layers)
         print(f"export: wrote {out}")
         return 0
     from rung.jobs.loading import load_run_config

@@ -84,6 +84,44 @@ def test_exported_model_computes_the_same_function(runs, tmp_path, family, param
     assert torch.equal(generated, greedy_decode(ours, prompt, 32))
 
 
+@pytest.mark.parametrize("family, fmt, cut, kept", [("dense", "llama", "1", [0]), ("moe", "granite", "every-2", [1])])
+def test_a_depth_cut_exports_the_sub_network_with_the_parents_multipliers(runs, tmp_path, family, fmt, cut, kept):
+    """CompleteP runs of 2 layers (residual multiplier (1/2)^α of the parent's depth): the first layer alone, or the
+    last of every 2; transformers loads the cut with no missing or unexpected keys, its logits are rung's own
+    forward through those layers only, and rung's engine generates transformers' greedy tokens from it."""
+    from rung.serving.core.params import SamplingParams
+    from rung.serving.engine.llm import LLM
+
+    run = runs[(family, "completep")]
+    result = run_rung("export", str(run), "--out", str(tmp_path / "cut"), "--format", fmt, "--layers", cut)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained whole, not for depth cuts" in result.stderr
+    hf, ours = load_hf(tmp_path / "cut"), rung_model(run)
+    assert hf.config.num_hidden_layers == len(kept)
+    tokens = torch.randint(0, 2048, (3, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (hf(tokens).logits - ours(tokens, layers=kept).logits).abs().max().item() <= 1e-4
+        assert (hf(tokens).logits - ours(tokens).logits).abs().max().item() > 1e-2  # not the whole network
+    provenance = json.loads((tmp_path / "cut" / "rung_export.json").read_text())
+    assert provenance["cut"] == {"layers": kept, "of": 2}
+    assert f"layers {kept[0]} of the parent's 2" in (tmp_path / "cut" / "README.md").read_text()
+    prompt = tokens[0, :12]
+    with torch.no_grad():
+        expected = hf.generate(prompt[None], attention_mask=torch.ones(1, 12, dtype=torch.long), max_new_tokens=8,
+                               min_new_tokens=8, do_sample=False)[0, 12:].tolist()
+    served = LLM(tmp_path / "cut", num_blocks=16, block_size=4).generate(
+        [prompt.tolist()], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert served[0][0].token_ids == expected
+
+
+def test_bad_depth_cuts_are_refused(runs, tmp_path):
+    source = str(runs[("dense", "sp")])
+    for cut, needles in (("3", ("--layers 3", "has 2 layers")), ("0", ("keep 1 to 2",)),
+                         ("every-3", ("every-3", "2 to the model's depth 2")), ("half", ("not K", "every-N"))):
+        assert_clean_failure(run_rung("export", source, "--out", str(tmp_path / "a"), "--layers", cut), *needles)
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
 def test_bfloat16_export(runs, tmp_path):
     folder = export(runs[("moe", "completep")], tmp_path / "hf", dtype="bfloat16")
     hf, ours = load_hf(folder), rung_model(runs[("moe", "completep")])

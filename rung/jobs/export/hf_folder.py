@@ -9,8 +9,10 @@ The folder is assembled in a temporary directory next to `--out` and renamed int
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from rung.jobs.config import ModelConfig, ParamConfig
 from rung.jobs.data.shards import TOKENIZER_FILE
 from rung.jobs.data.tokenizer import EOS
 from rung.jobs.export.folding import check_exportable, granite_weights, hf_config, llama_weights
+from rung.jobs.model.cuts import cut_weights, kept_layers
 from rung.jobs.params.parametrization import Multipliers, Parametrization
 from rung.jobs.run_dir import STATE, WEIGHTS, RunDir
 from rung.platform.checkpoint import MANIFEST, CheckpointStore, verify
@@ -113,12 +116,15 @@ def _write_tokenizer(run_dir: Path, out: Path, max_len: int) -> int:
     return eos_id
 
 
-def _model_card(ck: Checkpoint, fmt: str, architecture: str, mult: Multipliers) -> str:
+def _model_card(ck: Checkpoint, fmt: str, architecture: str, mult: Multipliers, kept: list[int] | None) -> str:
     transfer = RunDir(ck.run_dir).transfer
     width, depth = ck.param.base_shape(ck.model)
     provenance = transfer.read_text() if transfer.is_file() else "none (hyperparameters set directly)"
+    cut = "" if kept is None else (f"- a depth cut: layers {', '.join(map(str, kept))} of the parent's "
+                                   f"{ck.model.n_layers}, renumbered from 0, with the parent's multipliers (trained "
+                                   "whole, not for cuts)\n")
     return (f"# {ck.run_dir.name}\n\nTrained with rung; exported as `{architecture}` (`--format {fmt}`).\n\n"
-            f"- checkpoint: `{ck.path}` (step {ck.state['step']}, {ck.state['tokens']:,} training tokens)\n"
+            f"- checkpoint: `{ck.path}` (step {ck.state['step']}, {ck.state['tokens']:,} training tokens)\n{cut}"
             f"- parametrization: `{ck.param.name}`, base shape width {width}, depth {depth}\n"
             f"- forward multipliers: embedding {mult.embedding:g}, attention {mult.attention:g}, "
             f"residual {mult.residual:g}, output {mult.output:g}, router {mult.router:g}"
@@ -128,33 +134,44 @@ def _model_card(ck: Checkpoint, fmt: str, architecture: str, mult: Multipliers) 
 
 
 def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str = "float32",
-           overwrite: bool = False, allow_dropless: bool = False, max_shard_bytes: int = 5 << 30) -> Path:
-    """Write the Hugging Face folder for `source` (a checkpoint or run directory) at `out`; returns `out`."""
+           overwrite: bool = False, allow_dropless: bool = False, max_shard_bytes: int = 5 << 30,
+           layers: str | None = None) -> Path:
+    """Write the Hugging Face folder for `source` (a checkpoint or run directory) at `out`; returns `out`.
+    `layers`: a depth cut (`model/cuts.py`), the sub-network of those layers only."""
     out = Path(out)
     if max_shard_bytes < 1:
         raise RungError(f"--max-shard-size must be at least 1 byte, got {max_shard_bytes}")
     refuse_unless_empty(out, overwrite)
     ck = find_checkpoint(source)
-    check_exportable(ck.model, fmt, allow_dropless)
-    mult = Parametrization(ck.param, ck.model).multipliers
+    mult = Parametrization(ck.param, ck.model).multipliers  # the parent's, for a cut too (cuts.py says why)
+    kept = None if layers is None else kept_layers(layers, ck.model.n_layers)
+    model = ck.model if kept is None else dataclasses.replace(ck.model, n_layers=len(kept))
+    check_exportable(model, fmt, allow_dropless)
+    if kept is not None:
+        print(f"export: warning: {ck.run_dir.name} was trained whole, not for depth cuts (no LayerDrop); the cut's "
+              "quality is not trained for", file=sys.stderr)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a regular file on the way, no permission
         raise RungError(f"--out {out}: cannot create {out.parent} ({err.strerror or err})") from None
     weights = load_tensors(ck.path / WEIGHTS)
+    if kept is not None:
+        weights = cut_weights(weights, kept)
     if fmt == "llama":
-        tensors, tied = llama_weights(weights, ck.model, mult)
+        tensors, tied = llama_weights(weights, model, mult)
     else:
-        tensors, tied = granite_weights(weights, ck.model, mult), ck.model.tie_embeddings
+        tensors, tied = granite_weights(weights, model, mult), model.tie_embeddings
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     tensors = {name: t.to(torch_dtype) for name, t in tensors.items()}
     with staged_folder(out) as staging:
         eos_id = _write_tokenizer(ck.run_dir, staging, ck.model.max_seq_len)
-        config = hf_config(ck.model, mult, fmt, tied, eos_id, dtype)
+        config = hf_config(model, mult, fmt, tied, eos_id, dtype)
         config.save_pretrained(staging)
         write_sharded(tensors, staging, max_shard_bytes)
-        (staging / "README.md").write_text(_model_card(ck, fmt, config.architectures[0], mult))
-        (staging / PROVENANCE).write_text(json.dumps({"run_dir": str(ck.run_dir.resolve()),
-                                                      "checkpoint": str(ck.path.resolve()),
-                                                      "step": ck.state["step"]}, indent=2))
+        (staging / "README.md").write_text(_model_card(ck, fmt, config.architectures[0], mult, kept))
+        provenance = {"run_dir": str(ck.run_dir.resolve()), "checkpoint": str(ck.path.resolve()),
+                      "step": ck.state["step"]}
+        if kept is not None:
+            provenance["cut"] = {"layers": kept, "of": ck.model.n_layers}
+        (staging / PROVENANCE).write_text(json.dumps(provenance, indent=2))
     return out

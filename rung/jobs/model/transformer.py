@@ -7,6 +7,7 @@ they can, which keeps export a renaming rather than a translation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -103,12 +104,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.recompute_ffn = mode == "selective"
 
-    def forward(self, input_ids: torch.Tensor) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, layers: Sequence[int] | None = None) -> ModelOutput:
+        """`layers`: the sub-network of only these blocks, in this order (a depth cut, `cuts.py`); None: all."""
         seq = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope_cos[:seq].to(x.dtype), self.rope_sin[:seq].to(x.dtype)
         stats: list[RouterStats] = []
-        for layer in self.layers:
+        for layer in self.layers if layers is None else [self.layers[i] for i in layers]:
             if self.recompute_blocks and torch.is_grad_enabled():
                 x, layer_stats = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
