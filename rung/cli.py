@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--layers", metavar="K|every-N",
                         help="export a depth cut: the first K layers, or the last of every N (layers N-1, 2N-1, ...), "
                              "with the parent's multipliers")
+    export.add_argument("--width-fraction", type=float, metavar="F",
+                        help="export a width cut: the first F of every layer's attention heads, key/value heads and "
+                             "feed-forward units (d_model and the multipliers stay)")
 
     pipeline = commands.add_parser("pipeline", help="data → μP sweep → transfer to a wider model on Ray workers → "
                                                     "export → serve, with a chat completion as the smoke test")
@@ -238,7 +241,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from rung.jobs.export.hf_folder import export
 
         out = export(args.source, args.out, fmt=args.format, dtype=args.dtype, overwrite=args.overwrite,
-                     allow_dropless=args.allow_dropless, max_shard_bytes=args.max_shard_size, layers=args.layers)
+                     allow_dropless=args.allow_dropless, max_shard_bytes=args.max_shard_size, layers=args.layers,
+                     width_fraction=args.width_fraction)
         print(f"export: wrote {out}")
         return 0
     from rung.jobs.loading import load_run_config

@@ -95,7 +95,7 @@ def test_a_depth_cut_exports_the_sub_network_with_the_parents_multipliers(runs, 
     run = runs[(family, "completep")]
     result = run_rung("export", str(run), "--out", str(tmp_path / "cut"), "--format", fmt, "--layers", cut)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "trained whole, not for depth cuts" in result.stderr
+    assert "trained whole, not for cuts" in result.stderr
     hf, ours = load_hf(tmp_path / "cut"), rung_model(run)
     assert hf.config.num_hidden_layers == len(kept)
     tokens = torch.randint(0, 2048, (3, 48), generator=torch.Generator().manual_seed(1))
@@ -103,8 +103,8 @@ def test_a_depth_cut_exports_the_sub_network_with_the_parents_multipliers(runs, 
         assert (hf(tokens).logits - ours(tokens, layers=kept).logits).abs().max().item() <= 1e-4
         assert (hf(tokens).logits - ours(tokens).logits).abs().max().item() > 1e-2  # not the whole network
     provenance = json.loads((tmp_path / "cut" / "rung_export.json").read_text())
-    assert provenance["cut"] == {"layers": kept, "of": 2}
-    assert f"layers {kept[0]} of the parent's 2" in (tmp_path / "cut" / "README.md").read_text()
+    assert provenance["cut"] == {"layers": kept, "of": 2, "width_fraction": 1.0}
+    assert f"layers {kept[0]} of its 2" in (tmp_path / "cut" / "README.md").read_text()
     prompt = tokens[0, :12]
     with torch.no_grad():
         expected = hf.generate(prompt[None], attention_mask=torch.ones(1, 12, dtype=torch.long), max_new_tokens=8,
@@ -114,11 +114,40 @@ def test_a_depth_cut_exports_the_sub_network_with_the_parents_multipliers(runs, 
     assert served[0][0].token_ids == expected
 
 
-def test_bad_depth_cuts_are_refused(runs, tmp_path):
+@pytest.mark.parametrize("family, param, layers", [("dense", "mup", None), ("moe", "completep", [0])])
+def test_a_width_cut_computes_the_parent_with_the_other_heads_and_units_silenced(runs, tmp_path, family, param,
+                                                                                 layers):
+    """Half the heads (4 → 2, key/value 2 → 1) and FFN units (176 → 88) of every layer and expert: the exported cut
+    computes what the parent does with the other heads' output columns and the other units' down-projection columns
+    zeroed (they then add nothing), through the layers kept."""
+    args = ("--width-fraction", "0.5") + (() if layers is None else ("--layers", str(len(layers))))
+    result = run_rung("export", str(runs[(family, param)]), "--out", str(tmp_path / "cut"), *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    hf, ours = load_hf(tmp_path / "cut"), rung_model(runs[(family, param)])
+    assert (hf.config.num_attention_heads, hf.config.num_key_value_heads, hf.config.intermediate_size) == (2, 1, 88)
+    with torch.no_grad():
+        for name, tensor in ours.state_dict().items():
+            if name.endswith("o_proj.weight"):
+                tensor[:, 2 * 16:] = 0  # head dim 16
+            elif name.endswith("down_proj.weight"):
+                tensor[:, 88:] = 0
+        tokens = torch.randint(0, 2048, (3, 48), generator=torch.Generator().manual_seed(1))
+        assert (hf(tokens).logits - ours(tokens, layers=layers).logits).abs().max().item() <= 1e-4
+    assert json.loads((tmp_path / "cut" / "rung_export.json").read_text())["cut"]["width_fraction"] == 0.5
+
+
+def test_bad_cuts_are_refused(runs, tmp_path):
     source = str(runs[("dense", "sp")])
-    for cut, needles in (("3", ("--layers 3", "has 2 layers")), ("0", ("keep 1 to 2",)),
-                         ("every-3", ("every-3", "2 to the model's depth 2")), ("half", ("not K", "every-N"))):
-        assert_clean_failure(run_rung("export", source, "--out", str(tmp_path / "a"), "--layers", cut), *needles)
+    for args, needles in ((("--layers", "3"), ("--layers 3", "has 2 layers")), (("--layers", "0"), ("keep 1 to 2",)),
+                          (("--layers", "every-3"), ("every-3", "2 to the model's depth 2")),
+                          (("--layers", "half"), ("not K", "every-N")),
+                          (("--width-fraction", "0.3"), ("0.3 of 4 attention heads is 1.2", "whole number")),
+                          (("--width-fraction", "0.25"), ("0.25 of 2 key/value heads is 0.5",)),
+                          (("--width-fraction", "1.5"), ("--width-fraction must be in (0, 1]",))):
+        assert_clean_failure(run_rung("export", source, "--out", str(tmp_path / "a"), *args), *needles)
+    # Granite derives head_dim from d_model / heads, which a width cut changes; Mixtral has no shared expert
+    assert_clean_failure(run_rung("export", str(runs[("moe-shared", "sp")]), "--out", str(tmp_path / "a"),
+                                  "--format", "granite", "--width-fraction", "0.5"), "head_dim", "use --format llama")
     assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".*tmp*"))
 
 

@@ -24,7 +24,7 @@ from rung.jobs.config import ModelConfig, ParamConfig
 from rung.jobs.data.shards import TOKENIZER_FILE
 from rung.jobs.data.tokenizer import EOS
 from rung.jobs.export.folding import check_exportable, granite_weights, hf_config, llama_weights
-from rung.jobs.model.cuts import cut_weights, kept_layers
+from rung.jobs.model.cuts import cut_weights, cut_width, kept_layers, width_cut
 from rung.jobs.params.parametrization import Multipliers, Parametrization
 from rung.jobs.run_dir import STATE, WEIGHTS, RunDir
 from rung.platform.checkpoint import MANIFEST, CheckpointStore, verify
@@ -116,13 +116,13 @@ def _write_tokenizer(run_dir: Path, out: Path, max_len: int) -> int:
     return eos_id
 
 
-def _model_card(ck: Checkpoint, fmt: str, architecture: str, mult: Multipliers, kept: list[int] | None) -> str:
+def _model_card(ck: Checkpoint, fmt: str, architecture: str, mult: Multipliers, cut: dict | None) -> str:
     transfer = RunDir(ck.run_dir).transfer
     width, depth = ck.param.base_shape(ck.model)
     provenance = transfer.read_text() if transfer.is_file() else "none (hyperparameters set directly)"
-    cut = "" if kept is None else (f"- a depth cut: layers {', '.join(map(str, kept))} of the parent's "
-                                   f"{ck.model.n_layers}, renumbered from 0, with the parent's multipliers (trained "
-                                   "whole, not for cuts)\n")
+    cut = "" if cut is None else (f"- a cut of the parent: layers {', '.join(map(str, cut['layers']))} of its "
+                                  f"{cut['of']} (renumbered from 0), {cut['width_fraction']:g} of its heads and "
+                                  "feed-forward units, with its multipliers (trained whole, not for cuts)\n")
     return (f"# {ck.run_dir.name}\n\nTrained with rung; exported as `{architecture}` (`--format {fmt}`).\n\n"
             f"- checkpoint: `{ck.path}` (step {ck.state['step']}, {ck.state['tokens']:,} training tokens)\n{cut}"
             f"- parametrization: `{ck.param.name}`, base shape width {width}, depth {depth}\n"
@@ -135,9 +135,9 @@ def _model_card(ck: Checkpoint, fmt: str, architecture: str, mult: Multipliers, 
 
 def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str = "float32",
            overwrite: bool = False, allow_dropless: bool = False, max_shard_bytes: int = 5 << 30,
-           layers: str | None = None) -> Path:
+           layers: str | None = None, width_fraction: float | None = None) -> Path:
     """Write the Hugging Face folder for `source` (a checkpoint or run directory) at `out`; returns `out`.
-    `layers`: a depth cut (`model/cuts.py`), the sub-network of those layers only."""
+    `layers`, `width_fraction`: a cut (`model/cuts.py`), the sub-network of those layers, heads and units only."""
     out = Path(out)
     if max_shard_bytes < 1:
         raise RungError(f"--max-shard-size must be at least 1 byte, got {max_shard_bytes}")
@@ -146,10 +146,11 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
     mult = Parametrization(ck.param, ck.model).multipliers  # the parent's, for a cut too (cuts.py says why)
     kept = None if layers is None else kept_layers(layers, ck.model.n_layers)
     model = ck.model if kept is None else dataclasses.replace(ck.model, n_layers=len(kept))
+    model = model if width_fraction is None else width_cut(model, width_fraction)
     check_exportable(model, fmt, allow_dropless)
-    if kept is not None:
-        print(f"export: warning: {ck.run_dir.name} was trained whole, not for depth cuts (no LayerDrop); the cut's "
-              "quality is not trained for", file=sys.stderr)
+    if model != ck.model:
+        print(f"export: warning: {ck.run_dir.name} was trained whole, not for cuts (no LayerDrop or nested widths); "
+              "the cut's quality is not trained for", file=sys.stderr)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a regular file on the way, no permission
@@ -157,6 +158,8 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
     weights = load_tensors(ck.path / WEIGHTS)
     if kept is not None:
         weights = cut_weights(weights, kept)
+    if width_fraction is not None:
+        weights = cut_width(weights, ck.model, model)
     if fmt == "llama":
         tensors, tied = llama_weights(weights, model, mult)
     else:
@@ -168,10 +171,12 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
         config = hf_config(model, mult, fmt, tied, eos_id, dtype)
         config.save_pretrained(staging)
         write_sharded(tensors, staging, max_shard_bytes)
-        (staging / "README.md").write_text(_model_card(ck, fmt, config.architectures[0], mult, kept))
+        cut = None if model == ck.model else {"layers": kept or list(range(ck.model.n_layers)),
+                                              "of": ck.model.n_layers, "width_fraction": width_fraction or 1.0}
+        (staging / "README.md").write_text(_model_card(ck, fmt, config.architectures[0], mult, cut))
         provenance = {"run_dir": str(ck.run_dir.resolve()), "checkpoint": str(ck.path.resolve()),
                       "step": ck.state["step"]}
-        if kept is not None:
-            provenance["cut"] = {"layers": kept, "of": ck.model.n_layers}
+        if cut is not None:
+            provenance["cut"] = cut
         (staging / PROVENANCE).write_text(json.dumps(provenance, indent=2))
     return out
