@@ -66,7 +66,7 @@ def run_variant(preset: str, overrides: list[str], warmup: int, steps: int) -> d
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
     started = time.perf_counter()
-    rows = [train_step(engine, loader, step, 0, 1, guard) for step in range(warmup + steps)]
+    rows = [train_step(engine, loader, step, 0, 1, guard, cfg.train) for step in range(warmup + steps)]
     first = time.perf_counter() - started  # compile and allocator warm-up included
     timed = rows[warmup:]
     seconds = sum(r.seconds for r in timed)

@@ -118,6 +118,7 @@ RESUMED_ON_ONE_WORKER = [  # (ZeRO stage, dtype, offload, optimizer, settings)
     (0, "float32", "none", "shampoo", ()), (0, "float32", "none", "soap", ()),  # factors, roots / eigenbases, moments
     (0, "float32", "none", "soap", ("train.precondition_block=16",)),  # SOAP's tiled state
     (0, "float32", "none", "kfac", ()),  # layer statistics from hooks, inverses, π
+    (0, "float32", "none", "adamw", ("train.layerdrop=0.3",)),  # the layers each step drops, drawn again on resume
 ]
 
 
@@ -310,9 +311,9 @@ def worker(rank, stage, init, out):
                                        f"train.micro_batch={micro}", "train.steps=4", "train.warmup_steps=1"])
         engine = build_engine(cfg, 2)
         guard = DivergenceGuard(cfg.train, computes_norm=rung_clips(cfg))
-        train_step(engine, Batches(), 0, rank, 2, guard)
+        train_step(engine, Batches(), 0, rank, 2, guard, cfg.train)
         calls.clear()
-        train_step(engine, Batches(), 1, rank, 2, guard)
+        train_step(engine, Batches(), 1, rank, 2, guard, cfg.train)
         counts[micro] = len(calls)
     if rank == 0:
         with open(out, "w") as file:

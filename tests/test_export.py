@@ -95,7 +95,7 @@ def test_a_depth_cut_exports_the_sub_network_with_the_parents_multipliers(runs, 
     run = runs[(family, "completep")]
     result = run_rung("export", str(run), "--out", str(tmp_path / "cut"), "--format", fmt, "--layers", cut)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "trained whole, not for cuts" in result.stderr
+    assert "not trained for depth cuts" in result.stderr
     hf, ours = load_hf(tmp_path / "cut"), rung_model(run)
     assert hf.config.num_hidden_layers == len(kept)
     tokens = torch.randint(0, 2048, (3, 48), generator=torch.Generator().manual_seed(1))
@@ -134,6 +134,19 @@ def test_a_width_cut_computes_the_parent_with_the_other_heads_and_units_silenced
         tokens = torch.randint(0, 2048, (3, 48), generator=torch.Generator().manual_seed(1))
         assert (hf(tokens).logits - ours(tokens, layers=layers).logits).abs().max().item() <= 1e-4
     assert json.loads((tmp_path / "cut" / "rung_export.json").read_text())["cut"]["width_fraction"] == 0.5
+
+
+def test_a_depth_cut_of_a_layerdrop_run_is_exported_without_a_warning(tmp_path, data_cache):
+    run = train_run(tmp_path, data_cache, "layerdrop", *SHAPE, "param.name=completep", "train.layerdrop=0.5")
+    result = run_rung("export", str(run), "--out", str(tmp_path / "cut"), "--layers", "every-2")
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr[-2000:]
+    assert "trained with LayerDrop p = 0.5" in (tmp_path / "cut" / "README.md").read_text()
+    with torch.no_grad():
+        tokens = torch.randint(0, 2048, (2, 32), generator=torch.Generator().manual_seed(1))
+        difference = load_hf(tmp_path / "cut")(tokens).logits - rung_model(run)(tokens, layers=[1]).logits
+    assert difference.abs().max().item() <= 1e-4
+    width = run_rung("export", str(run), "--out", str(tmp_path / "narrow"), "--width-fraction", "0.5")
+    assert width.returncode == 0 and "not trained for width cuts" in width.stderr, width.stderr[-2000:]
 
 
 def test_bad_cuts_are_refused(runs, tmp_path):

@@ -298,6 +298,8 @@ def test_training_refuses_bad_values_before_writing_anything(tmp_path, data_cach
              (["train.optimizer=soap", "train.damping=1e-3"], "damping"),
              (["train.optimizer=soap", "train.zero_stage=2"], "soap preconditions whole matrices"),
              (["train.precondition_block=16"], "precondition_block"),
+             (["train.layerdrop=1"], "layerdrop"), (["train.layerdrop=-0.1"], "layerdrop"),
+             (["train.layerdrop=0.2", "train.zero_stage=3"], "train.layerdrop"),
              (["train.optimizer=soap", "train.precondition_block=0"], "precondition_block"),
              (["train.optimizer=soap", "train.precondition_block=48"], "does not divide every hidden matrix"),
              (["train.optimizer=kfac", "train.zero_stage=1"], "kfac preconditions whole matrices"),

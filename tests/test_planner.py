@@ -50,7 +50,7 @@ import torch._dynamo  # DeepSpeed imports it (and with it Triton, where installe
 before = resident()  # not memory the planner models, so it is loaded before the baseline
 engine = build_engine(cfg, world_size=1)
 guard, batches = DivergenceGuard(cfg.train, computes_norm=rung_clips(cfg)), RandomBatches(cfg)
-rows = [train_step(engine, batches, step, 0, 1, guard) for step in range(3)]
+rows = [train_step(engine, batches, step, 0, 1, guard, cfg.train) for step in range(3)]
 print(json.dumps({"overrides": overrides, "measured": rows[-1].peak_memory_bytes - before,
                   "predicted": estimate(cfg, 1).total}))
 """

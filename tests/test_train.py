@@ -44,6 +44,38 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, data_cache):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
 
 
+def test_layerdrop_draws_the_same_layers_per_step_ramps_over_the_warmup_and_keeps_one():
+    from rung.jobs.config import TrainConfig
+    from rung.jobs.train.layerdrop import drop_rate, kept_layers
+
+    train = TrainConfig(layerdrop=0.5, warmup_steps=10, steps=2000)
+    assert [drop_rate(train, step) for step in (0, 5, 10, 500)] == [0.0, 0.25, 0.5, 0.5]
+    assert kept_layers(train, 0, 8) is None  # p = 0 at the first step: the whole network, the forward as without
+    assert kept_layers(TrainConfig(steps=100), 50, 8) is None  # off: never a subset
+    draws = [kept_layers(train, step, 8) for step in range(10, 2000)]
+    assert draws == [kept_layers(train, step, 8) for step in range(10, 2000)]  # what every worker (and a resume) draws
+    assert draws != [kept_layers(TrainConfig(layerdrop=0.5, warmup_steps=10, steps=2000, seed=1), step, 8)
+                     for step in range(10, 2000)]
+    kept = [len(d) if d is not None else 8 for d in draws]
+    assert min(kept) >= 1 and abs(sum(kept) / len(kept) / 8 - 0.5) < 0.03  # about half the layers, never none
+    assert all(d == sorted(set(d)) for d in draws if d is not None)
+    single = [kept_layers(train, step, 1) for step in range(10, 200)]
+    assert all(d is None for d in single)  # one layer: always kept
+
+
+def test_layerdrop_gives_dropped_layers_a_zero_gradient_at_zero_0_and_2_alike(tmp_path, data_cache):
+    """ZeRO-0 hands AdamW the parameters' own gradients (rung zero-fills the dropped layers'); ZeRO-2 its flat
+    partitions (DeepSpeed zero-fills them): the same losses, step for step, and not those of the whole network."""
+    common = ("model.n_layers=4", "train.steps=12", "train.warmup_steps=2", "train.log_every=1")
+    runs = [("zero0", ("train.layerdrop=0.5", "train.zero_stage=0")),
+            ("zero2", ("train.layerdrop=0.5", "train.zero_stage=2")), ("whole", ())]
+    with ThreadPoolExecutor(2) as pool:  # one-thread training processes, one per core
+        zero0, zero2, whole = pool.map(lambda run: train(tmp_path / run[0], data_cache, *common, *run[1]), runs)
+    assert [r["loss"] for r in zero0] == pytest.approx([r["loss"] for r in zero2], abs=1e-6)
+    assert zero0[0]["loss"] == whole[0]["loss"]  # step 0 trains the whole network (p rises over the warmup)
+    assert zero0[-1]["loss"] != pytest.approx(whole[-1]["loss"], abs=1e-4)
+
+
 def test_moe_trains_with_zero2_and_zero3_is_refused(tmp_path, data_cache):
     rows = train(tmp_path, data_cache, "train.steps=30", "train.warmup_steps=5", "train.zero_stage=2",
                  preset="tiny-moe")

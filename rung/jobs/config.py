@@ -218,6 +218,9 @@ class TrainConfig:
     # hidden matrix's sides), which makes AdamW's μP width rule exact (rung/jobs/params/parametrization.py);
     # None: whole matrices, as SOAP's paper runs it; soap only
     precondition_block: int | None = None
+    # LayerDrop: each step trains a random subset of whole layers, each dropped with this probability (reached at
+    # the end of the LR warmup), the same on every worker, so depth cuts serve (rung/jobs/train/layerdrop.py); 0 = off
+    layerdrop: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "global_batch", "micro_batch", "log_every", "workers",
@@ -246,6 +249,8 @@ class TrainConfig:
         for name in ("grad_clip", "weight_decay", "checkpoint_every", "keep_checkpoints", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.layerdrop < 1:
+            raise ConfigError("layerdrop", f"must be in [0, 1): a layer's drop probability, got {self.layerdrop}")
         if self.adam_eps <= 0:
             raise ConfigError("adam_eps", f"must be > 0, got {self.adam_eps}")
         for name, owners in (("muon_momentum", ("muon",)), ("damping", ("shampoo", "kfac")),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from rung.config import from_dict, to_dict
 from rung.errors import RungError
@@ -68,6 +69,7 @@ class Checkpoint:
     state: dict
     model: ModelConfig
     param: ParamConfig
+    layerdrop: float  # the run's train.layerdrop (its config.yaml; 0 where the run directory has none)
 
 
 def find_checkpoint(path: str | Path) -> Checkpoint:
@@ -86,8 +88,10 @@ def find_checkpoint(path: str | Path) -> Checkpoint:
     else:
         raise RungError(f"{path} is neither a rung checkpoint (no {MANIFEST}) nor a run directory (no checkpoints/)")
     state = json.loads((checkpoint / STATE).read_text())
+    config = RunDir(run_dir).config
+    train = (yaml.safe_load(config.read_text()) or {}).get("train") or {} if config.is_file() else {}
     return Checkpoint(path=checkpoint, run_dir=run_dir, state=state, model=from_dict(ModelConfig, state["model"]),
-                      param=from_dict(ParamConfig, state["param"]))
+                      param=from_dict(ParamConfig, state["param"]), layerdrop=float(train.get("layerdrop") or 0))
 
 
 def _write_tokenizer(run_dir: Path, out: Path, max_len: int) -> int:
@@ -122,7 +126,9 @@ def _model_card(ck: Checkpoint, fmt: str, architecture: str, mult: Multipliers, 
     provenance = transfer.read_text() if transfer.is_file() else "none (hyperparameters set directly)"
     cut = "" if cut is None else (f"- a cut of the parent: layers {', '.join(map(str, cut['layers']))} of its "
                                   f"{cut['of']} (renumbered from 0), {cut['width_fraction']:g} of its heads and "
-                                  "feed-forward units, with its multipliers (trained whole, not for cuts)\n")
+                                  "feed-forward units, with its multipliers"
+                                  + (f"; the parent trained with LayerDrop p = {ck.layerdrop:g}" if ck.layerdrop
+                                     else "") + "\n")
     return (f"# {ck.run_dir.name}\n\nTrained with rung; exported as `{architecture}` (`--format {fmt}`).\n\n"
             f"- checkpoint: `{ck.path}` (step {ck.state['step']}, {ck.state['tokens']:,} training tokens)\n{cut}"
             f"- parametrization: `{ck.param.name}`, base shape width {width}, depth {depth}\n"
@@ -148,9 +154,12 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
     model = ck.model if kept is None else dataclasses.replace(ck.model, n_layers=len(kept))
     model = model if width_fraction is None else width_cut(model, width_fraction)
     check_exportable(model, fmt, allow_dropless)
-    if model != ck.model:
-        print(f"export: warning: {ck.run_dir.name} was trained whole, not for cuts (no LayerDrop or nested widths); "
-              "the cut's quality is not trained for", file=sys.stderr)
+    untrained = [what for what, cut, trained in (("depth", kept is not None, ck.layerdrop > 0),
+                                                 ("width", width_fraction is not None, False)) if cut and not trained]
+    if untrained:
+        print(f"export: warning: {ck.run_dir.name} was not trained for {' or '.join(untrained)} cuts (depth: "
+              "train.layerdrop; nested widths are not built yet); the cut's quality is not trained for",
+              file=sys.stderr)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a regular file on the way, no permission

@@ -13,8 +13,9 @@ of its feed-forward units (every expert's and the shared expert's); the residual
 
 A cut keeps its parent's forward multipliers, the residual multiplier included: under CompleteP / Depth-μP that
 multiplier is the parent's depth's, (L_base / L)^α, and the cut's weights were trained with it, so its own depth's
-would compute a different function. Training for cuts (LayerDrop, nested widths) is not built yet: every cut is of
-a network trained whole, and export says so.
+would compute a different function. A run trained with `train.layerdrop` (`train/layerdrop.py`) trained its
+sub-networks with exactly these multipliers. Nested widths are not trained for yet: export warns when a cut is of a
+dimension the run did not train for.
 """
 
 from __future__ import annotations

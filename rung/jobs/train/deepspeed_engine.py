@@ -69,6 +69,9 @@ def check_launchable(cfg: RunConfig, world_size: int) -> None:
     if cfg.train.optimizer == "kfac" and cfg.train.compile:
         raise ConfigError("train.compile", "kfac reads each linear layer's inputs and output gradients in hooks, "
                           "which a compiled block would break its graph on: use train.compile=false")
+    if cfg.train.layerdrop and cfg.train.zero_stage == 3:
+        raise ConfigError("train.layerdrop", "ZeRO stage 3 steps a dropped layer's partitions differently from "
+                          "stages 0-2, which give it a zero gradient (its losses part from theirs): use ZeRO 0-2")
     if cfg.train.zero_stage == 3 and cfg.model.moe is not None:
         raise ConfigError("train.zero_stage", "ZeRO stage 3 cannot train MoE models (DeepSpeed does not support it)")
     if cfg.train.offload != "none" and cfg.train.zero_stage != 3:

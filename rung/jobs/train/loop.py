@@ -66,7 +66,7 @@ def run_worker(cfg: RunConfig, rank: int, world_size: int, resume: bool, log=pri
     history: list[StepMetrics] = []
     try:
         for step in range(start, cfg.train.steps):
-            row = train_step(engine, loader, step, rank, world_size, guard)
+            row = train_step(engine, loader, step, rank, world_size, guard, cfg.train)
             if validation is not None and evaluation_due(cfg, row.step):
                 row.val_loss = evaluate(engine, validation, rank, world_size)
                 row.val_perplexity = perplexity(row.val_loss)

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from rung.jobs.config import TrainConfig
 from rung.jobs.data.loader import SequenceLoader
 from rung.jobs.model.transformer import language_model_loss
 from rung.jobs.train.guard import DivergenceGuard
+from rung.jobs.train.layerdrop import kept_layers, zero_missing_gradients
 
 
 @dataclass(slots=True)
@@ -64,8 +66,9 @@ def resident_high_water() -> int:
 
 
 def train_step(engine, loader: SequenceLoader, step: int, rank: int, world_size: int,
-               guard: DivergenceGuard) -> StepMetrics:
-    """Optimizer step `step` (0-based): every micro-batch forward/backward; DeepSpeed steps at the boundary."""
+               guard: DivergenceGuard, train: TrainConfig) -> StepMetrics:
+    """Optimizer step `step` (0-based): every micro-batch forward/backward through the layers LayerDrop keeps this
+    step (`layerdrop.py`); DeepSpeed steps at the boundary."""
     started = time.perf_counter()
     inputs, targets = loader.batch(step, rank, world_size)
     data_seconds = time.perf_counter() - started
@@ -73,12 +76,15 @@ def train_step(engine, loader: SequenceLoader, step: int, rank: int, world_size:
     num_micro = inputs.shape[0] // micro
     sums = torch.zeros(4, dtype=torch.float64)  # cross-entropy, router loss, dropped share, load imbalance
     norm = None
+    layers = kept_layers(train, step, len(engine.module.layers))
     for index in range(num_micro):
         rows = slice(index * micro, (index + 1) * micro)
-        output = engine(inputs[rows].to(engine.device))
+        output = engine(inputs[rows].to(engine.device), layers=layers)
         loss, ce = language_model_loss(output, targets[rows].to(engine.device))
         guard.check_loss(loss, step)
         engine.backward(loss)
+        if layers is not None and engine.zero_optimization_stage() == 0:  # ZeRO 1-3 zero-fill partitions themselves
+            zero_missing_gradients(engine.module, layers)
         if engine.is_gradient_accumulation_boundary():
             norm = guard.before_update(engine, step)
         engine.step()
