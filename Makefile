@@ -63,6 +63,7 @@ bench: install
 	$(BIN)/python bench/optimizer_overhead.py --out bench/out
 	$(BIN)/python bench/quantized_gemm.py --out bench/out
 	$(BIN)/python bench/tensor_parallel.py --out bench/out
+	$(BIN)/python bench/elastic.py --out bench/out
 	test -f runs/pipeline/model/config.json || $(BIN)/rung pipeline tiny --exit  # a trained model to quantize
 	$(BIN)/python bench/quantization.py --trained runs/pipeline/model --out bench/out
 
