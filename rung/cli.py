@@ -121,12 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export an MoE trained with capacity-factor dropping as the dropless model")
     export.add_argument("--max-shard-size", type=int, default=5 << 30, metavar="BYTES",
                         help="split weights into shards of at most this size (default 5 GiB)")
-    export.add_argument("--layers", metavar="K|every-N",
-                        help="export a depth cut: the first K layers, or the last of every N (layers N-1, 2N-1, ...), "
-                             "with the parent's multipliers")
-    export.add_argument("--width-fraction", type=float, metavar="F",
-                        help="export a width cut: the first F of every layer's attention heads, key/value heads and "
-                             "feed-forward units (d_model and the multipliers stay)")
+    export.add_argument("--layers", metavar="K|every-N", help="a depth cut: the first K layers, or the last of "
+                        "every N (layers N-1, 2N-1, ...), with the parent's multipliers")
+    export.add_argument("--width-fraction", type=float, metavar="F", help="a width cut: the first F of every layer's "
+                        "heads, key/value heads and feed-forward units (d_model and the multipliers stay)")
 
     pipeline = commands.add_parser("pipeline", help="data → μP sweep → transfer to a wider model on Ray workers → "
                                                     "export → serve, with a chat completion as the smoke test")

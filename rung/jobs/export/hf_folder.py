@@ -154,8 +154,9 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
     model = ck.model if kept is None else dataclasses.replace(ck.model, n_layers=len(kept))
     model = model if width_fraction is None else width_cut(model, width_fraction)
     check_exportable(model, fmt, allow_dropless)
-    untrained = [what for what, cut, trained in (("depth", kept is not None, ck.layerdrop > 0),
-                                                 ("width", width_fraction is not None, False)) if cut and not trained]
+    cuts = (("depth", model.n_layers < ck.model.n_layers, ck.layerdrop > 0),
+            ("width", model.n_heads < ck.model.n_heads, False))  # (kind, cut, trained for)
+    untrained = [kind for kind, narrower, trained_for in cuts if narrower and not trained_for]
     if untrained:
         print(f"export: warning: {ck.run_dir.name} was not trained for {' or '.join(untrained)} cuts (depth: "
               "train.layerdrop; nested widths are not built yet); the cut's quality is not trained for",

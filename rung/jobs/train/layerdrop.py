@@ -7,9 +7,10 @@ retraining.
   all-to-alls stay matched) and a resumed run draws what the uninterrupted one drew. At least one layer is kept.
 - Schedule: p rises linearly from 0 to `train.layerdrop` over the LR warmup (a network learns whole before it
   learns to lose layers), then stays.
-- A dropped layer's parameters get a zero gradient that step, on every ZeRO stage and worker count alike (DeepSpeed
-  zero-fills a partition's missing gradients; `zero_missing_gradients` does the same where it would not), so its
-  optimizer state steps as for any zero gradient.
+- A dropped layer's parameters get a zero gradient that step, at ZeRO 0-2 and any worker count alike (DeepSpeed's
+  ZeRO-1/2 zero-fill a partition's missing gradients; `zero_missing_gradients` does the same at ZeRO-0), so its
+  optimizer state steps as for any zero gradient. ZeRO-3 steps those partitions otherwise (its losses part from
+  stages 0-2's), so `check_launchable` refuses it.
 - Scaling: a kept layer's branch keeps its multiplier (no 1/(1-p) rescaling): a cut of depth L' keeps the parent's
   residual multiplier too (`cuts.py`), and at p = 0 training is today's, bit for bit.
 """
