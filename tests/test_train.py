@@ -46,20 +46,20 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, data_cache):
 
 def test_layerdrop_draws_the_same_layers_per_step_ramps_over_the_warmup_and_keeps_one():
     from rung.jobs.config import TrainConfig
-    from rung.jobs.train.layerdrop import drop_rate, kept_layers
+    from rung.jobs.train.layerdrop import drop_rate, step_layers
 
     train = TrainConfig(layerdrop=0.5, warmup_steps=10, steps=2000)
     assert [drop_rate(train, step) for step in (0, 5, 10, 500)] == [0.0, 0.25, 0.5, 0.5]
-    assert kept_layers(train, 0, 8) is None  # p = 0 at the first step: the whole network, the forward as without
-    assert kept_layers(TrainConfig(steps=100), 50, 8) is None  # off: never a subset
-    draws = [kept_layers(train, step, 8) for step in range(10, 2000)]
-    assert draws == [kept_layers(train, step, 8) for step in range(10, 2000)]  # what every worker (and a resume) draws
-    assert draws != [kept_layers(TrainConfig(layerdrop=0.5, warmup_steps=10, steps=2000, seed=1), step, 8)
+    assert step_layers(train, 0, 8) is None  # p = 0 at the first step: the whole network, the forward as without
+    assert step_layers(TrainConfig(steps=100), 50, 8) is None  # off: never a subset
+    draws = [step_layers(train, step, 8) for step in range(10, 2000)]
+    assert draws == [step_layers(train, step, 8) for step in range(10, 2000)]  # what every worker (and a resume) draws
+    assert draws != [step_layers(TrainConfig(layerdrop=0.5, warmup_steps=10, steps=2000, seed=1), step, 8)
                      for step in range(10, 2000)]
     kept = [len(d) if d is not None else 8 for d in draws]
     assert min(kept) >= 1 and abs(sum(kept) / len(kept) / 8 - 0.5) < 0.03  # about half the layers, never none
     assert all(d == sorted(set(d)) for d in draws if d is not None)
-    single = [kept_layers(train, step, 1) for step in range(10, 200)]
+    single = [step_layers(train, step, 1) for step in range(10, 200)]
     assert all(d is None for d in single)  # one layer: always kept
 
 

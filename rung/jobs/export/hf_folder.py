@@ -9,11 +9,10 @@ The folder is assembled in a temporary directory next to `--out` and renamed int
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -151,7 +150,7 @@ def export(source: str | Path, out: str | Path, fmt: str = "llama", dtype: str =
     ck = find_checkpoint(source)
     mult = Parametrization(ck.param, ck.model).multipliers  # the parent's, for a cut too (cuts.py says why)
     kept = None if layers is None else kept_layers(layers, ck.model.n_layers)
-    model = ck.model if kept is None else dataclasses.replace(ck.model, n_layers=len(kept))
+    model = ck.model if kept is None else replace(ck.model, n_layers=len(kept))
     model = model if width_fraction is None else width_cut(model, width_fraction)
     check_exportable(model, fmt, allow_dropless)
     cuts = (("depth", model.n_layers < ck.model.n_layers, ck.layerdrop > 0),

@@ -110,7 +110,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rope_cos[:seq].to(x.dtype), self.rope_sin[:seq].to(x.dtype)
         stats: list[RouterStats] = []
-        for layer in self.layers if layers is None else [self.layers[i] for i in layers]:
+        blocks = self.layers if layers is None else [self.layers[i] for i in layers]
+        for layer in blocks:
             if self.recompute_blocks and torch.is_grad_enabled():
                 x, layer_stats = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:

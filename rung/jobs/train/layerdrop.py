@@ -31,7 +31,7 @@ def drop_rate(train: TrainConfig, step: int) -> float:
     return train.layerdrop
 
 
-def kept_layers(train: TrainConfig, step: int, n_layers: int) -> list[int] | None:
+def step_layers(train: TrainConfig, step: int, n_layers: int) -> list[int] | None:
     """The layers step `step` trains, in order; None when it trains them all (the forward as without LayerDrop)."""
     rate = drop_rate(train, step)
     if rate == 0:

@@ -13,7 +13,7 @@ from rung.jobs.config import TrainConfig
 from rung.jobs.data.loader import SequenceLoader
 from rung.jobs.model.transformer import language_model_loss
 from rung.jobs.train.guard import DivergenceGuard
-from rung.jobs.train.layerdrop import kept_layers, zero_missing_gradients
+from rung.jobs.train.layerdrop import step_layers, zero_missing_gradients
 
 
 @dataclass(slots=True)
@@ -76,16 +76,16 @@ def train_step(engine, loader: SequenceLoader, step: int, rank: int, world_size:
     num_micro = inputs.shape[0] // micro
     sums = torch.zeros(4, dtype=torch.float64)  # cross-entropy, router loss, dropped share, load imbalance
     norm = None
-    layers = kept_layers(train, step, len(engine.module.layers))
+    layers = step_layers(train, step, len(engine.module.layers))
     for index in range(num_micro):
         rows = slice(index * micro, (index + 1) * micro)
         output = engine(inputs[rows].to(engine.device), layers=layers)
         loss, ce = language_model_loss(output, targets[rows].to(engine.device))
         guard.check_loss(loss, step)
         engine.backward(loss)
-        if layers is not None and engine.zero_optimization_stage() == 0:  # ZeRO 1-3 zero-fill partitions themselves
-            zero_missing_gradients(engine.module, layers)
         if engine.is_gradient_accumulation_boundary():
+            if layers is not None and engine.zero_optimization_stage() == 0:  # ZeRO 1-3 zero-fill partitions
+                zero_missing_gradients(engine.module, layers)
             norm = guard.before_update(engine, step)
         engine.step()
         with torch.no_grad():

@@ -155,7 +155,8 @@ def quantize_folder(model_dir: str, out: str, budget: float, calibration: str | 
     refuse_unless_empty(target, overwrite)
     weights = load_weights(source)
     unit_products = units(spec, weights)
-    unit_layers = {unit: [layer for product in products for layer in product] for unit, products in unit_products.items()}
+    unit_layers = {unit: [layer for product in products for layer in product]
+                   for unit, products in unit_products.items()}
     sizes = {u: (sum(weights[n + ".weight"].numel() for n in layers), weights[layers[0] + ".weight"].shape[1])
              for u, layers in unit_layers.items()}
     uneven = sorted({k for _, k in sizes.values() if k % group_size})

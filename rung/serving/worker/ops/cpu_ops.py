@@ -33,7 +33,6 @@ from rung.serving.worker.step import StepInputs
 LANES = 16  # output rows per block of the integer kernel
 
 
-
 @dataclass(frozen=True)
 class PackedQuantized:
     """A quantized weight in the integer kernel's layouts (`csrc/quantized_linear.cpp`)."""
